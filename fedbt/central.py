@@ -1,0 +1,158 @@
+"""Centrally trained baseline (and local-only models): the plain training loop over the engine."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedbt.checkpoint import load_checkpoint, save_checkpoint
+from fedbt.config import ExperimentConfig
+from fedbt.data import Catalog, MRIDataset, augmentation_for
+from fedbt.engine import (
+    StepSchedule,
+    build_optimizer,
+    class_weights_from_masks,
+    configure_threads,
+    evaluate,
+    make_grad_scaler,
+    make_loader,
+    prepare_model,
+    seed_everything,
+    select_device,
+    train_one_epoch,
+)
+from fedbt.labels import get_task
+from fedbt.models import build_model, set_backbone_trainable
+from fedbt.plots import plot_training_curves
+from fedbt.progress import headline, log, step_logger
+
+
+@dataclass
+class TrainData:
+    train: MRIDataset
+    val: MRIDataset
+
+
+def evaluate_everywhere(model: nn.Module, catalog: Catalog, device: torch.device, batch_size: int) -> dict:
+    """Test metrics on the pooled test split and on every site's test split."""
+    def score(dataset: MRIDataset) -> dict:
+        return evaluate(model, make_loader(dataset, batch_size, False, device), device, catalog.task)
+
+    return {
+        "pooled": score(catalog.dataset(split="test", pooled=True)),
+        "sites": {name: score(catalog.dataset(site=name, split="test")) for name in catalog.site_names},
+    }
+
+
+def _param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """Transfer learning trains layer4 at a lower LR than the new head ('lr_scale')."""
+    if cfg.train.freeze_backbone_epochs <= 0:
+        return [{"params": list(model.parameters())}]
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+    layer4 = [p for n, p in model.named_parameters() if n.startswith("layer4.")]
+    return [{"params": head}, {"params": layer4, "lr_scale": cfg.train.finetune_lr_factor}]
+
+
+def _apply_freezing(model: nn.Module, cfg: ExperimentConfig, epoch: int) -> None:
+    if cfg.train.freeze_backbone_epochs <= 0:
+        return
+    frozen = epoch < cfg.train.freeze_backbone_epochs
+    set_backbone_trainable(model, ("fc.",) if frozen else ("fc.", "layer4."))
+
+
+def train_model(
+    cfg: ExperimentConfig, data: TrainData, out_dir: Path, kind: str, resume: bool = False
+) -> tuple[nn.Module, list[dict]]:
+    """Train for cfg.train.epochs with checkpoints in out_dir; returns the best model and history."""
+    tc = cfg.train
+    configure_threads(tc.threads)
+    device = select_device(tc.device)
+    seed_everything(cfg.data.seed)
+    num_classes = data.train.masks.shape[1]
+    model = prepare_model(build_model(cfg.model, num_classes, cfg.data.image_size), device)
+    optimizer = build_optimizer(_param_groups(model, cfg), tc)
+    plateau = None
+    if tc.schedule == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.3, patience=1)
+    scaler = make_grad_scaler(device)
+    weights = class_weights_from_masks(data.train.masks) if tc.class_weights else None
+    val_loader = make_loader(data.val, tc.batch_size, False, device)
+    steps = len(make_loader(data.train, tc.batch_size, True, device))
+
+    history: list[dict] = []
+    start_epoch, best_loss, stale = 0, float("inf"), 0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"]["optimizer"])
+        if plateau is not None:
+            plateau.load_state_dict(state["optimizer_state"]["plateau"])
+        history = state["progress"]["history"]
+        start_epoch = state["progress"]["epoch"] + 1
+        best_loss, stale = state["progress"]["best_val_loss"], state["progress"]["stale_epochs"]
+        log(f"[{kind}] resuming after epoch {start_epoch} of {tc.epochs}")
+
+    for epoch in range(start_epoch, tc.epochs):
+        # Re-seeding per epoch makes a resumed run draw the same batches and augmentations.
+        seed_everything(cfg.data.seed + epoch)
+        _apply_freezing(model, cfg, epoch)
+        loader = make_loader(data.train, tc.batch_size, True, device, seed=cfg.data.seed + epoch, workers=tc.num_workers)
+        schedule = StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
+        stats = train_one_epoch(
+            model, loader, optimizer, device, schedule, weights, scaler,
+            on_step=step_logger(kind, epoch, tc.epochs, tc.log_every),
+        )
+        val = evaluate(model, val_loader, device, get_task(cfg.data.task))
+        if plateau is not None:
+            plateau.step(val["loss"])
+        history.append({"epoch": epoch + 1, "train": stats, "val": headline(val)})
+        log(
+            f"[{kind}] epoch {epoch + 1}/{tc.epochs} train loss {stats['loss']:.4f} "
+            f"({stats['images_per_second']:.1f} img/s) val loss {val['loss']:.4f} "
+            f"val acc {val.get('accuracy', float('nan')):.4f}"
+        )
+        improved = val["loss"] < best_loss
+        best_loss, stale = (val["loss"], 0) if improved else (best_loss, stale + 1)
+        progress = {"epoch": epoch, "history": history, "best_val_loss": best_loss, "stale_epochs": stale}
+        opt_state = {"optimizer": optimizer.state_dict(), "plateau": plateau.state_dict() if plateau else None}
+        save_checkpoint(last_path, model, cfg, progress, kind, opt_state)
+        if improved:
+            save_checkpoint(best_path, model, cfg, progress, kind)
+        if tc.early_stopping_patience is not None and stale >= tc.early_stopping_patience:
+            log(f"[{kind}] early stop: val loss has not improved for {stale} epochs")
+            break
+
+    model.load_state_dict(load_checkpoint(best_path)["model_state"])
+    return model, history
+
+
+def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: bool = False) -> dict:
+    """Train on the pooled, de-duplicated training splits of all sites; evaluate everywhere."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = TrainData(
+        train=catalog.dataset(split="train", pooled=True, augment=augmentation_for(cfg.train)),
+        val=catalog.dataset(split="val", pooled=True),
+    )
+    log(f"[central] {len(data.train)} training images, {len(data.val)} validation images (pooled, each once)")
+    start = time.perf_counter()
+    model, history = train_model(cfg, data, out_dir, "central", resume)
+    wall = time.perf_counter() - start
+    device = select_device(cfg.train.device)
+    result = {
+        "kind": "central",
+        "train_images": len(data.train),
+        "epochs": cfg.train.epochs,
+        "wall_seconds": wall,
+        "history": history,
+        "test": evaluate_everywhere(model, catalog, device, cfg.train.batch_size),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    plot_training_curves(history, out_dir / "curves.png", title=f"central {cfg.model.name}")
+    return result

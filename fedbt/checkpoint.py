@@ -1,0 +1,102 @@
+"""Versioned checkpoint format: everything predict and evaluate need, in one file.
+
+Format ``fedbt-checkpoint`` version 1, a dict saved with ``torch.save``:
+- ``model_state``: state_dict; ``model``: ModelConfig as a dict
+- ``task``, ``classes``, ``image_size``, ``normalization`` ({'mean', 'std'} on [0, 1] pixels)
+- ``config``: the whole ExperimentConfig; ``provenance``: who trained it, when, on what
+- ``progress``: {'kind': 'central'|'federated', 'epoch' or 'round', 'history', ...}
+- ``optimizer_state`` (optional): for resuming
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedbt.config import ExperimentConfig, ModelConfig, from_dict, to_dict
+from fedbt.engine import PIXEL_MEAN, PIXEL_STD
+from fedbt.labels import get_task
+from fedbt.models import build_model
+
+FORMAT = "fedbt-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def provenance(kind: str) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "torch": torch.__version__,
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    cfg: ExperimentConfig,
+    progress: dict[str, Any],
+    kind: str,
+    optimizer_state: dict | None = None,
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    task = get_task(cfg.data.task)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": to_dict(cfg.model),
+        "task": task.name,
+        "classes": list(task.classes),
+        "image_size": cfg.data.image_size,
+        "normalization": {"mean": PIXEL_MEAN, "std": PIXEL_STD},
+        "config": to_dict(cfg),
+        "provenance": provenance(kind),
+        "progress": progress,
+        "optimizer_state": optimizer_state,
+    }
+    # Write then rename, so an interrupted save never leaves a broken 'last' checkpoint.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, expect_task: str | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fedbt checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {payload.get('version')}, this fedbt reads version {VERSION}"
+        )
+    if expect_task is not None and payload["task"] != expect_task:
+        raise CheckpointError(f"{path}: checkpoint is for task {payload['task']!r}, not {expect_task!r}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
+    model = build_model(ModelConfig(**payload["model"]), len(payload["classes"]), payload["image_size"])
+    model.load_state_dict(payload["model_state"])
+    return model
+
+
+def config_from_checkpoint(payload: dict[str, Any]) -> ExperimentConfig:
+    return from_dict(payload["config"])

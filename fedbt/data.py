@@ -1,0 +1,163 @@
+"""The federation's data catalog and its per-site datasets (FLamby-style API).
+
+``build_catalog`` scans every site, decodes into the pixel cache, finds duplicate
+groups across all sites and deals leakage-free splits.  ``Catalog.dataset(site=...,
+split=..., pooled=...)`` then serves one site's split, or the pooled split of all
+sites holding each image once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from fedbt.config import DataConfig, TrainConfig
+from fedbt.dedup import UnionFind, difference_hash, near_duplicate_pairs, union_equal
+from fedbt.images import ImageCache, fill_cache, load_pixels
+from fedbt.labels import Task, get_task
+from fedbt.readers import Problem, Record, scan_site
+from fedbt.sites import SiteSpec, load_sites
+from fedbt.splits import assign_splits
+
+
+def train_augmentation(intensity_jitter: float = 0.0) -> v2.Transform:
+    """Label-preserving changes an MRI slice can plausibly undergo (on uint8 tensors)."""
+    steps: list[v2.Transform] = [
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+    ]
+    if intensity_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=intensity_jitter, contrast=intensity_jitter))
+    return v2.Compose(steps)
+
+
+def augmentation_for(train: TrainConfig) -> v2.Transform | None:
+    return train_augmentation(train.intensity_jitter) if train.augment else None
+
+
+class MRIDataset(Dataset):
+    """uint8 images (N, 1, S, S) in memory with their target masks (N, C).
+
+    Items stay uint8: the engine converts and normalises a whole batch on the device.
+    """
+
+    def __init__(self, pixels: torch.Tensor, masks: torch.Tensor, transform: v2.Transform | None = None):
+        self.pixels = pixels
+        self.masks = masks
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.pixels[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.masks[i]
+
+
+@dataclass
+class Catalog:
+    sites: list[SiteSpec]
+    task: Task
+    image_size: int
+    records: list[Record]
+    problems: list[Problem]
+    pixels: torch.Tensor
+    masks: torch.Tensor
+    group_ids: np.ndarray
+    splits: list[str]
+    near_pairs: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def indices(self, site: str | None = None, split: str = "train", pooled: bool = False) -> list[int]:
+        """Records of one site's split (each image once per site), or pooled (once overall)."""
+        if not pooled and site is None:
+            raise ValueError("name a site, or ask for pooled=True")
+        if site is not None and site not in self.site_names:
+            raise ValueError(f"unknown site {site!r}: have {', '.join(self.site_names)}")
+        seen: set[tuple[str, str]] = set()
+        chosen = []
+        for i, r in enumerate(self.records):
+            if self.splits[i] != split or (site is not None and r.site != site):
+                continue
+            key = ("", r.sha256) if pooled else (r.site, r.sha256)
+            if key not in seen:
+                seen.add(key)
+                chosen.append(i)
+        return chosen
+
+    def dataset(
+        self, site: str | None = None, split: str = "train", pooled: bool = False, augment: v2.Transform | None = None
+    ) -> MRIDataset:
+        """One site's split, or the pooled split; `augment` is applied to training items."""
+        return self.subset(self.indices(site, split, pooled), augment)
+
+    def subset(self, indices: list[int], augment: v2.Transform | None = None) -> MRIDataset:
+        idx = torch.tensor(indices, dtype=torch.long)
+        return MRIDataset(self.pixels[idx], self.masks[idx], augment)
+
+    def class_counts(self, indices: list[int]) -> dict[str, int]:
+        """Images per source-label set, e.g. {'glioma': 80, 'glioma|meningioma|pituitary': 40}."""
+        return dict(Counter("|".join(sorted(self.records[i].allowed)) for i in indices))
+
+
+def _limit_per_label(records: list[Record], limit: int | None) -> list[Record]:
+    if limit is None:
+        return records
+    kept: Counter[tuple[str, str, str | None]] = Counter()
+    out = []
+    for r in records:
+        key = (r.site, r.source_label, r.source_split)
+        if kept[key] < limit:
+            kept[key] += 1
+            out.append(r)
+    return out
+
+
+def _group_ids(
+    records: list[Record], hashes: np.ndarray, sites: list[SiteSpec], max_bits: int
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    uf = UnionFind(len(records))
+    union_equal(uf, [r.sha256 for r in records])
+    pairs = near_duplicate_pairs(hashes, max_bits) if max_bits >= 0 else []
+    for i, j in pairs:
+        uf.union(i, j)
+    by_patient = {s.name for s in sites if s.split.group_by_patient}
+    union_equal(uf, [(r.site, r.patient) if r.patient and r.site in by_patient else None for r in records])
+    return uf.labels(), pairs
+
+
+def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path | None = None) -> Catalog:
+    """Scan, decode, de-duplicate and split every site named in the config."""
+    root = data_root if data_root is not None else cfg.data_root
+    sites = load_sites(cfg.sites, root)
+    task = get_task(cfg.task)
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for site in sites:
+        scan = scan_site(site)
+        records.extend(_limit_per_label(scan.records, cfg.max_per_label))
+        problems.extend(scan.problems)
+
+    cache = ImageCache(cfg.cache_dir, cfg.image_size, cfg.crop_to_content)
+    errors = fill_cache(records, cache, progress=progress)
+    problems.extend(Problem(r.site, r.path, errors[r.sha256]) for r in records if r.sha256 in errors)
+    records = [r for r in records if r.sha256 not in errors]
+    if not records:
+        raise ValueError("no readable images in any site")
+
+    pixels = load_pixels(records, cache)
+    masks = torch.tensor([task.target_mask(r.allowed) for r in records], dtype=torch.bool)
+    group_ids, pairs = _group_ids(records, difference_hash(pixels), sites, cfg.near_duplicate_bits)
+    splits = assign_splits(records, group_ids, {s.name: s.split for s in sites}, cfg.seed)
+    return Catalog(sites, task, cfg.image_size, records, problems, pixels, masks, group_ids, splits, pairs)

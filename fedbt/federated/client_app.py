@@ -1,0 +1,76 @@
+"""Flower ClientApp: a hospital site. A thin adapter over fedbt.federated.task."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedbt.federated.common import experiment_from_context
+from fedbt.federated.task import LocalState, client_partition, evaluate_partition, load_catalog, train_partition
+
+app = ClientApp()
+LOCAL_STATE_KEY = "fedbt-local-state"
+
+
+def _partition_of(context: Context, cfg):
+    node = context.node_config
+    if "partition-id" in node:  # simulation
+        return client_partition(cfg, int(node["partition-id"]), int(node["num-partitions"]))
+    # Deployment: the SuperNode names its site; the catalog then holds that site alone.
+    return client_partition(cfg, 0, 1)
+
+
+def _load_local(context: Context) -> LocalState:
+    if LOCAL_STATE_KEY not in context.state:
+        return LocalState()
+    blob = context.state[LOCAL_STATE_KEY]["blob"]
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def _save_local(context: Context, local: LocalState) -> None:
+    buffer = io.BytesIO()
+    torch.save(local, buffer)
+    context.state[LOCAL_STATE_KEY] = ConfigRecord({"blob": buffer.getvalue()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = experiment_from_context(context)
+    partition = _partition_of(context, cfg)
+    config = msg.content["config"]
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    state, examples, metrics, local = train_partition(
+        cfg, load_catalog(cfg), partition, global_state, int(config["server-round"]), _load_local(context),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    _save_local(context, local)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=state),
+            "metrics": MetricRecord({**metrics, "num-examples": examples}),
+            "site": ConfigRecord({"name": partition.name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = experiment_from_context(context)
+    partition = _partition_of(context, cfg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    metrics = evaluate_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), split="val")
+    # Only numbers every site has, so Flower can average them; the full metrics travel as JSON.
+    numbers = {"loss": metrics["loss"], "set_accuracy": metrics["set_accuracy"],
+               "tumour_accuracy": metrics["tumour_vs_none"]["accuracy"]}
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({**numbers, "num-examples": int(metrics["n"])}),
+            "site": ConfigRecord({"name": partition.name, "metrics-json": json.dumps(metrics)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,132 @@
+"""Flower ServerApp: runs the configured strategy, evaluates the global model, checkpoints each round."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedbt.central import evaluate_everywhere
+from fedbt.checkpoint import load_checkpoint, save_checkpoint
+from fedbt.config import ExperimentConfig
+from fedbt.engine import configure_threads, evaluate, make_loader, prepare_model, select_device
+from fedbt.federated.common import experiment_from_context
+from fedbt.federated.strategy import make_strategy
+from fedbt.federated.task import load_catalog, new_model
+from fedbt.labels import get_task
+from fedbt.progress import headline, log
+
+app = ServerApp()
+
+
+def federated_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / "federated"
+
+
+class FederatedRun:
+    """State of one federated run: history, checkpoints, server-side evaluation."""
+
+    def __init__(self, cfg: ExperimentConfig, num_clients: int, server_has_data: bool):
+        self.cfg = cfg
+        self.out = federated_dir(cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.num_classes = get_task(cfg.data.task).num_classes
+        self.server_has_data = server_has_data
+        self.history: list[dict] = []
+        self.start_round = 0
+        model = new_model(cfg, self.num_classes)
+        self.initial_state = model.state_dict()
+        strategy_state: dict = {}
+        if cfg.federated.resume and (self.out / "last.pt").is_file():
+            saved = load_checkpoint(self.out / "last.pt")
+            self.initial_state = saved["model_state"]
+            self.history = saved["progress"]["history"]
+            self.start_round = saved["progress"]["round"]
+            strategy_state = saved["progress"]["strategy_state"]
+            log(f"[federated] resuming after round {self.start_round} of {cfg.federated.rounds}")
+        self.strategy = make_strategy(cfg.federated, num_clients, self.start_round)
+        self.strategy.restore_optimizer_state(strategy_state)
+        self.started = time.perf_counter()
+
+    def model_from(self, arrays: ArrayRecord) -> torch.nn.Module:
+        model = new_model(self.cfg, self.num_classes)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by the strategy before round 1 (0) and after every round."""
+        absolute_round = server_round + self.start_round
+        model = self.model_from(arrays)
+        pooled: dict = {}
+        if self.server_has_data:
+            device = select_device(self.cfg.train.device)
+            catalog = load_catalog(self.cfg)
+            # Rounds are watched on validation data, as central epochs are; test is scored once, at the end.
+            loader = make_loader(catalog.dataset(split="val", pooled=True), self.cfg.train.batch_size, False, device)
+            pooled = evaluate(prepare_model(model, device), loader, device, catalog.task)
+        if server_round == 0:
+            if pooled:
+                log(f"[federated] initial global model: pooled val {headline(pooled)}")
+            return MetricRecord({"accuracy": pooled.get("accuracy", 0.0)}) if pooled else None
+        entry = {
+            "round": absolute_round,
+            "elapsed_seconds": time.perf_counter() - self.started,
+            "server": headline(pooled) if pooled else {},
+            "train": self.strategy.site_train.get(absolute_round, {}),
+            "sites": self.strategy.site_eval.get(absolute_round, {}),
+        }
+        self.history.append(entry)
+        self._log_round(entry)
+        progress = {"round": absolute_round, "history": self.history, "strategy_state": self.strategy.optimizer_state()}
+        save_checkpoint(self.out / "last.pt", model, self.cfg, progress, "federated")
+        return MetricRecord({k: float(v) for k, v in entry["server"].items() if isinstance(v, (int, float))}) if pooled else None
+
+    def _log_round(self, entry: dict) -> None:
+        sites = ", ".join(
+            f"{name} {100 * m.get('set_accuracy', float('nan')):.1f}%" for name, m in sorted(entry["sites"].items())
+        )
+        server = entry["server"]
+        pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
+        log(f"[federated] round {entry['round']}/{self.cfg.federated.rounds} {pooled}sites: {sites}")
+
+    def finish(self, arrays: ArrayRecord) -> dict:
+        model = self.model_from(arrays)
+        progress = {"round": self.cfg.federated.rounds, "history": self.history, "strategy_state": {}}
+        save_checkpoint(self.out / "final.pt", model, self.cfg, progress, "federated")
+        result = {"kind": "federated", "rounds": self.cfg.federated.rounds, "history": self.history}
+        if self.server_has_data:
+            device = select_device(self.cfg.train.device)
+            result["test"] = evaluate_everywhere(
+                prepare_model(model, device), load_catalog(self.cfg), device, self.cfg.train.batch_size
+            )
+        result["wall_seconds"] = time.perf_counter() - self.started
+        (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def run_federated(grid: Grid, cfg: ExperimentConfig, num_clients: int, server_has_data: bool = True) -> dict:
+    configure_threads(cfg.train.threads)
+    run = FederatedRun(cfg, num_clients, server_has_data)
+    remaining = cfg.federated.rounds - run.start_round
+    arrays = ArrayRecord(torch_state_dict=run.initial_state)
+    if remaining > 0:
+        result = run.strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=cfg.federated.round_timeout,
+            train_config=ConfigRecord({"total-rounds": cfg.federated.rounds}),
+            evaluate_fn=run.evaluate_round,
+        )
+        arrays = result.arrays
+    return run.finish(arrays)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = experiment_from_context(context)
+    run_federated(grid, cfg, cfg.federated.num_clients, server_has_data=cfg.data.data_root is not None)

@@ -1,0 +1,86 @@
+"""Flower strategies chosen by config, extended to keep what Flower keeps only in aggregate.
+
+``tracked(cls)`` subclasses any Flower strategy so that it
+- records every site's own evaluation metrics each round (Flower keeps only the weighted mean),
+- records every site's training metrics,
+- numbers rounds after a resume from the checkpointed round, so LR schedules continue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+
+from fedbt.config import FederatedConfig
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedavgm": FedAvgM}
+# Server-side optimiser state worth checkpointing, by attribute name.
+STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+class RoundTracker:
+    """Mixin: per-site metrics of every round, round numbering that survives a resume."""
+
+    round_offset = 0
+
+    def _init_tracking(self) -> None:
+        self.site_train: dict[int, dict[str, dict]] = {}
+        self.site_eval: dict[int, dict[str, dict]] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self.site_train[server_round + self.round_offset] = {
+            m.content["site"]["name"]: dict(m.content["metrics"]) for m in replies if not m.has_error()
+        }
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.site_eval[server_round + self.round_offset] = {
+            m.content["site"]["name"]: json.loads(str(m.content["site"]["metrics-json"]))
+            for m in replies
+            if not m.has_error()
+        }
+        return super().aggregate_evaluate(server_round, replies)
+
+    def optimizer_state(self) -> dict:
+        return {k: getattr(self, k) for k in STATE_ATTRIBUTES if getattr(self, k, None) is not None}
+
+    def restore_optimizer_state(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def make_strategy(fc: FederatedConfig, num_clients: int, round_offset: int = 0):
+    if fc.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {fc.strategy!r}: choose from {', '.join(STRATEGIES)}")
+    base = STRATEGIES[fc.strategy]
+    minimum = fc.min_clients or num_clients
+    if minimum > num_clients:
+        raise ValueError(f"min_clients {minimum} is more than the {num_clients} clients")
+    # Explicit minimums: Flower's defaults would otherwise wait for nodes that never come.
+    kwargs = dict(
+        fraction_train=fc.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=max(1, min(minimum, round(fc.fraction_train * num_clients))),
+        min_evaluate_nodes=minimum,
+        min_available_nodes=minimum,
+    )
+    if base is FedProx:
+        kwargs["proximal_mu"] = fc.proximal_mu
+    elif base in (FedAdam, FedYogi):
+        kwargs.update(eta=fc.server_lr, eta_l=0.0)
+    elif base is FedAvgM:
+        kwargs.update(server_learning_rate=fc.server_lr, server_momentum=fc.server_momentum)
+    tracked = type(f"Tracked{base.__name__}", (RoundTracker, base), {})
+    strategy = tracked(**kwargs)
+    strategy._init_tracking()
+    strategy.round_offset = round_offset
+    return strategy

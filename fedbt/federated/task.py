@@ -1,0 +1,138 @@
+"""Client-side federated work, free of Flower: local training and evaluation of a site.
+
+The Flower apps only move state dicts and numbers in and out of these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from fedbt.config import ExperimentConfig, from_dict, to_dict
+from fedbt.data import Catalog, augmentation_for, build_catalog
+from fedbt.engine import (
+    StepSchedule,
+    build_optimizer,
+    class_weights_from_masks,
+    configure_threads,
+    evaluate,
+    make_grad_scaler,
+    make_loader,
+    prepare_model,
+    seed_everything,
+    select_device,
+    train_one_epoch,
+)
+from fedbt.models import build_model
+from fedbt.partition import Partition, make_partitions
+
+
+@lru_cache(maxsize=2)
+def _catalog(data_json: str) -> Catalog:
+    # One catalog per process: Ray reuses its actor for every client it runs.
+    cfg = from_dict({"data": json.loads(data_json)})
+    return build_catalog(cfg.data, progress=False)
+
+
+def load_catalog(cfg: ExperimentConfig) -> Catalog:
+    return _catalog(json.dumps(to_dict(cfg.data), sort_keys=True))
+
+
+def client_partition(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> Partition:
+    catalog = load_catalog(cfg)
+    fc = cfg.federated
+    return make_partitions(catalog, num_partitions, fc.partition, fc.dirichlet_alpha, cfg.data.seed)[partition_id]
+
+
+def new_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    seed_everything(cfg.data.seed)
+    return build_model(cfg.model, num_classes, cfg.data.image_size)
+
+
+def is_batchnorm_key(model: nn.Module, key: str) -> bool:
+    module_name = key.rsplit(".", 1)[0]
+    return isinstance(model.get_submodule(module_name), nn.modules.batchnorm._BatchNorm)
+
+
+def local_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_batchnorm_key(model, k)}
+
+
+@dataclass
+class LocalState:
+    """What a client keeps between rounds: its BatchNorm layers (FedBN), its optimiser."""
+
+    batchnorm: dict[str, torch.Tensor] | None = None
+    optimizer: dict | None = None
+
+
+def _load_global(model: nn.Module, global_state: dict[str, torch.Tensor], local: LocalState, fedbn: bool) -> None:
+    model.load_state_dict(global_state)
+    if fedbn and local.batchnorm is not None:
+        model.load_state_dict(local.batchnorm, strict=False)
+
+
+def train_partition(
+    cfg: ExperimentConfig,
+    catalog: Catalog,
+    partition: Partition,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    local: LocalState,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], int, dict[str, float], LocalState]:
+    """Train the global model for E local epochs on the partition's training split."""
+    tc, fc = cfg.train, cfg.federated
+    configure_threads(tc.threads)
+    device = select_device(tc.device)
+    model = new_model(cfg, catalog.task.num_classes)
+    _load_global(model, global_state, local, fc.fedbn)
+    model = prepare_model(model, device)
+    dataset = catalog.subset(partition.indices["train"], augment=augmentation_for(tc))
+    optimizer = build_optimizer(model.parameters(), tc)
+    if fc.keep_optimizer_state and local.optimizer is not None:
+        optimizer.load_state_dict(local.optimizer)
+    weights = class_weights_from_masks(dataset.masks) if tc.class_weights else None
+    scaler = make_grad_scaler(device)
+    steps = len(make_loader(dataset, tc.batch_size, True, device))
+    # The LR follows one curve over all rounds, as the central run's does over its epochs.
+    total_steps = fc.rounds * fc.local_epochs * steps
+    stats: dict[str, float] = {}
+    for epoch in range(fc.local_epochs):
+        global_epoch = (server_round - 1) * fc.local_epochs + epoch
+        # Seeds differ per client (crc32 of its name: stable across processes, unlike hash()).
+        seed_everything(cfg.data.seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000)
+        loader = make_loader(dataset, tc.batch_size, True, device, seed=cfg.data.seed + global_epoch, workers=tc.num_workers)
+        schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps)
+        stats = train_one_epoch(model, loader, optimizer, device, schedule, weights, scaler, proximal_mu)
+    new_local = LocalState(
+        batchnorm=local_batchnorm(model) if fc.fedbn else None,
+        optimizer=optimizer.state_dict() if fc.keep_optimizer_state else None,
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    metrics = {"train_loss": stats["loss"], "train_seconds": stats["seconds"], "images_per_second": stats["images_per_second"]}
+    return state, len(dataset), metrics, new_local
+
+
+def evaluate_partition(
+    cfg: ExperimentConfig,
+    catalog: Catalog,
+    partition: Partition,
+    global_state: dict[str, torch.Tensor],
+    local: LocalState,
+    split: str = "test",
+) -> dict:
+    """Metrics of the global model (with the client's own BatchNorm under FedBN) on one split."""
+    device = select_device(cfg.train.device)
+    model = new_model(cfg, catalog.task.num_classes)
+    _load_global(model, global_state, local, cfg.federated.fedbn)
+    model = prepare_model(model, device)
+    dataset = catalog.subset(partition.indices[split])
+    metrics = evaluate(model, make_loader(dataset, cfg.train.batch_size, False, device), device, catalog.task)
+    metrics["class_counts"] = catalog.class_counts(partition.indices[split])
+    return metrics

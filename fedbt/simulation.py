@@ -1,0 +1,139 @@
+"""The main job: a Flower simulation over the sites, then central and local-only baselines
+at the same budget, then the comparison report."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedbt.central import TrainData, evaluate_everywhere, run_central, train_model
+from fedbt.config import ExperimentConfig, to_dict
+from fedbt.data import Catalog, augmentation_for, build_catalog
+from fedbt.engine import select_device
+from fedbt.federated.common import EXPERIMENT_ENV
+from fedbt.partition import Partition, make_partitions
+from fedbt.progress import log
+from fedbt.report import write_report
+
+
+def budget_matched(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Same number of passes over every training image as the federation: rounds x local epochs."""
+    train = replace(cfg.train, epochs=cfg.federated.rounds * cfg.federated.local_epochs)
+    return replace(cfg, train=train)
+
+
+def backend_config(cfg: ExperimentConfig) -> dict:
+    cores = os.cpu_count() or 1
+    # Each client gets every core: clients then train one after another at full speed, and a
+    # client never asks Ray for more CPUs than exist (Ray would wait for them forever).
+    resources = {"num_cpus": cores, "num_gpus": 1.0 if torch.cuda.is_available() else 0.0}
+    init_args: dict = {"num_cpus": cores, "include_dashboard": False}
+    if cfg.federated.ray_address:
+        init_args = {"address": cfg.federated.ray_address}
+    return {"client_resources": resources, "init_args": init_args}
+
+
+def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict:
+    """Run the ServerApp and N ClientApps on Flower's Ray-backed simulation engine."""
+    from flwr.simulation import run_simulation
+
+    from fedbt.federated.client_app import app as client_app
+    from fedbt.federated.server_app import app as server_app
+
+    experiment_file = out / "experiment.json"
+    experiment_file.write_text(json.dumps(to_dict(cfg), indent=2))
+    # Every process of the run reads the same resolved experiment; Ray's workers inherit
+    # this process's environment.
+    os.environ[EXPERIMENT_ENV] = str(experiment_file.resolve())
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    backend = backend_config(cfg)
+    log(f"[federated] {cfg.federated.num_clients} clients, {cfg.federated.rounds} rounds, strategy {cfg.federated.strategy}")
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.federated.num_clients,
+        backend_config=backend,
+    )
+    metrics_file = out / "federated" / "metrics.json"
+    if not metrics_file.is_file():
+        raise RuntimeError("the federated run ended without results; see the log above")
+    return json.loads(metrics_file.read_text())
+
+
+def _fingerprint(cfg: ExperimentConfig) -> str:
+    """What decides a baseline's result: data, model and training settings."""
+    return json.dumps({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": to_dict(cfg.train)}, sort_keys=True)
+
+
+def _reusable(out: Path, cfg: ExperimentConfig) -> dict | None:
+    metrics, stamp = out / "metrics.json", out / "fingerprint.json"
+    if metrics.is_file() and stamp.is_file() and stamp.read_text() == _fingerprint(cfg):
+        return json.loads(metrics.read_text())
+    return None
+
+
+def central_baseline(cfg: ExperimentConfig, catalog: Catalog, out: Path, reuse: bool) -> dict:
+    central_cfg = budget_matched(cfg)
+    target = out / "central"
+    if reuse and (earlier := _reusable(target, central_cfg)):
+        log("[central] reusing the earlier central run with the same settings")
+        return earlier
+    result = run_central(central_cfg, catalog, target)
+    (target / "fingerprint.json").write_text(_fingerprint(central_cfg))
+    return result
+
+
+def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, out: Path, reuse: bool) -> dict:
+    """A model trained on one client's data alone, scored on every site's test split."""
+    local_cfg = budget_matched(cfg)
+    target = out / "local" / partition.name
+    target.mkdir(parents=True, exist_ok=True)
+    if reuse and (earlier := _reusable(target, local_cfg)):
+        log(f"[local {partition.name}] reusing the earlier run with the same settings")
+        return earlier
+    data = TrainData(
+        train=catalog.subset(partition.indices["train"], augment=augmentation_for(local_cfg.train)),
+        val=catalog.subset(partition.indices["val"]),
+    )
+    log(f"[local {partition.name}] {len(data.train)} training images")
+    start = time.perf_counter()
+    model, history = train_model(local_cfg, data, target, f"local {partition.name}")
+    result = {
+        "kind": "local",
+        "partition": partition.name,
+        "train_images": len(data.train),
+        "wall_seconds": time.perf_counter() - start,
+        "history": history,
+        "test": evaluate_everywhere(model, catalog, select_device(cfg.train.device), cfg.train.batch_size),
+    }
+    (target / "metrics.json").write_text(json.dumps(result, indent=2))
+    (target / "fingerprint.json").write_text(_fingerprint(local_cfg))
+    return result
+
+
+def run_experiment(
+    cfg: ExperimentConfig, skip_central: bool = False, skip_local: bool = False, reuse: bool = True
+) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # Decode into the cache here, once, before Ray's workers start and all want it.
+    catalog = build_catalog(cfg.data)
+    partitions = make_partitions(
+        catalog, cfg.federated.num_clients, cfg.federated.partition, cfg.federated.dirichlet_alpha, cfg.data.seed
+    )
+    for p in partitions:
+        log(f"[data] client {p.name}: " + ", ".join(f"{s} {len(p.indices[s])}" for s in ("train", "val", "test")))
+    results: dict = {"federated": run_flower_simulation(cfg, out)}
+    if not skip_central:
+        results["central"] = central_baseline(cfg, catalog, out, reuse)
+    if not skip_local:
+        results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
+    results["wall_seconds_total"] = time.perf_counter() - started
+    write_report(results, cfg, catalog, out)
+    return results
