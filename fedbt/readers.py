@@ -167,7 +167,7 @@ def scan_site(spec: SiteSpec) -> SiteScan:
     if spec.format == "figshare_mat":
         return scan_figshare_mat(spec)
     if spec.format == "kaggle_combined":
-        from fedbt.origins import scan_kaggle_origin
+        from fedbt.origins import scan_kaggle_origin  # origins builds on this module's readers
 
         return scan_kaggle_origin(spec)
     raise ValueError(f"site {spec.name}: unknown format {spec.format!r}")

@@ -1,0 +1,43 @@
+"""Shared fixtures: generated data for unit tests, the shared real data for integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedbt.config import DataConfig
+from fedbt.synthetic import generate_demo_data
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri"
+SITE_FILES = [str(PROJECT_ROOT / "sites" / f"{name}.yaml") for name in ("figshare", "sartaj", "br35h")]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_flower(tmp_path_factory):
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_HOME"] = str(tmp_path_factory.mktemp("flwr-home"))
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """Small generated data in the three real layouts (with cross-site duplicates)."""
+    return generate_demo_data(tmp_path_factory.mktemp("demo"), per_class=12, seed=0, duplicates=3)
+
+
+@pytest.fixture()
+def data_config(demo_root, tmp_path) -> DataConfig:
+    return DataConfig(data_root=str(demo_root), sites=SITE_FILES, image_size=32, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The shared real data. CI always has it: there a missing folder is a failure, not a skip."""
+    if not REAL_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real data expected beside the checkout at {REAL_DATA}")
+        pytest.skip("../shared/data/brain-mri not present")
+    return REAL_DATA
