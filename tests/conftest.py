@@ -34,6 +34,11 @@ def data_config(demo_root, tmp_path) -> DataConfig:
 
 
 @pytest.fixture(scope="session")
+def site_files() -> list[str]:
+    return list(SITE_FILES)
+
+
+@pytest.fixture(scope="session")
 def real_root() -> Path:
     """The shared real data. CI always has it: there a missing folder is a failure, not a skip."""
     if not REAL_DATA.is_dir():

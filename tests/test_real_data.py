@@ -11,15 +11,13 @@ from fedbt.datareport import inspect_report
 from fedbt.readers import scan_site
 from fedbt.sites import load_site
 
-from .conftest import SITE_FILES
-
 pytestmark = pytest.mark.real_data
 
 
-def test_site_readers_find_every_file_of_the_manifest(real_root):
+def test_site_readers_find_every_file_of_the_manifest(real_root, site_files):
     manifest = Counter((row["origin"], row["label"]) for row in csv.DictReader(open(real_root / "MANIFEST.csv")))
     found = Counter()
-    for site_file in SITE_FILES:
+    for site_file in site_files:
         scan = scan_site(load_site(site_file, real_root))
         assert not scan.problems, scan.problems[:3]
         found.update((r.site, r.source_label) for r in scan.records)

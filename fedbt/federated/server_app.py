@@ -37,6 +37,7 @@ class FederatedRun:
         self.num_classes = get_task(cfg.data.task).num_classes
         self.server_has_data = server_has_data
         self.history: list[dict] = []
+        self.initial: dict = {}  # the untrained global model's pooled validation metrics
         self.start_round = 0
         model = new_model(cfg, self.num_classes)
         self.initial_state = model.state_dict()
@@ -70,7 +71,8 @@ class FederatedRun:
             pooled = evaluate(prepare_model(model, device), loader, device, catalog.task)
         if server_round == 0:
             if pooled:
-                log(f"[federated] initial global model: pooled val {headline(pooled)}")
+                self.initial = headline(pooled)
+                log(f"[federated] initial global model: pooled val {self.initial}")
             return MetricRecord({"accuracy": pooled.get("accuracy", 0.0)}) if pooled else None
         entry = {
             "round": absolute_round,
@@ -97,7 +99,7 @@ class FederatedRun:
         model = self.model_from(arrays)
         progress = {"round": self.cfg.federated.rounds, "history": self.history, "strategy_state": {}}
         save_checkpoint(self.out / "final.pt", model, self.cfg, progress, "federated")
-        result = {"kind": "federated", "rounds": self.cfg.federated.rounds, "history": self.history}
+        result = {"kind": "federated", "rounds": self.cfg.federated.rounds, "initial": self.initial, "history": self.history}
         if self.server_has_data:
             device = select_device(self.cfg.train.device)
             result["test"] = evaluate_everywhere(
