@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedbt.config import ExperimentConfig, load_config
+from fedbt.synthetic import ensure_demo_data
 
 DEMO_ROOT = Path("demo-data")
 DEMO_CONFIG = "configs/demo.yaml"
@@ -43,16 +44,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     else:
         cfg.output_dir = str(Path(cfg.output_dir) / cfg.name)
     return cfg
-
-
-def ensure_demo_data(root: Path) -> Path:
-    from fedbt.progress import log
-    from fedbt.synthetic import generate_demo_data
-
-    if not (root / "br35h").is_dir():
-        log(f"no --data-root given: generating demo data in {root}/")
-        generate_demo_data(root)
-    return root
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -103,6 +94,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedbt.bench import run_and_print
+
+    return run_and_print(
+        config_from_args(args), args.steps, args.warmup, args.images, args.sim_run, args.profile, args.json
+    )
+
+
 def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--clients", type=int, help="number of virtual clients (default 3: one per site)")
@@ -142,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="federated simulation + central and local-only baselines + report")
     add_simulation_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
+    bench = sub.add_parser("bench", help="training, evaluation and inference speed on this machine")
+    add_config_arguments(bench)
+    bench.add_argument("--steps", type=int, default=20, help="timed reference steps and latency repeats")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps (batches) before each timing")
+    bench.add_argument("--images", type=int, default=512, help="images in the timed engine epoch")
+    bench.add_argument("--sim-run", help="a finished simulation's output folder: report its federated overhead")
+    bench.add_argument("--profile", action="store_true", help="profile a few engine steps; Chrome trace in --out")
+    bench.add_argument("--json", help="also write every number as JSON here")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

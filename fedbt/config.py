@@ -130,7 +130,7 @@ def load_config(
     """Build a config from defaults, then each YAML file in order, then overrides."""
     cfg = ExperimentConfig()
     for path in paths or []:
-        path = Path(path)
+        path = resolve_project_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         values = yaml.safe_load(path.read_text()) or {}

@@ -20,9 +20,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-ROC_POINTS = 101  # curves are kept on a fixed FPR grid so they stay small in JSON
-
 from fedbt.labels import Task
+
+ROC_POINTS = 101  # curves are kept on a fixed FPR grid so they stay small in JSON
 
 
 def _safe_auc(y_true: np.ndarray, scores: np.ndarray, **kwargs) -> float | None:

@@ -45,10 +45,13 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict:
     from fedbt.federated.client_app import app as client_app
     from fedbt.federated.server_app import app as server_app
 
+    # Absolute paths: Ray workers (of a joined cluster, too) need not share our working directory.
+    cfg = replace(cfg, output_dir=str(out.resolve()))
+    cfg.data = replace(cfg.data, data_root=str(Path(cfg.data.data_root).resolve()),
+                       cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()))
     experiment_file = out / "experiment.json"
     experiment_file.write_text(json.dumps(to_dict(cfg), indent=2))
-    # Every process of the run reads the same resolved experiment; Ray's workers inherit
-    # this process's environment.
+    # The ServerApp (in this process) reads it; it sends it on to the clients in its messages.
     os.environ[EXPERIMENT_ENV] = str(experiment_file.resolve())
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = backend_config(cfg)

@@ -118,3 +118,14 @@ def generate_demo_data(root: str | Path, per_class: int = 40, seed: int = 0, dup
         shutil.copyfile(src, root / "br35h" / "no" / f"dup{i}.jpg")
         shutil.copyfile(src, root / "sartaj" / "Testing" / "no_tumor" / f"dup{i}.jpg")
     return root
+
+
+def ensure_demo_data(root: str | Path) -> Path:
+    """Generated demo data at root, written on first use."""
+    root = Path(root)
+    if not (root / "br35h").is_dir():
+        from fedbt.progress import log
+
+        log(f"no data root given: generating demo data in {root}/")
+        generate_demo_data(root)
+    return root

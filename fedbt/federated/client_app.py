@@ -9,7 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbt.federated.common import experiment_from_context
+from fedbt.federated.common import client_experiment
+from fedbt.progress import log
 from fedbt.federated.task import LocalState, client_partition, evaluate_partition, load_catalog, train_partition
 
 app = ClientApp()
@@ -39,14 +40,20 @@ def _save_local(context: Context, local: LocalState) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = experiment_from_context(context)
+    cfg = client_experiment(msg, context)
     partition = _partition_of(context, cfg)
     config = msg.content["config"]
+    server_round = int(config["server-round"])
+    catalog = load_catalog(cfg)
+    log(f"[client {partition.name}] round {server_round}/{cfg.federated.rounds}: "
+        f"training on {len(partition.indices['train'])} images")
     global_state = msg.content["arrays"].to_torch_state_dict()
     state, examples, metrics, local = train_partition(
-        cfg, load_catalog(cfg), partition, global_state, int(config["server-round"]), _load_local(context),
+        cfg, catalog, partition, global_state, server_round, _load_local(context),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
+    log(f"[client {partition.name}] round {server_round}: loss {metrics['train_loss']:.4f}, "
+        f"{metrics['images_per_second']:.1f} img/s")
     _save_local(context, local)
     content = RecordDict(
         {
@@ -60,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = experiment_from_context(context)
+    cfg = client_experiment(msg, context)
     partition = _partition_of(context, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     metrics = evaluate_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), split="val")

@@ -14,7 +14,7 @@ from fedbt.central import evaluate_everywhere
 from fedbt.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.config import ExperimentConfig
 from fedbt.engine import configure_threads, evaluate, make_loader, prepare_model, select_device
-from fedbt.federated.common import experiment_from_context
+from fedbt.federated.common import EXPERIMENT_KEY, experiment_from_context, experiment_record
 from fedbt.federated.strategy import make_strategy
 from fedbt.federated.task import load_catalog, new_model
 from fedbt.labels import get_task
@@ -121,7 +121,8 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, num_clients: int, server_ha
             initial_arrays=arrays,
             num_rounds=remaining,
             timeout=cfg.federated.round_timeout,
-            train_config=ConfigRecord({"total-rounds": cfg.federated.rounds}),
+            train_config=ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg)}),
+            evaluate_config=ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg)}),
             evaluate_fn=run.evaluate_round,
         )
         arrays = result.arrays
