@@ -158,7 +158,9 @@ class EngineTrainer:
         tc = self.cfg.train
         loader = make_loader(dataset, tc.batch_size, True, self.device, seed=self.cfg.data.seed, workers=tc.num_workers)
         schedule = StepSchedule(tc.lr, tc.schedule, len(loader))
-        return train_one_epoch(self.model, loader, self.optimizer, self.device, schedule, scaler=self.scaler, on_step=on_step)
+        return train_one_epoch(
+            self.model, loader, self.optimizer, self.device, schedule, scaler=self.scaler, on_step=on_step
+        )
 
 
 def bench_indices(catalog: Catalog, images: int) -> list[int]:
@@ -222,21 +224,13 @@ def cache_timing(catalog: Catalog, indices: list[int], crop: bool, epoch_seconds
     return CacheTiming(len(records), decode_seconds, load_seconds, epoch_seconds, cold_over_warm)
 
 
-def _wall_seconds(elapsed: list[float]) -> float:
-    # elapsed_seconds restarts at 0 when a run is resumed: add the end of every stretch.
-    total = 0.0
-    for previous, current in zip(elapsed, elapsed[1:]):
-        if current < previous:
-            total += previous
-    return total + elapsed[-1]
-
-
 def federated_overhead(run_dir: str | Path) -> FederatedOverhead:
     """Overhead of a finished simulation from <run_dir>/federated/metrics.json.
 
     Clients train one after another on one machine, so the rounds' useful work is the sum of
     every client's training seconds over every round; the rest of the wall time is overhead
-    (Ray, serialisation, aggregation, evaluation, checkpoints).
+    (Ray, serialisation, aggregation, evaluation, checkpoints).  A resumed run restarts its
+    elapsed_seconds clock: its wall time covers only the rounds after the resume and the ratio comes out too low.
     """
     path = Path(run_dir) / "federated" / "metrics.json"
     if not path.is_file():
@@ -246,7 +240,7 @@ def federated_overhead(run_dir: str | Path) -> FederatedOverhead:
         raise ValueError(f"{path}: no rounds in the history")
     try:
         train = sum(site["train_seconds"] for entry in history for site in entry["train"].values())
-        wall = _wall_seconds([entry["elapsed_seconds"] for entry in history])
+        wall = history[-1]["elapsed_seconds"]
     except KeyError as err:
         raise ValueError(f"{path}: history lacks {err}") from None
     if train <= 0:
@@ -266,6 +260,8 @@ def run_bench(
     """Measure everything in the table; `scratch` holds the cold decode cache (default: a temp dir)."""
     if steps < 1 or images < 1 or warmup < 0:
         raise ValueError("bench needs --steps >= 1, --images >= 1 and --warmup >= 0")
+    # Read first: a wrong --sim-run should fail before minutes of measuring, not after.
+    federated = federated_overhead(sim_run) if sim_run else None
     configure_threads(cfg.train.threads)
     device = select_device(cfg.train.device)
     seed_everything(cfg.data.seed)
@@ -301,7 +297,7 @@ def run_bench(
         latency_repeats=steps,
         latency_ms=latency,
         cache=cache,
-        federated=federated_overhead(sim_run) if sim_run else None,
+        federated=federated,
     )
 
 
@@ -309,17 +305,22 @@ def profile_training(
     cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, steps: int = PROFILE_STEPS
 ) -> tuple[str, Path]:
     """torch.profiler over a few engine training steps: top operators and a Chrome trace."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
 
     configure_threads(cfg.train.threads)
     device = select_device(cfg.train.device)
     seed_everything(cfg.data.seed)
-    # One unrecorded step first: the first step pays for kernel selection and allocation.
-    indices = bench_indices(catalog, (steps + 1) * cfg.train.batch_size)
+    batch = cfg.train.batch_size
+    indices = bench_indices(catalog, (steps + 1) * batch)
+    if len(indices) <= batch:
+        raise ValueError(f"profiling needs more than one batch ({batch}) of training images")
+    augment = augmentation_for(cfg.train)
     trainer = EngineTrainer(cfg, catalog.task.num_classes, device)
+    # One unrecorded step first: the first step pays for kernel selection and allocation.
+    trainer.epoch(catalog.subset(indices[:batch], augment))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps)) as prof:
-        trainer.epoch(catalog.subset(indices, augmentation_for(cfg.train)), on_step=lambda *_: prof.step())
+    with profile(activities=activities) as prof:
+        trainer.epoch(catalog.subset(indices[batch:], augment))
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "bench-trace.json"
     prof.export_chrome_trace(str(trace))
@@ -350,8 +351,10 @@ def format_table(result: BenchResult) -> str:
     width = max(len(label) for label, _ in rows)
     header = [
         f"device: {result.device}",
-        f"model {result.model}, {result.image_size} px, batch {result.batch_size}; "
-        f"engine epoch {result.engine_images} images in {result.engine_seconds:.1f} s",
+        (
+            f"model {result.model}, {result.image_size} px, batch {result.batch_size}; "
+            f"engine epoch {result.engine_images} images in {result.engine_seconds:.1f} s"
+        ),
     ]
     if result.model != "resnet18":
         header.append(f"note: the engine trains {result.model}, the reference ResNet18: the ratio compares models")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedbt.checkpoint import CheckpointError
 from fedbt.config import ExperimentConfig, load_config
 from fedbt.synthetic import ensure_demo_data
 
@@ -102,6 +103,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedbt.evaluation import EvalRequest, run_evaluation
+
+    out = Path(args.out or Path(args.checkpoint).parent / f"eval-{args.site or Path(args.folder or 'pooled').name}")
+    request = EvalRequest(args.checkpoint, args.compare, args.site, args.folder, args.data_root, args.device,
+                          args.bootstrap, args.seed)
+    run_evaluation(request, out)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedbt.predict import run_predict
+
+    return run_predict(args.paths, args.checkpoint, args.gradcam, args.format, args.output, args.device)
+
+
 def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--clients", type=int, help="number of virtual clients (default 3: one per site)")
@@ -150,6 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="profile a few engine steps; Chrome trace in --out")
     bench.add_argument("--json", help="also write every number as JSON here")
     bench.set_defaults(func=cmd_bench)
+
+    evaluate = sub.add_parser("evaluate", help="clinical metrics, calibration, CIs, plots and report of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="a fedbt checkpoint (best.pt, final.pt, ...)")
+    evaluate.add_argument("--compare", metavar="CHECKPOINT", help="second checkpoint: McNemar test on the same images")
+    scope = evaluate.add_mutually_exclusive_group()
+    scope.add_argument("--site", help="this site's test split (default: the pooled test split)")
+    scope.add_argument("--folder", help="a folder of class folders (glioma/, no_tumor/, yes/, ...) instead")
+    evaluate.add_argument("--data-root", help="folder holding the sites' data (default: the checkpoint's)")
+    evaluate.add_argument("--out", help="output folder (default: eval-<scope> beside the checkpoint)")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predict image files or folders with a checkpoint")
+    predict.add_argument("paths", nargs="+", help="image files (.jpg, .png, ..., .mat) or folders")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image here")
+    predict.add_argument("--format", default="json", choices=["json", "csv"])
+    predict.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -157,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"fedbt: error: {err}", file=sys.stderr)
         return 2
 

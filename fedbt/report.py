@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedbt.config import ExperimentConfig, to_dict  # noqa: E402
 from fedbt.data import Catalog  # noqa: E402
@@ -86,8 +87,9 @@ def plot_learning_curves(results: dict, path: Path) -> Path:
         ax_loss.plot(epochs, [h["val"]["loss"] for h in central], "s-", color="black", label="central (pooled)")
     ax_acc.set(xlabel="round (federated) / epoch (central)", ylabel="validation accuracy", title="accuracy")
     ax_loss.set(xlabel="round (federated) / epoch (central)", ylabel="validation loss", title="loss")
-    ax_acc.legend(fontsize=8)
-    ax_loss.legend(fontsize=8)
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

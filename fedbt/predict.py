@@ -1,0 +1,210 @@
+"""Standalone prediction: image files or folders in; labels, probabilities and Grad-CAM overlays out.
+
+Every image goes through the pipeline training used: ``decode_file`` -> ``preprocess``
+at the checkpoint's image size and crop setting -> uint8 batch -> the engine's on-device
+normalisation.  A file that cannot be read becomes one error row; the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedbt.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from fedbt.config import ExperimentConfig
+from fedbt.data import MRIDataset
+from fedbt.engine import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    make_loader,
+    predict_probabilities,
+    prepare_model,
+    select_device,
+    to_device_batch,
+)
+from fedbt.gradcam import grad_cam, save_overlay
+from fedbt.images import decode_file, preprocess
+from fedbt.labels import Task, get_task
+from fedbt.readers import IMAGE_SUFFIXES
+
+PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".mat"}
+CAM_BATCH = 32  # Grad-CAM keeps activations and gradients: smaller batches than plain inference
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model on a device, with what its inputs must look like."""
+
+    path: str
+    model: nn.Module
+    task: Task
+    config: ExperimentConfig
+    provenance: dict[str, Any]
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    @property
+    def crop(self) -> bool:
+        return self.config.data.crop_to_content
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": self.path, "architecture": self.config.model.name, "task": self.task.name,
+                "classes": list(self.task.classes), "image_size": self.image_size,
+                "crop_to_content": self.crop, "provenance": self.provenance}
+
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Softmax outputs (N, C) for uint8 images (N, 1, S, S)."""
+        # predict_probabilities reads (image, target) pairs; the targets are not used here.
+        targets = torch.zeros((len(pixels), self.task.num_classes), dtype=torch.bool)
+        loader = make_loader(MRIDataset(pixels, targets), self.config.train.batch_size, False, self.device)
+        return predict_probabilities(self.model, loader, self.device)[0]
+
+
+def load_model(path: str | Path, device: str = "auto", expect_task: str | None = None) -> LoadedModel:
+    payload = load_checkpoint(path, expect_task)
+    norm = payload["normalization"]
+    # The engine normalises every batch on the device with its own constants (to_device_batch);
+    # a model trained with other ones would get inputs it never saw, silently.
+    if not (math.isclose(norm["mean"], PIXEL_MEAN) and math.isclose(norm["std"], PIXEL_STD)):
+        raise CheckpointError(
+            f"{path}: trained with pixel mean {norm['mean']} and std {norm['std']}; "
+            f"this fedbt normalises with mean {PIXEL_MEAN} and std {PIXEL_STD}"
+        )
+    config = config_from_checkpoint(payload)
+    config.data.image_size = payload["image_size"]  # the checkpoint's own field is the one build_model used
+    torch_device = select_device(device)
+    model = prepare_model(model_from_checkpoint(payload), torch_device).eval()
+    return LoadedModel(str(path), model, get_task(payload["task"]), config, payload["provenance"], torch_device)
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    gradcam: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def collect_inputs(paths: list[str]) -> list[Path | Prediction]:
+    """Files as named; folders searched recursively for image and .mat files; problems as error rows."""
+    found: list[Path | Prediction] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files = sorted(
+                f for f in path.rglob("*")
+                if f.is_file() and f.suffix.lower() in PREDICT_SUFFIXES and not f.name.startswith(".")
+            )
+            found.extend(files or [Prediction(name, error="no image files in this folder")])
+        elif path.exists():
+            found.append(path)  # named explicitly: try to decode whatever its suffix
+        else:
+            found.append(Prediction(name, error="no such file or folder"))
+    return found
+
+
+def read_input(path: Path, size: int, crop: bool) -> torch.Tensor:
+    """(1, size, size) uint8 as training saw it; ValueError with the reason when unreadable."""
+    try:
+        return preprocess(decode_file(str(path)), size, crop)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
+        # decode_file names the file; the row already does, so keep the reason only.
+        raise ValueError(str(err).removeprefix(f"{path}: ") or type(err).__name__) from None
+
+
+def predict_files(paths: list[str], model: LoadedModel, gradcam_dir: Path | None = None) -> list[Prediction]:
+    """One row per input file, in input order: the prediction, or why there is none."""
+    rows: list[Prediction] = []
+    readable: list[int] = []
+    pixels: list[torch.Tensor] = []
+    for item in collect_inputs(paths):
+        if isinstance(item, Prediction):
+            rows.append(item)
+            continue
+        try:
+            pixels.append(read_input(item, model.image_size, model.crop))
+        except ValueError as err:
+            rows.append(Prediction(str(item), error=str(err)))
+            continue
+        readable.append(len(rows))
+        rows.append(Prediction(str(item)))
+    if not pixels:
+        return rows
+    batch = torch.stack(pixels)
+    probs = model.probabilities(batch)
+    classes = model.task.classes
+    for row, p in zip((rows[i] for i in readable), probs):
+        best = int(p.argmax())
+        row.label, row.confidence = classes[best], float(p[best])
+        row.probabilities = {c: float(v) for c, v in zip(classes, p)}
+    if gradcam_dir is not None:
+        write_overlays(model, batch, probs.argmax(axis=1), rows, readable, gradcam_dir)
+    return rows
+
+
+def write_overlays(
+    model: LoadedModel, batch: torch.Tensor, predicted: np.ndarray, rows: list[Prediction], readable: list[int],
+    folder: Path,
+) -> None:
+    """Grad-CAM of the predicted class over each image (batch[k] is rows[readable[k]]).
+
+    Files are named <row number>-<file stem>.png: unique even when two folders hold the same name.
+    """
+    for start in range(0, len(batch), CAM_BATCH):
+        part = slice(start, start + CAM_BATCH)
+        cams = grad_cam(model.model, to_device_batch(batch[part], model.device), predicted[part].tolist()).cams
+        for gray, cam, i in zip(batch[part, 0].numpy(), cams, readable[part]):
+            rows[i].gradcam = str(save_overlay(gray, cam, folder / f"{i:04d}-{Path(rows[i].path).stem}.png"))
+
+
+def format_predictions(rows: list[Prediction], classes: tuple[str, ...], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([r.as_dict() for r in rows], indent=2) + "\n"
+    if fmt != "csv":
+        raise ValueError(f"unknown format {fmt!r}: json or csv")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["path", "prediction", "confidence", *(f"p_{c}" for c in classes), "gradcam", "error"])
+    writer.writeheader()
+    for r in rows:
+        probs = {f"p_{c}": f"{v:.6f}" for c, v in (r.probabilities or {}).items()}
+        confidence = "" if r.confidence is None else f"{r.confidence:.6f}"
+        writer.writerow({"path": r.path, "prediction": r.label or "", "confidence": confidence, **probs,
+                         "gradcam": r.gradcam or "", "error": r.error or ""})
+    return text.getvalue()
+
+
+def run_predict(
+    paths: list[str], checkpoint: str, gradcam_dir: str | None = None, fmt: str = "json",
+    output: str | None = None, device: str = "auto",
+) -> int:
+    """The `fedbt predict` command: exit code 0 when at least one image was predicted, else 1."""
+    model = load_model(checkpoint, device)
+    rows = predict_files(paths, model, Path(gradcam_dir) if gradcam_dir else None)
+    for r in rows:
+        if r.error:
+            print(f"fedbt: error: {r.path}: {r.error}", file=sys.stderr)
+    text = format_predictions(rows, model.task.classes, fmt)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0 if any(r.label for r in rows) else 1

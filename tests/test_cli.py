@@ -1,0 +1,39 @@
+import json
+
+from fedbt.cli import main
+
+
+def test_data_inspect_reports_sites_duplicates_and_leakage(demo_root, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = main(["data", "inspect", "--data-root", str(demo_root), "--set", f"data.cache_dir={tmp_path}",
+                 "--set", "data.image_size=32", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "figshare" in text and "sartaj" in text and "br35h" in text
+    assert "Leakage check: 0 duplicate groups straddle splits" in text
+    report = json.loads(out.read_text())
+    assert report["sites"]["br35h"]["per_label"] == {"no": 27, "yes": 12}
+    assert report["duplicates"]["exact_duplicate_copies"]
+
+
+def test_central_writes_metrics_curves_and_checkpoints(demo_root, tmp_path, capsys):
+    out = tmp_path / "central"
+    code = main(["central", "--config", "configs/demo.yaml", "--data-root", str(demo_root), "--out", str(out),
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=32",
+                 "--set", "model.name=cnn", "--set", "train.epochs=1", "--set", "train.threads=1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]["sites"]) == {"figshare", "sartaj", "br35h"}
+    pooled = metrics["test"]["pooled"]
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "macro_auc", "tumour_vs_none"):
+        assert key in pooled
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert "central" in capsys.readouterr().out
+
+
+def test_bad_settings_give_a_clear_error_and_exit_2(tmp_path, capsys):
+    assert main(["central", "--data-root", str(tmp_path / "nowhere"), "--set", "train.epochs=1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["central", "--set", "train.epochz=1"]) == 2
+    assert "unknown setting 'epochz'" in capsys.readouterr().err
