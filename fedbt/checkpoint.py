@@ -99,4 +99,4 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
 
 
 def config_from_checkpoint(payload: dict[str, Any]) -> ExperimentConfig:
-    return from_dict(payload["config"])
+    return from_dict(payload["config"], strict=False)

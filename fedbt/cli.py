@@ -106,9 +106,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedbt.evaluation import EvalRequest, run_evaluation
 
-    out = Path(args.out or Path(args.checkpoint).parent / f"eval-{args.site or Path(args.folder or 'pooled').name}")
-    request = EvalRequest(args.checkpoint, args.compare, args.site, args.folder, args.data_root, args.device,
-                          args.bootstrap, args.seed)
+    scope = args.site or (Path(args.folder).name if args.folder else "pooled")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{scope}"
+    request = EvalRequest(
+        checkpoint=args.checkpoint, compare=args.compare, site=args.site, folder=args.folder,
+        data_root=args.data_root, device=args.device, resamples=args.bootstrap, seed=args.seed,
+    )
     run_evaluation(request, out)
     print(f"report: {out / 'report.html'}")
     return 0

@@ -84,8 +84,12 @@ class FederatedConfig:
     min_clients: int | None = None  # None: every client
     partition: str = "origin"  # origin | iid | dirichlet
     dirichlet_alpha: float = 0.5
-    # Keep each client's optimiser state between rounds (in the client's own state).
-    keep_optimizer_state: bool = False
+    # Keep each client's Adam state between rounds (in the client's own state) instead of a
+    # fresh Adam every round, whose first steps jolt the weights. On the real data, CPU
+    # profile: federated 93.6% vs central 95.4% pooled 4-class test accuracy (README).
+    keep_optimizer_state: bool = True
+    # Restricted softmax (FedRS): a client normalises its loss over the classes it has.
+    restricted_softmax: bool = False
     # Ray cluster to join ("auto" or host:port) so a simulation spans machines; None: local.
     ray_address: str | None = None
     # Seconds the server waits for a round's replies before going on with those it has.
@@ -103,16 +107,18 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
 
 
-def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+def _apply(obj: Any, values: dict[str, Any], where: str, strict: bool = True) -> None:
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in known:
+            if not strict:
+                continue
             raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(known)})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: {key!r} must be a mapping")
-            _apply(current, value, f"{where}.{key}")
+            _apply(current, value, f"{where}.{key}", strict)
         else:
             setattr(obj, key, value)
 
@@ -150,9 +156,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(values: dict[str, Any]) -> ExperimentConfig:
+def from_dict(values: dict[str, Any], strict: bool = True) -> ExperimentConfig:
+    """strict=False skips settings this version does not know (a checkpoint's older config)."""
     cfg = ExperimentConfig()
-    _apply(cfg, values, "config")
+    _apply(cfg, values, "config", strict)
     return cfg
 
 

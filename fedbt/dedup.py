@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 HASH_SIDE = 16  # 16 x 16 horizontal gradients = 256 bits
 
 

@@ -80,14 +80,22 @@ def make_loader(
 
 
 def coarse_label_loss(
-    logits: torch.Tensor, masks: torch.Tensor, class_weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    present_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-log sum_{c in allowed} p_c: cross-entropy for fine labels, set likelihood for coarse ones.
 
     A Br35H 'tumour of unknown type' thus only pushes probability mass onto the
     tumour classes as a whole and never onto a type it cannot vouch for.
+    With `present_classes` (restricted softmax, as in FedRS) the probabilities are
+    normalised over the classes a site has at all: figshare, which has no healthy
+    scans, then never learns to push 'no tumour' down, a class it knows nothing about.
     """
     logits = logits.float()
+    if present_classes is not None:
+        logits = logits.masked_fill(~present_classes.to(logits.device), float("-inf"))
     allowed = logits.masked_fill(~masks, float("-inf")).logsumexp(dim=1)
     per_sample = logits.logsumexp(dim=1) - allowed
     if class_weights is None:
@@ -170,6 +178,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     proximal_mu: float = 0.0,
     on_step: Callable[[int, int, float], None] | None = None,
+    present_classes: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over the loader. Returns mean loss, images seen, seconds and images/second."""
     model.train()
@@ -184,7 +193,7 @@ def train_one_epoch(
         masks = masks.to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(images)
-        loss = coarse_label_loss(logits, masks, weights)
+        loss = coarse_label_loss(logits, masks, weights, present_classes)
         if anchor is not None:
             loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
         optimizer.zero_grad(set_to_none=True)

@@ -9,16 +9,17 @@ from typing import Any
 
 import matplotlib
 
+from fedbt.gradcam import GridItem, plot_prediction_grid
+from fedbt.plots import plot_confusion_matrices
+from fedbt.report import format_table, html_table, markdown_table, pct
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-from fedbt.gradcam import GridItem, plot_prediction_grid  # noqa: E402
-from fedbt.plots import plot_confusion_matrices  # noqa: E402
-from fedbt.report import _html_table, _pct, format_table, markdown_table  # noqa: E402
 
 # A report is a list of blocks, rendered once as Markdown and once as HTML:
 # ("h1" | "h2" | "p", text), ("table", (header, rows)) or ("img", (title, file name)).
 Block = tuple[str, Any]
+SUMMARY_HEADER = ["metric", "value", "95% CI (bootstrap)"]
 
 
 def _num(value: float | None) -> str:
@@ -42,7 +43,8 @@ def plot_class_roc_curves(metrics: dict, path: Path) -> Path:
     if tv.get("roc_curve"):
         ax.plot(tv["roc_curve"]["fpr"], tv["roc_curve"]["tpr"], "k--", label=f"tumour vs none (AUC {_num(tv['auc'])})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", title="ROC curves")
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+           title="ROC curves")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
@@ -54,7 +56,8 @@ def plot_pr_curves(metrics: dict, path: Path) -> Path:
         if curve:
             ap = metrics["per_class"][name]["average_precision"]
             ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP {_num(ap)})")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall curves", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall curves",
+           xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=8, loc="lower left")
     return _save(fig, path)
 
@@ -86,70 +89,77 @@ def summary_rows(m: dict) -> list[list[str]]:
     tv = m.get("tumour_vs_none", {})
     return [
         ["images (with a fine label)", f"{m['n']} ({m.get('n_fine', 0)})", ""],
-        ["accuracy", _pct(m.get("accuracy")), _interval(ci.get("accuracy"), _pct)],
-        ["balanced accuracy", _pct(m.get("balanced_accuracy")), ""],
-        ["macro precision", _pct(m.get("macro_precision")), ""],
-        ["macro sensitivity (recall)", _pct(m.get("macro_recall")), ""],
-        ["macro specificity", _pct(m.get("macro_specificity")), ""],
-        ["macro F1", _pct(m.get("macro_f1")), _interval(ci.get("macro_f1"), _pct)],
+        ["accuracy", pct(m.get("accuracy")), _interval(ci.get("accuracy"), pct)],
+        ["balanced accuracy", pct(m.get("balanced_accuracy")), ""],
+        ["macro precision", pct(m.get("macro_precision")), ""],
+        ["macro sensitivity (recall)", pct(m.get("macro_recall")), ""],
+        ["macro specificity", pct(m.get("macro_specificity")), ""],
+        ["macro F1", pct(m.get("macro_f1")), _interval(ci.get("macro_f1"), pct)],
         ["macro ROC-AUC (one vs rest)", _num(m.get("macro_auc")), _interval(ci.get("macro_auc"), _num)],
         ["macro average precision", _num(m.get("macro_average_precision")), ""],
         ["expected calibration error (10 bins)", _num(m.get("calibration", {}).get("ece")), ""],
-        ["set accuracy (coarse labels included)", _pct(m.get("set_accuracy")), ""],
-        ["tumour vs none: accuracy", _pct(tv.get("accuracy")), ""],
-        ["tumour vs none: sensitivity", _pct(tv.get("sensitivity")), ""],
-        ["tumour vs none: specificity", _pct(tv.get("specificity")), ""],
+        ["set accuracy (coarse labels included)", pct(m.get("set_accuracy")), ""],
+        ["tumour vs none: accuracy", pct(tv.get("accuracy")), ""],
+        ["tumour vs none: sensitivity", pct(tv.get("sensitivity")), ""],
+        ["tumour vs none: specificity", pct(tv.get("specificity")), ""],
         ["tumour vs none: ROC-AUC", _num(tv.get("auc")), ""],
     ]
 
 
 def per_class_rows(m: dict) -> list[list[str]]:
     return [
-        [name, str(c["support"]), _pct(c["precision"]), _pct(c["recall"]), _pct(c.get("specificity")),
-         _pct(c["f1"]), _num(c["auc"]), _num(c.get("average_precision"))]
+        [name, str(c["support"]), pct(c["precision"]), pct(c["recall"]), pct(c.get("specificity")),
+         pct(c["f1"]), _num(c["auc"]), _num(c.get("average_precision"))]
         for name, c in m.get("per_class", {}).items()
     ]
 
 
 def _blocks(result: dict, figures: dict[str, str]) -> list[Block]:
-    m, model, lat = result["metrics"], result["model"], result["latency"]
+    m, model = result["metrics"], result["model"]
     setup = (
         f"{model['architecture']} at {model['image_size']} px (crop to content: {model['crop_to_content']}), "
         f"task {model['task']}, checkpoint {result['checkpoint']}; scored on the {result['data']['description']}."
     )
-    blocks: list[Block] = [("h1", "fedbt evaluation"), ("p", setup),
-                           ("table", (["metric", "value", "95% CI (bootstrap)"], summary_rows(m)))]
+    blocks: list[Block] = [("h1", "fedbt evaluation"), ("p", setup), ("table", (SUMMARY_HEADER, summary_rows(m)))]
     if "per_class" in m:
-        blocks += [("h2", "Per class"), ("table", (["class", "images", "precision", "sensitivity", "specificity",
-                                                    "F1", "ROC-AUC", "AP"], per_class_rows(m))),
-                   ("h2", "Confusion matrix (rows true, columns predicted)"),
-                   ("table", (["true \\ predicted", *m["classes"]],
-                              [[c, *map(str, row)] for c, row in zip(m["classes"], m["confusion_matrix"])]))]
-    blocks += [("h2", "Inference latency"), ("table", (
-        ["device", "threads", "ms per image (batch 1)", f"images/s (batch {lat['batch']})"],
-        [[lat["device"], str(lat["threads"]), f"{lat['ms_per_image_batch1']:.2f}", f"{lat['images_per_second_batched']:.1f}"]],
-    ))]
+        blocks += _class_blocks(m)
+    blocks += _latency_blocks(result["latency"])
     if "comparison" in result:
         blocks += _comparison_blocks(result)
     if result["data"]["problems"]:
-        blocks += [("h2", "Files not scored"), ("p", f"{len(result['data']['problems'])} files could not be used; "
-                                                     "evaluation.json lists them with the reason.")]
+        note = f"{len(result['data']['problems'])} files could not be used; evaluation.json lists them with the reason."
+        blocks += [("h2", "Files not scored"), ("p", note)]
     for title, name in figures.items():
         blocks += [("h2", title), ("img", (title, name))]
     return blocks
 
 
+def _class_blocks(m: dict) -> list[Block]:
+    header = ["class", "images", "precision", "sensitivity", "specificity", "F1", "ROC-AUC", "AP"]
+    confusion = [[c, *map(str, row)] for c, row in zip(m["classes"], m["confusion_matrix"])]
+    return [("h2", "Per class"), ("table", (header, per_class_rows(m))),
+            ("h2", "Confusion matrix (rows true, columns predicted)"),
+            ("table", (["true \\ predicted", *m["classes"]], confusion))]
+
+
+def _latency_blocks(lat: dict) -> list[Block]:
+    header = ["device", "threads", "ms per image (batch 1)", f"images/s (batch {lat['batch']})"]
+    row = [lat["device"], str(lat["threads"]), f"{lat['ms_per_image_batch1']:.2f}",
+           f"{lat['images_per_second_batched']:.1f}"]
+    return [("h2", "Inference latency"), ("table", (header, [row]))]
+
+
 def _comparison_blocks(result: dict) -> list[Block]:
     c, m = result["comparison"], result["metrics"]
     test = c["mcnemar"]
-    rows = [[label, _pct(metrics.get("accuracy")), _pct(metrics.get("macro_f1")), _num(metrics.get("macro_auc"))]
+    rows = [[label, pct(metrics.get("accuracy")), pct(metrics.get("macro_f1")), _num(metrics.get("macro_auc"))]
             for label, metrics in (("A: " + result["checkpoint"], m), ("B: " + c["checkpoint"], c["metrics"]))]
     verdict = (
         f"McNemar ({test['test']}) on the {test['n']} images with a fine label: A right and B wrong on "
         f"{test['a_right_b_wrong']}, A wrong and B right on {test['a_wrong_b_right']}; p = {test['p_value']:.4g}."
     )
-    return [("h2", "Comparison with a second model"), ("table", (["model", "accuracy", "macro F1", "macro ROC-AUC"], rows)),
-            ("p", verdict)]
+    header = ["model", "accuracy", "macro F1", "macro ROC-AUC"]
+    return [("h2", "Comparison with a second model"), ("table", (header, rows)), ("p", verdict)]
 
 
 def _markdown(blocks: list[Block]) -> str:
@@ -163,7 +173,7 @@ def _markdown(blocks: list[Block]) -> str:
 def _html(blocks: list[Block]) -> str:
     render = {
         "h1": lambda text: f"<h1>{html.escape(text)}</h1>", "h2": lambda text: f"<h2>{html.escape(text)}</h2>",
-        "p": lambda text: f"<p>{html.escape(text)}</p>", "table": lambda table: _html_table(*table),
+        "p": lambda text: f"<p>{html.escape(text)}</p>", "table": lambda table: html_table(*table),
         "img": lambda fig: f"<img src='{html.escape(fig[1])}' alt='{html.escape(fig[0])}'>",
     }
     return (
@@ -189,10 +199,11 @@ def write_evaluation_report(result: dict, samples: list[GridItem], out: Path) ->
             ).name,
         }
     if samples:
-        figures["Sample predictions with Grad-CAM (mistakes first)"] = plot_prediction_grid(samples, out / "samples.png").name
+        grid = plot_prediction_grid(samples, out / "samples.png")
+        figures["Sample predictions with Grad-CAM (mistakes first)"] = grid.name
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     blocks = _blocks(result, figures)
     (out / "report.md").write_text(_markdown(blocks))
     (out / "report.html").write_text(_html(blocks))
-    print(format_table(["metric", "value", "95% CI (bootstrap)"], summary_rows(m)))
+    print(format_table(SUMMARY_HEADER, summary_rows(m)))
     return out / "report.md"

@@ -133,7 +133,11 @@ def bootstrap_ci(
     out: dict[str, dict[str, float] | None] = {}
     for name in statistic(np.arange(n)):
         values = draws.get(name)
-        out[name] = None if not values else dict(zip(("low", "high"), np.percentile(values, [tail, 100 - tail]).tolist()))
+        if values:
+            low, high = np.percentile(values, [tail, 100 - tail]).tolist()
+            out[name] = {"low": low, "high": high}
+        else:
+            out[name] = None
     return out
 
 
@@ -155,10 +159,10 @@ def measure_latency(
     model: nn.Module, pixels: torch.Tensor, device: torch.device, batch: int = 32, repeats: int = 20, warmup: int = 3
 ) -> dict:
     """Median ms per image at batch 1 and images/s at `batch`, after warm-up, host to host (fedbt.bench's way)."""
-    images = MRIDataset(pixels, torch.zeros((len(pixels), 1), dtype=torch.bool))
-    single = latency_ms(model, images, device, repeats, warmup)
-    # Repeating images fills the batch when fewer were evaluated; the content does not change the cost.
-    full = [(pixels[torch.arange(batch) % len(pixels)], images.masks[:1].expand(batch, -1))]
+    targets = torch.zeros((len(pixels), 1), dtype=torch.bool)  # predict_probabilities reads (image, target) pairs
+    single = latency_ms(model, MRIDataset(pixels, targets), device, repeats, warmup)
+    filled = torch.arange(batch) % len(pixels)  # repeats images when fewer were evaluated: same cost
+    full = [(pixels[filled], targets[filled])]
     for _ in range(warmup):
         predict_probabilities(model, full, device)
     start = time.perf_counter()
@@ -189,8 +193,11 @@ def clinical_metrics(probs: np.ndarray, masks: np.ndarray, task: Task, resamples
         curves_pr[name] = pr[0] if pr else None
         out["per_class"][name]["specificity"] = None if np.isnan(spec[c]) else float(spec[c])
         out["per_class"][name]["average_precision"] = pr[1] if pr else None
-    out["macro_specificity"] = float(np.nanmean([spec[c] for c in present]))
-    out["macro_average_precision"] = float(np.mean([out["per_class"][task.classes[c]]["average_precision"] for c in present]))
+    # Macro averages over the classes present, as fedbt.metrics does.
+    for key, macro in (("specificity", "macro_specificity"), ("average_precision", "macro_average_precision")):
+        values = [out["per_class"][task.classes[c]][key] for c in present]
+        defined = [v for v in values if v is not None]
+        out[macro] = float(np.mean(defined)) if defined else None
     out["confusion_matrix_normalized"] = row_normalised(out["confusion_matrix"])
     out["roc_curves"] = {name: roc_on_grid(y_true == c, probs[:, c]) for c, name in enumerate(task.classes)}
     out["pr_curves"] = curves_pr
@@ -241,13 +248,16 @@ def eval_set(request: EvalRequest, model: LoadedModel) -> EvalSet:
     if request.folder:
         scan = scan_class_folders(SiteSpec("folder", "class_folders", Path(request.folder)))
         masks = torch.tensor([model.task.target_mask(r.allowed) for r in scan.records], dtype=torch.bool)
-        return EvalSet(f"folder {request.folder}", scan.records, masks.reshape(-1, model.task.num_classes), scan.problems)
+        masks = masks.reshape(-1, model.task.num_classes)  # (0, C) too when the folder holds no images
+        return EvalSet(f"folder {request.folder}", scan.records, masks, scan.problems)
     # The checkpoint's data settings and seed deal the same splits as in training.
-    data = replace(model.config.data, data_root=request.data_root or model.config.data.data_root, cache_dir=_cache_dir())
+    trained_on = model.config.data
+    data = replace(trained_on, data_root=request.data_root or trained_on.data_root, cache_dir=_cache_dir())
     catalog = build_catalog(data)
     indices = catalog.indices(request.site, "test", pooled=request.site is None)
     description = f"site {request.site} test split" if request.site else "pooled test split"
-    return EvalSet(description, [catalog.records[i] for i in indices], catalog.masks[indices], catalog.problems)
+    problems = [p for p in catalog.problems if request.site in (None, p.site)]
+    return EvalSet(description, [catalog.records[i] for i in indices], catalog.masks[indices], problems)
 
 
 def decode_for(model: LoadedModel, records: list[Record]) -> tuple[list[int], torch.Tensor, list[Problem]]:
@@ -265,7 +275,9 @@ def fine_correct(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return probs[fine].argmax(axis=1) == masks[fine].argmax(axis=1)
 
 
-def sample_grid(model: LoadedModel, pixels: torch.Tensor, probs: np.ndarray, masks: np.ndarray, count: int) -> list[GridItem]:
+def sample_grid(
+    model: LoadedModel, pixels: torch.Tensor, probs: np.ndarray, masks: np.ndarray, count: int
+) -> list[GridItem]:
     """Mistakes first, then correct predictions, each with the Grad-CAM of its predicted class."""
     predicted = probs.argmax(axis=1)
     right = masks[np.arange(len(probs)), predicted]
@@ -303,7 +315,7 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
     images = eval_set(request, model)
     kept, pixels, unreadable = decode_for(model, images.records)
     if not kept:
-        raise ValueError(f"no readable images to evaluate in the {images.description}")
+        raise ValueError(f"no images to evaluate in the {images.description}")
     records, masks = [images.records[i] for i in kept], images.masks[kept].numpy()
     probs = model.probabilities(pixels)
     result = {

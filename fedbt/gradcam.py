@@ -9,18 +9,19 @@ code stays untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 @dataclass
@@ -39,15 +40,19 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 def grad_cam(
-    model: nn.Module, images: torch.Tensor, class_index: int | None = None, layer: nn.Module | None = None
+    model: nn.Module, images: torch.Tensor, target: int | Sequence[int] | None = None, layer: nn.Module | None = None
 ) -> CamResult:
-    """Grad-CAM maps of normalised images (N, 1, H, W) for the predicted class, or class_index."""
+    """Grad-CAM maps of normalised images (N, 1, H, W).
+
+    target: the class to explain, one for all images or one per image; None: each image's predicted class.
+    """
     layer = layer if layer is not None else target_layer(model)
     captured: dict[str, torch.Tensor] = {}
     hooks = [
         layer.register_forward_hook(lambda _m, _inp, out: captured.__setitem__("activations", out)),
         layer.register_full_backward_hook(lambda _m, _gin, gout: captured.__setitem__("gradients", gout[0])),
     ]
+    was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
@@ -55,15 +60,16 @@ def grad_cam(
             # every weight is frozen, and no parameter's .grad is touched.
             inputs = images.detach().float().requires_grad_(True)
             logits = model(inputs)
-            if class_index is None:
+            if target is None:
                 explained = logits.argmax(dim=1)
             else:
-                explained = torch.full((len(inputs),), class_index, device=logits.device)
+                explained = torch.as_tensor(target, device=logits.device).long().expand(len(inputs))
             # In eval mode samples do not interact, so one backward pass serves the whole batch.
             torch.autograd.grad(logits.gather(1, explained[:, None]).sum(), inputs)
     finally:
         for hook in hooks:
             hook.remove()
+        model.train(was_training)
     activations, gradients = captured["activations"].detach().float(), captured["gradients"].float()
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     cams = F.relu((weights * activations).sum(dim=1, keepdim=True))
@@ -98,7 +104,7 @@ class GridItem:
 def plot_prediction_grid(items: list[GridItem], path: Path, columns: int = 4) -> Path:
     """Sample predictions in a grid, each with its Grad-CAM overlay when given."""
     rows = max(1, -(-len(items) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):

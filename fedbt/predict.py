@@ -181,7 +181,8 @@ def format_predictions(rows: list[Prediction], classes: tuple[str, ...], fmt: st
     if fmt != "csv":
         raise ValueError(f"unknown format {fmt!r}: json or csv")
     text = io.StringIO()
-    writer = csv.DictWriter(text, ["path", "prediction", "confidence", *(f"p_{c}" for c in classes), "gradcam", "error"])
+    columns = ["path", "prediction", "confidence", *(f"p_{c}" for c in classes), "gradcam", "error"]
+    writer = csv.DictWriter(text, columns)
     writer.writeheader()
     for r in rows:
         probs = {f"p_{c}": f"{v:.6f}" for c, v in (r.probabilities or {}).items()}

@@ -22,7 +22,7 @@ SITE_NOTE = (
 )
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
@@ -34,9 +34,9 @@ def summary_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     for name, r in results.items():
         pooled = r["pooled"]
         rows.append(
-            [name, _pct(pooled.get("accuracy")), _pct(pooled.get("macro_f1")),
-             _pct(pooled.get("tumour_vs_none", {}).get("accuracy"))]
-            + [_pct(r["sites"].get(s, {}).get("set_accuracy")) for s in sites]
+            [name, pct(pooled.get("accuracy")), pct(pooled.get("macro_f1")),
+             pct(pooled.get("tumour_vs_none", {}).get("accuracy"))]
+            + [pct(r["sites"].get(s, {}).get("set_accuracy")) for s in sites]
         )
     return header, rows
 
@@ -150,7 +150,7 @@ def write_report(results: dict, cfg: ExperimentConfig, catalog: Catalog, out: Pa
     return out / "report.md"
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -163,6 +163,6 @@ def _html(name: str, setup: str, header, rows, walls, images: dict[str, str]) ->
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>"
         f"<h1>fedbt comparison: {html.escape(name)}</h1><p>{html.escape(setup)}</p>"
-        f"<h2>Test results</h2>{_html_table(header, rows)}<p>{html.escape(SITE_NOTE)}</p>"
-        f"<h2>Wall times</h2>{_html_table(['run', 'wall time'], walls)}{figures}"
+        f"<h2>Test results</h2>{html_table(header, rows)}<p>{html.escape(SITE_NOTE)}</p>"
+        f"<h2>Wall times</h2>{html_table(['run', 'wall time'], walls)}{figures}"
     )

@@ -35,7 +35,7 @@ class SiteSpec:
     # kaggle_combined only: which origin of the combined set this site takes, and the
     # site YAMLs whose files decide SARTAJ vs Br35H by byte identity.
     origin: str | None = None
-    reference_sites: tuple["SiteSpec", ...] = ()
+    reference_sites: tuple[SiteSpec, ...] = ()
 
     def allowed_for(self, source_label: str) -> frozenset[str] | None:
         return self.labels.get(source_label, KNOWN_SOURCE_LABELS.get(source_label))

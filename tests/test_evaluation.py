@@ -131,12 +131,12 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(demo_root, site_files, tmp_path_factory) -> Trained:
-    """A small CNN trained for two epochs on the generated data at 32 px."""
+    """A small CNN trained for four epochs on the generated data at 32 px."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("evaluate")
     data = DataConfig(data_root=str(demo_root), sites=site_files, image_size=32, cache_dir=str(work / "cache"))
     cfg = ExperimentConfig(data=data, model=ModelConfig(name="cnn"))
-    cfg.train = TrainConfig(epochs=2, batch_size=16, threads=1, log_every=0)
+    cfg.train = TrainConfig(epochs=4, batch_size=16, threads=1, log_every=0)
     catalog = build_catalog(cfg.data, progress=False)
     splits = TrainData(catalog.dataset(split="train", pooled=True), catalog.dataset(split="val", pooled=True))
     train_model(cfg, splits, work / "run", "test")

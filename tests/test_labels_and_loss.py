@@ -56,3 +56,14 @@ def test_class_weights_count_coarse_samples_fractionally():
     # Classes seen less than once count as one, so a rare class cannot get a huge weight.
     counts = np.array([2 + 1 / 3, 1, 1, 1])
     assert np.allclose(weights.numpy(), counts.sum() / (4 * counts), rtol=1e-5)
+
+
+def test_restricted_softmax_ignores_classes_the_site_does_not_have():
+    logits = torch.tensor([[1.0, 0.5, 2.0, -0.5]], requires_grad=True)
+    masks = torch.tensor([[True, False, False, False]])
+    present = torch.tensor([True, True, False, True])  # figshare: no healthy scans at all
+    loss = coarse_label_loss(logits, masks, present_classes=present)
+    expected = torch.nn.functional.cross_entropy(logits[:, [0, 1, 3]], torch.tensor([0]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, 2] == 0  # 'no tumour' is neither pushed down nor up

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fedbt.cli import main
 
@@ -30,3 +31,18 @@ def test_three_site_simulation_improves_the_global_model_and_writes_the_report(d
     # The global model learned: its validation loss fell below the untrained model's.
     assert fed["history"][-1]["server"]["loss"] < fed["initial"]["loss"]
     assert fed["test"]["pooled"]["set_accuracy"] > 0.25
+
+
+def test_a_stopped_federated_run_resumes_from_its_last_round(demo_root, tmp_path):
+    out = tmp_path / "results"
+    common = ["simulate", "--config", "configs/demo.yaml", "--data-root", str(demo_root), "--out", str(out),
+              "--strategy", "fedavgm", "--set", "federated.server_momentum=0.9", "--skip-central", "--skip-local",
+              "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=32"]
+    assert main([*common, "--rounds", "1"]) == 0
+    first = torch.load(out / "federated" / "last.pt", weights_only=False)["progress"]
+    assert first["round"] == 1 and "momentum_vector" in first["strategy_state"]
+    assert main([*common, "--rounds", "2", "--resume"]) == 0
+    fed = json.loads((out / "federated" / "metrics.json").read_text())
+    assert [h["round"] for h in fed["history"]] == [1, 2]
+    # Round 1 was not trained again: its record is the one the first run wrote.
+    assert fed["history"][0] == json.loads(json.dumps(first["history"][0]))

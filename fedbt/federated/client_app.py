@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedbt.federated.common import client_experiment
-from fedbt.progress import log
 from fedbt.federated.task import LocalState, client_partition, evaluate_partition, load_catalog, train_partition
+from fedbt.progress import log
 
 app = ClientApp()
 LOCAL_STATE_KEY = "fedbt-local-state"

@@ -47,6 +47,7 @@ class FederatedRun:
             self.initial_state = saved["model_state"]
             self.history = saved["progress"]["history"]
             self.start_round = saved["progress"]["round"]
+            self.initial = saved["progress"]["initial"]
             strategy_state = saved["progress"]["strategy_state"]
             log(f"[federated] resuming after round {self.start_round} of {cfg.federated.rounds}")
         self.strategy = make_strategy(cfg.federated, num_clients, self.start_round)
@@ -70,7 +71,7 @@ class FederatedRun:
             loader = make_loader(catalog.dataset(split="val", pooled=True), self.cfg.train.batch_size, False, device)
             pooled = evaluate(prepare_model(model, device), loader, device, catalog.task)
         if server_round == 0:
-            if pooled:
+            if pooled and self.start_round == 0:
                 self.initial = headline(pooled)
                 log(f"[federated] initial global model: pooled val {self.initial}")
             return MetricRecord({"accuracy": pooled.get("accuracy", 0.0)}) if pooled else None
@@ -83,7 +84,12 @@ class FederatedRun:
         }
         self.history.append(entry)
         self._log_round(entry)
-        progress = {"round": absolute_round, "history": self.history, "strategy_state": self.strategy.optimizer_state()}
+        progress = {
+            "round": absolute_round,
+            "history": self.history,
+            "initial": self.initial,
+            "strategy_state": self.strategy.optimizer_state(),
+        }
         save_checkpoint(self.out / "last.pt", model, self.cfg, progress, "federated")
         return MetricRecord({k: float(v) for k, v in entry["server"].items() if isinstance(v, (int, float))}) if pooled else None
 
@@ -97,7 +103,8 @@ class FederatedRun:
 
     def finish(self, arrays: ArrayRecord) -> dict:
         model = self.model_from(arrays)
-        progress = {"round": self.cfg.federated.rounds, "history": self.history, "strategy_state": {}}
+        progress = {"round": self.cfg.federated.rounds, "history": self.history, "initial": self.initial,
+                    "strategy_state": {}}
         save_checkpoint(self.out / "final.pt", model, self.cfg, progress, "federated")
         result = {"kind": "federated", "rounds": self.cfg.federated.rounds, "initial": self.initial, "history": self.history}
         if self.server_has_data:

@@ -99,6 +99,7 @@ def train_partition(
         optimizer.load_state_dict(local.optimizer)
     weights = class_weights_from_masks(dataset.masks) if tc.class_weights else None
     scaler = make_grad_scaler(device)
+    present = dataset.masks.any(dim=0) if fc.restricted_softmax else None
     steps = len(make_loader(dataset, tc.batch_size, True, device))
     # The LR follows one curve over all rounds, as the central run's does over its epochs.
     total_steps = fc.rounds * fc.local_epochs * steps
@@ -109,7 +110,9 @@ def train_partition(
         seed_everything(cfg.data.seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000)
         loader = make_loader(dataset, tc.batch_size, True, device, seed=cfg.data.seed + global_epoch, workers=tc.num_workers)
         schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps)
-        stats = train_one_epoch(model, loader, optimizer, device, schedule, weights, scaler, proximal_mu)
+        stats = train_one_epoch(
+            model, loader, optimizer, device, schedule, weights, scaler, proximal_mu, present_classes=present
+        )
     new_local = LocalState(
         batchnorm=local_batchnorm(model) if fc.fedbn else None,
         optimizer=optimizer.state_dict() if fc.keep_optimizer_state else None,
