@@ -114,6 +114,7 @@ class FederatedRun:
             )
         result["wall_seconds"] = time.perf_counter() - self.started
         (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+        log(f"[federated] results in {self.out}")
         return result
 
 
