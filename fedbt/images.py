@@ -46,7 +46,9 @@ def decode_file(path: str) -> torch.Tensor:
         # libjpeg refuses some files Pillow reads (odd markers, palette PNGs named .jpg).
         try:
             return _decode_with_pil(data)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except UnidentifiedImageError:
+            raise ValueError(f"{path}: cannot decode image (not an image format torchvision or Pillow reads)") from None
+        except (OSError, ValueError) as err:
             raise ValueError(f"{path}: cannot decode image ({err})") from None
 
 
