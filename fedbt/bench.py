@@ -333,13 +333,16 @@ def format_table(result: BenchResult) -> str:
     federated = (
         f"{fed.overhead_ratio:.2f} x (wall {fed.wall_seconds:.1f} s / client training {fed.train_seconds:.1f} s), "
         f"{fed.overhead_seconds_per_round:.1f} s per round over {fed.rounds} rounds"
-        if fed else "not measured (pass --sim-run DIR)"
+        if fed
+        else "not measured (pass --sim-run DIR)"
     )
     deployment = result.deployment_overhead_seconds_per_round
     rows = [
         ("reference: bare ResNet18 step, random tensors", f"{result.reference_images_per_second:.1f} img/s"),
-        ("engine: catalog -> cache -> augment -> loader -> step",
-         f"{result.engine_images_per_second:.1f} img/s ({result.engine_over_reference:.2f} x reference)"),
+        (
+            "engine: catalog -> cache -> augment -> loader -> step",
+            f"{result.engine_images_per_second:.1f} img/s ({result.engine_over_reference:.2f} x reference)",
+        ),
         (f"evaluation, batch {result.eval_batch_size}", f"{result.eval_images_per_second:.1f} img/s"),
         (f"inference latency, batch 1 (median of {result.latency_repeats})", f"{result.latency_ms:.1f} ms"),
         (f"decode cache cold fill, {cache.images} images", f"{cache.decode_seconds:.2f} s"),

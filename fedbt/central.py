@@ -41,6 +41,7 @@ class TrainData:
 
 def evaluate_everywhere(model: nn.Module, catalog: Catalog, device: torch.device, batch_size: int) -> dict:
     """Test metrics on the pooled test split and on every site's test split."""
+
     def score(dataset: MRIDataset) -> dict:
         return evaluate(model, make_loader(dataset, batch_size, False, device), device, catalog.task)
 
@@ -103,10 +104,18 @@ def train_model(
         # Re-seeding per epoch makes a resumed run draw the same batches and augmentations.
         seed_everything(cfg.data.seed + epoch)
         _apply_freezing(model, cfg, epoch)
-        loader = make_loader(data.train, tc.batch_size, True, device, seed=cfg.data.seed + epoch, workers=tc.num_workers)
+        loader = make_loader(
+            data.train, tc.batch_size, True, device, seed=cfg.data.seed + epoch, workers=tc.num_workers
+        )
         schedule = StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
         stats = train_one_epoch(
-            model, loader, optimizer, device, schedule, weights, scaler,
+            model,
+            loader,
+            optimizer,
+            device,
+            schedule,
+            weights,
+            scaler,
             on_step=step_logger(kind, epoch, tc.epochs, tc.log_every),
         )
         val = evaluate(model, val_loader, device, get_task(cfg.data.task))

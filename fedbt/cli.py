@@ -19,11 +19,16 @@ CPU_CONFIG = "configs/cpu.yaml"
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", action="append", default=[], help="YAML config; repeat to layer several")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override any setting, e.g. --set train.epochs=3 (repeatable)",
     )
     parser.add_argument(
-        "--data-root", help="folder holding the sites' data (e.g. ../shared/data/brain-mri); "
+        "--data-root",
+        help="folder holding the sites' data (e.g. ../shared/data/brain-mri); "
         "default: generated demo data in ./demo-data",
     )
     parser.add_argument("--sites", nargs="+", help="site YAML files (default: sites/figshare, sartaj, br35h)")
@@ -84,9 +89,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     fc = cfg.federated
-    for flag, field in (("clients", "num_clients"), ("rounds", "rounds"), ("local_epochs", "local_epochs"),
-                        ("strategy", "strategy"), ("partition", "partition"), ("alpha", "dirichlet_alpha"),
-                        ("ray_address", "ray_address")):
+    for flag, field in (
+        ("clients", "num_clients"),
+        ("rounds", "rounds"),
+        ("local_epochs", "local_epochs"),
+        ("strategy", "strategy"),
+        ("partition", "partition"),
+        ("alpha", "dirichlet_alpha"),
+        ("ray_address", "ray_address"),
+    ):
         if getattr(args, flag) is not None:
             setattr(fc, field, getattr(args, flag))
     fc.resume = fc.resume or args.resume
@@ -109,8 +120,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scope = args.site or (Path(args.folder).name if args.folder else "pooled")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{scope}"
     request = EvalRequest(
-        checkpoint=args.checkpoint, compare=args.compare, site=args.site, folder=args.folder,
-        data_root=args.data_root, device=args.device, resamples=args.bootstrap, seed=args.seed,
+        checkpoint=args.checkpoint,
+        compare=args.compare,
+        site=args.site,
+        folder=args.folder,
+        data_root=args.data_root,
+        device=args.device,
+        resamples=args.bootstrap,
+        seed=args.seed,
     )
     run_evaluation(request, out)
     print(f"report: {out / 'report.html'}")
@@ -129,8 +146,11 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, help="federated rounds")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round")
     parser.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"])
-    parser.add_argument("--partition", choices=["origin", "iid", "dirichlet"],
-                        help="origin: one client per site (sub-sites when more clients); iid or dirichlet over pooled data")
+    parser.add_argument(
+        "--partition",
+        choices=["origin", "iid", "dirichlet"],
+        help="origin: one client per site (sub-sites when more clients); iid or dirichlet over pooled data",
+    )
     parser.add_argument("--alpha", type=float, help="Dirichlet concentration for --partition dirichlet")
     parser.add_argument("--ray-address", help="join an existing Ray cluster (e.g. auto or HOST:6379)")
     parser.add_argument("--skip-central", action="store_true", help="no central baseline")

@@ -28,9 +28,7 @@ class DataConfig:
     # Crop the black frame around the head and pad to square before resizing. Off by
     # default: it cost 3.5 points of pooled test accuracy in the measured central run.
     crop_to_content: bool = False
-    cache_dir: str = field(
-        default_factory=lambda: os.environ.get("FEDBT_CACHE", str(Path.home() / ".cache" / "fedbt"))
-    )
+    cache_dir: str = field(default_factory=lambda: os.environ.get("FEDBT_CACHE", str(Path.home() / ".cache" / "fedbt")))
     # Two images whose 256-bit difference hashes differ in at most this many bits
     # are treated as the same picture (re-encoded, resized, re-saved); -1 turns it off.
     near_duplicate_bits: int = 10
@@ -130,9 +128,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def load_config(
-    paths: list[str | Path] | None = None, overrides: list[str] | None = None
-) -> ExperimentConfig:
+def load_config(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Build a config from defaults, then each YAML file in order, then overrides."""
     cfg = ExperimentConfig()
     for path in paths or []:

@@ -108,7 +108,10 @@ def format_report(report: dict) -> str:
         labels = ", ".join(f"{k} {v}" for k, v in info["per_label"].items())
         lines.append(f"  {site:<10} {info['images']:>5} images: {labels}")
         for split, counts in info["splits_unique_images"].items():
-            lines.append(f"  {'':<10} {split:<5} {sum(counts.values()):>5} unique: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            lines.append(
+                f"  {'':<10} {split:<5} {sum(counts.values()):>5} unique: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            )
         if info["problems"]:
             lines.append(f"  {'':<10} {info['problems']} problems (listed below)")
     img = report["images"]
@@ -132,4 +135,3 @@ def format_report(report: dict) -> str:
         lines.append(f"Problems ({len(report['problems'])}):")
         lines += [f"  {p['site']}: {p['path']}: {p['message']}" for p in report["problems"]]
     return "\n".join(lines)
-

@@ -43,8 +43,9 @@ def plot_class_roc_curves(metrics: dict, path: Path) -> Path:
     if tv.get("roc_curve"):
         ax.plot(tv["roc_curve"]["fpr"], tv["roc_curve"]["tpr"], "k--", label=f"tumour vs none (AUC {_num(tv['auc'])})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
-           title="ROC curves")
+    ax.set(
+        xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", title="ROC curves"
+    )
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
@@ -56,8 +57,9 @@ def plot_pr_curves(metrics: dict, path: Path) -> Path:
         if curve:
             ap = metrics["per_class"][name]["average_precision"]
             ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP {_num(ap)})")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall curves",
-           xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(
+        xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall curves", xlim=(0, 1), ylim=(0, 1.02)
+    )
     ax.legend(fontsize=8, loc="lower left")
     return _save(fig, path)
 
@@ -69,8 +71,13 @@ def plot_reliability(calibration: dict, path: Path) -> Path:
     centres = [b["lower"] + width / 2 for b in bins]
     fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centres, [b["accuracy"] or 0 for b in bins], width=width * 0.9, color="tab:blue", label="accuracy")
-    ax.plot([b["confidence"] for b in bins if b["count"]], [b["accuracy"] for b in bins if b["count"]], "o",
-            color="tab:red", label="mean confidence vs accuracy")
+    ax.plot(
+        [b["confidence"] for b in bins if b["count"]],
+        [b["accuracy"] for b in bins if b["count"]],
+        "o",
+        color="tab:red",
+        label="mean confidence vs accuracy",
+    )
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
     ax.set(ylabel="accuracy", title=f"reliability diagram (ECE {calibration['ece']:.3f})", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=8, loc="upper left")
@@ -108,8 +115,16 @@ def summary_rows(m: dict) -> list[list[str]]:
 
 def per_class_rows(m: dict) -> list[list[str]]:
     return [
-        [name, str(c["support"]), pct(c["precision"]), pct(c["recall"]), pct(c.get("specificity")),
-         pct(c["f1"]), _num(c["auc"]), _num(c.get("average_precision"))]
+        [
+            name,
+            str(c["support"]),
+            pct(c["precision"]),
+            pct(c["recall"]),
+            pct(c.get("specificity")),
+            pct(c["f1"]),
+            _num(c["auc"]),
+            _num(c.get("average_precision")),
+        ]
         for name, c in m.get("per_class", {}).items()
     ]
 
@@ -137,23 +152,32 @@ def _blocks(result: dict, figures: dict[str, str]) -> list[Block]:
 def _class_blocks(m: dict) -> list[Block]:
     header = ["class", "images", "precision", "sensitivity", "specificity", "F1", "ROC-AUC", "AP"]
     confusion = [[c, *map(str, row)] for c, row in zip(m["classes"], m["confusion_matrix"])]
-    return [("h2", "Per class"), ("table", (header, per_class_rows(m))),
-            ("h2", "Confusion matrix (rows true, columns predicted)"),
-            ("table", (["true \\ predicted", *m["classes"]], confusion))]
+    return [
+        ("h2", "Per class"),
+        ("table", (header, per_class_rows(m))),
+        ("h2", "Confusion matrix (rows true, columns predicted)"),
+        ("table", (["true \\ predicted", *m["classes"]], confusion)),
+    ]
 
 
 def _latency_blocks(lat: dict) -> list[Block]:
     header = ["device", "threads", "ms per image (batch 1)", f"images/s (batch {lat['batch']})"]
-    row = [lat["device"], str(lat["threads"]), f"{lat['ms_per_image_batch1']:.2f}",
-           f"{lat['images_per_second_batched']:.1f}"]
+    row = [
+        lat["device"],
+        str(lat["threads"]),
+        f"{lat['ms_per_image_batch1']:.2f}",
+        f"{lat['images_per_second_batched']:.1f}",
+    ]
     return [("h2", "Inference latency"), ("table", (header, [row]))]
 
 
 def _comparison_blocks(result: dict) -> list[Block]:
     c, m = result["comparison"], result["metrics"]
     test = c["mcnemar"]
-    rows = [[label, pct(metrics.get("accuracy")), pct(metrics.get("macro_f1")), _num(metrics.get("macro_auc"))]
-            for label, metrics in (("A: " + result["checkpoint"], m), ("B: " + c["checkpoint"], c["metrics"]))]
+    rows = [
+        [label, pct(metrics.get("accuracy")), pct(metrics.get("macro_f1")), _num(metrics.get("macro_auc"))]
+        for label, metrics in (("A: " + result["checkpoint"], m), ("B: " + c["checkpoint"], c["metrics"]))
+    ]
     verdict = (
         f"McNemar ({test['test']}) on the {test['n']} images with a fine label: A right and B wrong on "
         f"{test['a_right_b_wrong']}, A wrong and B right on {test['a_wrong_b_right']}; p = {test['p_value']:.4g}."
@@ -164,16 +188,21 @@ def _comparison_blocks(result: dict) -> list[Block]:
 
 def _markdown(blocks: list[Block]) -> str:
     render = {
-        "h1": lambda text: f"# {text}", "h2": lambda text: f"## {text}", "p": lambda text: text,
-        "table": lambda table: markdown_table(*table), "img": lambda fig: f"![{fig[0]}]({fig[1]})",
+        "h1": lambda text: f"# {text}",
+        "h2": lambda text: f"## {text}",
+        "p": lambda text: text,
+        "table": lambda table: markdown_table(*table),
+        "img": lambda fig: f"![{fig[0]}]({fig[1]})",
     }
     return "\n\n".join(render[kind](content) for kind, content in blocks) + "\n"
 
 
 def _html(blocks: list[Block]) -> str:
     render = {
-        "h1": lambda text: f"<h1>{html.escape(text)}</h1>", "h2": lambda text: f"<h2>{html.escape(text)}</h2>",
-        "p": lambda text: f"<p>{html.escape(text)}</p>", "table": lambda table: html_table(*table),
+        "h1": lambda text: f"<h1>{html.escape(text)}</h1>",
+        "h2": lambda text: f"<h2>{html.escape(text)}</h2>",
+        "p": lambda text: f"<p>{html.escape(text)}</p>",
+        "table": lambda table: html_table(*table),
         "img": lambda fig: f"<img src='{html.escape(fig[1])}' alt='{html.escape(fig[0])}'>",
     }
     return (

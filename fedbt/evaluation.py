@@ -151,8 +151,13 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     c = int((~correct_a & correct_b).sum())
     discordant = b + c
     tail = sum(math.comb(discordant, k) for k in range(min(b, c) + 1)) / 2**discordant
-    return {"n": len(correct_a), "a_right_b_wrong": b, "a_wrong_b_right": c, "p_value": min(1.0, 2 * tail),
-            "test": "exact binomial (two-sided)"}
+    return {
+        "n": len(correct_a),
+        "a_right_b_wrong": b,
+        "a_wrong_b_right": c,
+        "p_value": min(1.0, 2 * tail),
+        "test": "exact binomial (two-sided)",
+    }
 
 
 def measure_latency(
@@ -321,8 +326,11 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
     result = {
         "checkpoint": str(request.checkpoint),
         "model": model.summary(),
-        "data": {"description": images.description, "n": len(records),
-                 "problems": [{"path": p.path, "message": p.message} for p in images.problems + unreadable]},
+        "data": {
+            "description": images.description,
+            "n": len(records),
+            "problems": [{"path": p.path, "message": p.message} for p in images.problems + unreadable],
+        },
         "metrics": clinical_metrics(probs, masks, model.task, request.resamples, request.seed),
         "latency": measure_latency(model.model, pixels, model.device),
     }

@@ -45,9 +45,7 @@ def parse_allowed(value: str | list[str]) -> frozenset[str]:
         elif name in CANONICAL_CLASSES:
             allowed.add(name)
         else:
-            raise ValueError(
-                f"unknown class {name!r}: use one of {', '.join(CANONICAL_CLASSES)} or 'tumor'"
-            )
+            raise ValueError(f"unknown class {name!r}: use one of {', '.join(CANONICAL_CLASSES)} or 'tumor'")
     return frozenset(allowed)
 
 

@@ -44,14 +44,10 @@ def set_likelihood_loss(probs: np.ndarray, masks: np.ndarray) -> float:
 def fine_label_metrics(probs: np.ndarray, y_true: np.ndarray, classes: tuple[str, ...]) -> dict:
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = [c for c in labels if (y_true == c).any()]
     macro = lambda values: float(np.mean([values[c] for c in present])) if present else None  # noqa: E731
-    per_class_auc = {
-        classes[c]: _safe_auc((y_true == c).astype(int), probs[:, c]) for c in labels
-    }
+    per_class_auc = {classes[c]: _safe_auc((y_true == c).astype(int), probs[:, c]) for c in labels}
     aucs = [v for v in per_class_auc.values() if v is not None]
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),

@@ -80,10 +80,7 @@ def make_partitions(
             per_split[split] = _stratified_deal(catalog, pooled, num_clients, rng)
         else:
             per_split[split] = _dirichlet_deal(catalog, pooled, num_clients, alpha, rng)
-    return [
-        Partition(f"client{c}", None, {split: per_split[split][c] for split in SPLITS})
-        for c in range(num_clients)
-    ]
+    return [Partition(f"client{c}", None, {split: per_split[split][c] for split in SPLITS}) for c in range(num_clients)]
 
 
 def _origin_partitions(catalog: Catalog, num_clients: int, rng: np.random.Generator) -> list[Partition]:

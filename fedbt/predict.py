@@ -61,9 +61,15 @@ class LoadedModel:
         return self.config.data.crop_to_content
 
     def summary(self) -> dict[str, Any]:
-        return {"path": self.path, "architecture": self.config.model.name, "task": self.task.name,
-                "classes": list(self.task.classes), "image_size": self.image_size,
-                "crop_to_content": self.crop, "provenance": self.provenance}
+        return {
+            "path": self.path,
+            "architecture": self.config.model.name,
+            "task": self.task.name,
+            "classes": list(self.task.classes),
+            "image_size": self.image_size,
+            "crop_to_content": self.crop,
+            "provenance": self.provenance,
+        }
 
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
         """Softmax outputs (N, C) for uint8 images (N, 1, S, S)."""
@@ -110,7 +116,8 @@ def collect_inputs(paths: list[str]) -> list[Path | Prediction]:
         path = Path(name)
         if path.is_dir():
             files = sorted(
-                f for f in path.rglob("*")
+                f
+                for f in path.rglob("*")
                 if f.is_file() and f.suffix.lower() in PREDICT_SUFFIXES and not f.name.startswith(".")
             )
             found.extend(files or [Prediction(name, error="no image files in this folder")])
@@ -161,7 +168,11 @@ def predict_files(paths: list[str], model: LoadedModel, gradcam_dir: Path | None
 
 
 def write_overlays(
-    model: LoadedModel, batch: torch.Tensor, predicted: np.ndarray, rows: list[Prediction], readable: list[int],
+    model: LoadedModel,
+    batch: torch.Tensor,
+    predicted: np.ndarray,
+    rows: list[Prediction],
+    readable: list[int],
     folder: Path,
 ) -> None:
     """Grad-CAM of the predicted class over each image (batch[k] is rows[readable[k]]).
@@ -187,14 +198,26 @@ def format_predictions(rows: list[Prediction], classes: tuple[str, ...], fmt: st
     for r in rows:
         probs = {f"p_{c}": f"{v:.6f}" for c, v in (r.probabilities or {}).items()}
         confidence = "" if r.confidence is None else f"{r.confidence:.6f}"
-        writer.writerow({"path": r.path, "prediction": r.label or "", "confidence": confidence, **probs,
-                         "gradcam": r.gradcam or "", "error": r.error or ""})
+        writer.writerow(
+            {
+                "path": r.path,
+                "prediction": r.label or "",
+                "confidence": confidence,
+                **probs,
+                "gradcam": r.gradcam or "",
+                "error": r.error or "",
+            }
+        )
     return text.getvalue()
 
 
 def run_predict(
-    paths: list[str], checkpoint: str, gradcam_dir: str | None = None, fmt: str = "json",
-    output: str | None = None, device: str = "auto",
+    paths: list[str],
+    checkpoint: str,
+    gradcam_dir: str | None = None,
+    fmt: str = "json",
+    output: str | None = None,
+    device: str = "auto",
 ) -> int:
     """The `fedbt predict` command: exit code 0 when at least one image was predicted, else 1."""
     model = load_model(checkpoint, device)

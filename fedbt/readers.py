@@ -87,9 +87,7 @@ def scan_class_folders(spec: SiteSpec) -> SiteScan:
             allowed = spec.allowed_for(label_dir.name)
             files = sorted(f for f in label_dir.rglob("*") if f.is_file() and _visible(f))
             if allowed is None:
-                problems.append(
-                    Problem(spec.name, str(label_dir), f"unknown class folder, {len(files)} files skipped")
-                )
+                problems.append(Problem(spec.name, str(label_dir), f"unknown class folder, {len(files)} files skipped"))
                 continue
             if not files:
                 problems.append(Problem(spec.name, str(label_dir), "empty class folder"))
@@ -97,9 +95,7 @@ def scan_class_folders(spec: SiteSpec) -> SiteScan:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     problems.append(Problem(spec.name, str(f), "not an image file, skipped"))
                     continue
-                records.append(
-                    Record(spec.name, str(f), label_dir.name, allowed, file_sha256(f), None, source_split)
-                )
+                records.append(Record(spec.name, str(f), label_dir.name, allowed, file_sha256(f), None, source_split))
     if not records:
         problems.append(Problem(spec.name, str(spec.root), "no images found"))
     return SiteScan(spec, records, problems)
@@ -153,9 +149,7 @@ def scan_figshare_mat(spec: SiteSpec) -> SiteScan:
         if allowed is None:
             problems.append(Problem(spec.name, str(f), f"unknown label {number}, skipped"))
             continue
-        records.append(
-            Record(spec.name, str(f), source_label, allowed, file_sha256(f), patient or None, None)
-        )
+        records.append(Record(spec.name, str(f), source_label, allowed, file_sha256(f), patient or None, None))
     if not records:
         problems.append(Problem(spec.name, str(spec.root), "no .mat images found"))
     return SiteScan(spec, records, problems)

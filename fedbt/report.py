@@ -34,8 +34,12 @@ def summary_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     for name, r in results.items():
         pooled = r["pooled"]
         rows.append(
-            [name, pct(pooled.get("accuracy")), pct(pooled.get("macro_f1")),
-             pct(pooled.get("tumour_vs_none", {}).get("accuracy"))]
+            [
+                name,
+                pct(pooled.get("accuracy")),
+                pct(pooled.get("macro_f1")),
+                pct(pooled.get("tumour_vs_none", {}).get("accuracy")),
+            ]
             + [pct(r["sites"].get(s, {}).get("set_accuracy")) for s in sites]
         )
     return header, rows
@@ -78,8 +82,12 @@ def plot_learning_curves(results: dict, path: Path) -> Path:
         ax_acc.plot(rounds, [h["server"]["accuracy"] for h in history], "o-", lw=2, label="federated global (pooled)")
         ax_loss.plot(rounds, [h["server"]["loss"] for h in history], "o-", lw=2, label="federated global (pooled)")
     for site in sorted({s for h in history for s in h["sites"]}):
-        ax_acc.plot(rounds, [h["sites"].get(site, {}).get("set_accuracy") for h in history], ".--", label=f"federated on {site}")
-        ax_loss.plot(rounds, [h["sites"].get(site, {}).get("loss") for h in history], ".--", label=f"federated on {site}")
+        ax_acc.plot(
+            rounds, [h["sites"].get(site, {}).get("set_accuracy") for h in history], ".--", label=f"federated on {site}"
+        )
+        ax_loss.plot(
+            rounds, [h["sites"].get(site, {}).get("loss") for h in history], ".--", label=f"federated on {site}"
+        )
     if "central" in results:
         central = results["central"]["history"]
         epochs = [h["epoch"] for h in central]
@@ -129,7 +137,8 @@ def write_report(results: dict, cfg: ExperimentConfig, catalog: Catalog, out: Pa
         "Learning curves": plot_learning_curves(results, out / "curves.png").name,
         "Confusion matrices (pooled test)": plot_confusion_matrices(
             {n: m["pooled"]["confusion_matrix"] for n, m in models.items() if "confusion_matrix" in m["pooled"]},
-            list(catalog.task.classes), out / "confusion.png",
+            list(catalog.task.classes),
+            out / "confusion.png",
         ).name,
         "ROC curves": plot_roc_curves(models, out / "roc.png").name,
     }
@@ -140,8 +149,22 @@ def write_report(results: dict, cfg: ExperimentConfig, catalog: Catalog, out: Pa
         f"{fc.local_epochs} local epoch(s); central and local-only models: {fc.rounds * fc.local_epochs} epochs; "
         f"{cfg.model.name} at {cfg.data.image_size} px, task {cfg.data.task}."
     )
-    md = [f"# fedbt comparison: {cfg.name}", "", setup, "", "## Test results", "", markdown_table(header, rows), "",
-          SITE_NOTE, "", "## Wall times", "", markdown_table(["run", "wall time"], _wall_times(results)), ""]
+    md = [
+        f"# fedbt comparison: {cfg.name}",
+        "",
+        setup,
+        "",
+        "## Test results",
+        "",
+        markdown_table(header, rows),
+        "",
+        SITE_NOTE,
+        "",
+        "## Wall times",
+        "",
+        markdown_table(["run", "wall time"], _wall_times(results)),
+        "",
+    ]
     md += [line for title, name in images.items() for line in (f"## {title}", "", f"![{title}]({name})", "")]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(_html(cfg.name, setup, header, rows, _wall_times(results), images))
@@ -157,7 +180,9 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _html(name: str, setup: str, header, rows, walls, images: dict[str, str]) -> str:
-    figures = "".join(f"<h2>{html.escape(t)}</h2><img src='{html.escape(f)}' alt='{html.escape(t)}'>" for t, f in images.items())
+    figures = "".join(
+        f"<h2>{html.escape(t)}</h2><img src='{html.escape(f)}' alt='{html.escape(t)}'>" for t, f in images.items()
+    )
     return (
         "<!doctype html><meta charset='utf-8'><title>fedbt report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"

@@ -47,15 +47,20 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict:
 
     # Absolute paths: Ray workers (of a joined cluster, too) need not share our working directory.
     cfg = replace(cfg, output_dir=str(out.resolve()))
-    cfg.data = replace(cfg.data, data_root=str(Path(cfg.data.data_root).resolve()),
-                       cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()))
+    cfg.data = replace(
+        cfg.data,
+        data_root=str(Path(cfg.data.data_root).resolve()),
+        cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()),
+    )
     experiment_file = out / "experiment.json"
     experiment_file.write_text(json.dumps(to_dict(cfg), indent=2))
     # The ServerApp (in this process) reads it; it sends it on to the clients in its messages.
     os.environ[EXPERIMENT_ENV] = str(experiment_file.resolve())
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = backend_config(cfg)
-    log(f"[federated] {cfg.federated.num_clients} clients, {cfg.federated.rounds} rounds, strategy {cfg.federated.strategy}")
+    log(
+        f"[federated] {cfg.federated.num_clients} clients, {cfg.federated.rounds} rounds, strategy {cfg.federated.strategy}"
+    )
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -70,7 +75,9 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict:
 
 def _fingerprint(cfg: ExperimentConfig) -> str:
     """What decides a baseline's result: data, model and training settings."""
-    return json.dumps({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": to_dict(cfg.train)}, sort_keys=True)
+    return json.dumps(
+        {"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": to_dict(cfg.train)}, sort_keys=True
+    )
 
 
 def _reusable(out: Path, cfg: ExperimentConfig) -> dict | None:

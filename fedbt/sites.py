@@ -54,9 +54,7 @@ def resolve_root(root: str, data_root: str | Path | None) -> Path:
         return path
     base = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV)
     if base is None:
-        raise ValueError(
-            f"site root {root!r} is relative: give a data root (--data-root or ${DATA_ROOT_ENV})"
-        )
+        raise ValueError(f"site root {root!r} is relative: give a data root (--data-root or ${DATA_ROOT_ENV})")
     return Path(base).expanduser() / path
 
 

@@ -18,9 +18,7 @@ from fedbt.sites import SplitPolicy
 SPLITS = ("train", "val", "test")
 
 
-def _deal(
-    groups: list[list[int]], policy: SplitPolicy, rng: np.random.Generator, out: list[str]
-) -> None:
+def _deal(groups: list[list[int]], policy: SplitPolicy, rng: np.random.Generator, out: list[str]) -> None:
     """Deal one stratum's groups into test/val/train by image count."""
     total = sum(len(g) for g in groups)
     targets = {"test": round(policy.test * total), "val": round(policy.val * total)}

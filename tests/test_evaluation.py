@@ -106,9 +106,7 @@ def test_clinical_metrics_extend_classification_metrics():
     masks[:4] = [True, True, False, True]  # four coarse 'tumour' labels: not scored per class
     m = clinical_metrics(probs, masks, task, resamples=50, seed=0)
     assert m["n"] == 40 and m["n_fine"] == 36
-    assert m["per_class"]["no_tumor"]["specificity"] == pytest.approx(
-        specificity(np.array(m["confusion_matrix"]))[2]
-    )
+    assert m["per_class"]["no_tumor"]["specificity"] == pytest.approx(specificity(np.array(m["confusion_matrix"]))[2])
     assert 0 < m["macro_average_precision"] <= 1 and 0 <= m["calibration"]["ece"] < 1
     assert np.allclose(np.array(m["confusion_matrix_normalized"]).sum(axis=1), 1)
     for name in ("accuracy", "macro_f1", "macro_auc"):
@@ -154,16 +152,44 @@ def eval_env(trained, monkeypatch) -> Trained:
 
 def test_evaluate_pooled_with_comparison_writes_json_plots_and_report(eval_env, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main([
-        "evaluate", "--checkpoint", str(eval_env.checkpoint), "--compare", str(eval_env.other),
-        "--data-root", str(eval_env.data_root), "--out", str(out), "--bootstrap", "50", "--device", "cpu",
-    ])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(eval_env.checkpoint),
+            "--compare",
+            str(eval_env.other),
+            "--data-root",
+            str(eval_env.data_root),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "evaluation.json").read_text())
     m = result["metrics"]
-    for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_specificity", "macro_f1",
-                "macro_auc", "macro_average_precision", "confusion_matrix", "confusion_matrix_normalized",
-                "roc_curves", "pr_curves", "calibration", "confidence_intervals", "tumour_vs_none", "per_class"):
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_specificity",
+        "macro_f1",
+        "macro_auc",
+        "macro_average_precision",
+        "confusion_matrix",
+        "confusion_matrix_normalized",
+        "roc_curves",
+        "pr_curves",
+        "calibration",
+        "confidence_intervals",
+        "tumour_vs_none",
+        "per_class",
+    ):
         assert key in m, key
     assert {"precision", "recall", "specificity", "f1", "auc", "average_precision"} <= set(m["per_class"]["glioma"])
     assert m["confidence_intervals"]["resamples"] == 50
@@ -181,8 +207,10 @@ def test_evaluate_pooled_with_comparison_writes_json_plots_and_report(eval_env, 
 def test_evaluate_a_site_and_a_folder_of_class_folders(eval_env, tmp_path, capsys):
     site_out, folder_out = tmp_path / "site", tmp_path / "folder"
     common = ["--checkpoint", str(eval_env.checkpoint), "--bootstrap", "20", "--device", "cpu"]
-    assert main(["evaluate", *common, "--site", "sartaj", "--data-root", str(eval_env.data_root),
-                 "--out", str(site_out)]) == 0
+    assert (
+        main(["evaluate", *common, "--site", "sartaj", "--data-root", str(eval_env.data_root), "--out", str(site_out)])
+        == 0
+    )
     assert json.loads((site_out / "evaluation.json").read_text())["data"]["description"] == "site sartaj test split"
 
     folder = eval_env.data_root / "sartaj" / "Testing"  # glioma_tumor/, meningioma_tumor/, no_tumor/, ...
@@ -204,8 +232,21 @@ def test_a_checkpoint_of_another_version_or_task_is_a_clear_error(eval_env, tmp_
     cfg = config_from_checkpoint(load_checkpoint(eval_env.checkpoint))
     cfg.data.task = "binary"
     save_checkpoint(tmp_path / "binary.pt", build_model(cfg.model, 2, cfg.data.image_size), cfg, {}, "central")
-    assert main(["evaluate", "--checkpoint", str(eval_env.checkpoint), "--compare", str(tmp_path / "binary.pt"),
-                 "--bootstrap", "0", *args]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(eval_env.checkpoint),
+                "--compare",
+                str(tmp_path / "binary.pt"),
+                "--bootstrap",
+                "0",
+                *args,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "fedbt: error:" in err and "is for task 'binary'" in err and "Traceback" not in err
     assert main(["predict", str(tmp_path), "--checkpoint", str(tmp_path / "future.pt")]) == 2

@@ -98,7 +98,7 @@ def lesion_images(count: int, rng: np.random.Generator) -> tuple[torch.Tensor, t
             top = int(np.clip(round(ly - (0.5 + radius * np.sin(angle)) * SIZE), 0, big - SIZE))
             left = int(np.clip(round(lx - (0.5 + radius * np.cos(angle)) * SIZE), 0, big - SIZE))
             centre = ((ly - top) / SIZE, (lx - left) / SIZE)
-        pixels.append(image.pixels[top:top + SIZE, left:left + SIZE])
+        pixels.append(image.pixels[top : top + SIZE, left : left + SIZE])
         masks.append([label == "no_tumor", label != "no_tumor"])  # the binary task: (no_tumor, tumor)
         centres.append(centre)
     return torch.from_numpy(np.stack(pixels))[:, None], torch.tensor(masks), centres

@@ -8,17 +8,27 @@ from fedbt.metrics import classification_metrics
 def test_metrics_on_a_hand_computed_case():
     task = get_task("4class")
     # classes: glioma, meningioma, no_tumor, pituitary
-    probs = np.array([
-        [0.7, 0.1, 0.1, 0.1],  # glioma -> glioma
-        [0.6, 0.2, 0.1, 0.1],  # meningioma -> glioma (wrong)
-        [0.1, 0.1, 0.7, 0.1],  # no_tumor -> no_tumor
-        [0.1, 0.1, 0.1, 0.7],  # pituitary -> pituitary
-        [0.1, 0.6, 0.2, 0.1],  # coarse 'tumour' -> meningioma: inside the allowed set
-        [0.2, 0.1, 0.6, 0.1],  # coarse 'tumour' -> no_tumor: wrong
-    ])
-    masks = np.array([
-        [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 0, 1], [1, 1, 0, 1],
-    ], dtype=bool)
+    probs = np.array(
+        [
+            [0.7, 0.1, 0.1, 0.1],  # glioma -> glioma
+            [0.6, 0.2, 0.1, 0.1],  # meningioma -> glioma (wrong)
+            [0.1, 0.1, 0.7, 0.1],  # no_tumor -> no_tumor
+            [0.1, 0.1, 0.1, 0.7],  # pituitary -> pituitary
+            [0.1, 0.6, 0.2, 0.1],  # coarse 'tumour' -> meningioma: inside the allowed set
+            [0.2, 0.1, 0.6, 0.1],  # coarse 'tumour' -> no_tumor: wrong
+        ]
+    )
+    masks = np.array(
+        [
+            [1, 0, 0, 0],
+            [0, 1, 0, 0],
+            [0, 0, 1, 0],
+            [0, 0, 0, 1],
+            [1, 1, 0, 1],
+            [1, 1, 0, 1],
+        ],
+        dtype=bool,
+    )
     m = classification_metrics(probs, masks, task)
     assert m["n"] == 6 and m["n_fine"] == 4
     assert m["accuracy"] == pytest.approx(3 / 4)
@@ -34,12 +44,14 @@ def test_metrics_on_a_hand_computed_case():
 
 def test_tumour_vs_none_is_derived_from_four_class_output():
     task = get_task("4class")
-    probs = np.array([
-        [0.3, 0.3, 0.4, 0.0],  # P(tumour) 0.6 -> tumour; truth tumour (coarse)
-        [0.1, 0.1, 0.8, 0.0],  # P(tumour) 0.2 -> none; truth none
-        [0.2, 0.2, 0.55, 0.05],  # P(tumour) 0.45 -> none; truth glioma: a miss
-        [0.3, 0.0, 0.6, 0.1],  # P(tumour) 0.4 -> none; truth none
-    ])
+    probs = np.array(
+        [
+            [0.3, 0.3, 0.4, 0.0],  # P(tumour) 0.6 -> tumour; truth tumour (coarse)
+            [0.1, 0.1, 0.8, 0.0],  # P(tumour) 0.2 -> none; truth none
+            [0.2, 0.2, 0.55, 0.05],  # P(tumour) 0.45 -> none; truth glioma: a miss
+            [0.3, 0.0, 0.6, 0.1],  # P(tumour) 0.4 -> none; truth none
+        ]
+    )
     masks = np.array([[1, 1, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 1, 0]], dtype=bool)
     tv = classification_metrics(probs, masks, task)["tumour_vs_none"]
     assert tv["accuracy"] == pytest.approx(3 / 4)

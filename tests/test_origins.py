@@ -27,7 +27,11 @@ def combined_set(demo_root: Path, root: Path) -> dict[str, str]:
         shutil.copyfile(src, dst)
         truth[dst.name] = "br35h"
     shutil.copyfile(demo_root / "br35h" / "no" / "dup0.jpg", root / "Testing" / "notumor" / "both.jpg")
-    save_jpeg(make_image("pituitary", np.random.default_rng(9), 64).pixels, root / "Training" / "pituitary" / "rgb.jpg", rgb=True)
+    save_jpeg(
+        make_image("pituitary", np.random.default_rng(9), 64).pixels,
+        root / "Training" / "pituitary" / "rgb.jpg",
+        rgb=True,
+    )
     return truth
 
 
@@ -35,15 +39,18 @@ def test_combined_set_is_split_back_into_origins_and_the_rest_reported(demo_root
     truth = combined_set(demo_root, tmp_path / "kaggle")
     refs = ""
     for name, sub in (("sartaj", "sartaj"), ("br35h", "br35h")):
-        (tmp_path / f"{name}.yaml").write_text(f"name: {name}\nformat: class_folders\nroot: {demo_root / sub}\n"
-                                               "labels:\n  'yes': tumor\n  'no': no_tumor\n")
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\nformat: class_folders\nroot: {demo_root / sub}\nlabels:\n  'yes': tumor\n  'no': no_tumor\n"
+        )
         refs += f"  - {tmp_path / f'{name}.yaml'}\n"
     found = {}
     problems = {}
     for origin in ("figshare", "sartaj", "br35h"):
         site_yaml = tmp_path / f"k-{origin}.yaml"
-        site_yaml.write_text(f"name: k-{origin}\nformat: kaggle_combined\nroot: {tmp_path / 'kaggle'}\n"
-                             f"origin: {origin}\nreference_sites:\n{refs}")
+        site_yaml.write_text(
+            f"name: k-{origin}\nformat: kaggle_combined\nroot: {tmp_path / 'kaggle'}\n"
+            f"origin: {origin}\nreference_sites:\n{refs}"
+        )
         scan = scan_site(load_site(site_yaml, None))
         found.update({Path(r.path).name: origin for r in scan.records})
         problems.update({Path(p.path).name: p.message for p in scan.problems})

@@ -27,8 +27,9 @@ def setup(demo_root, site_files, tmp_path_factory):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     work = tmp_path_factory.mktemp("predict")
-    data = DataConfig(data_root=str(demo_root), sites=site_files, image_size=32, crop_to_content=True,
-                      cache_dir=str(work / "cache"))
+    data = DataConfig(
+        data_root=str(demo_root), sites=site_files, image_size=32, crop_to_content=True, cache_dir=str(work / "cache")
+    )
     cfg = ExperimentConfig(data=data, model=ModelConfig(name="cnn"))
     checkpoint = save_checkpoint(work / "model.pt", build_model(cfg.model, 4, 32), cfg, {}, "central")
     (work / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
@@ -43,8 +44,22 @@ def test_predict_files_folders_and_a_corrupt_file_to_json(setup, tmp_path, capsy
     folder = root / "sartaj" / "Testing" / "no_tumor"
     corrupt, missing = work / "corrupt.jpg", work / "missing.png"
     out = tmp_path / "predictions.json"
-    code = main(["predict", str(image), str(folder), str(corrupt), str(work / "slice.mat"), str(missing),
-                 "--checkpoint", setup["checkpoint"], "--output", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            str(image),
+            str(folder),
+            str(corrupt),
+            str(work / "slice.mat"),
+            str(missing),
+            "--checkpoint",
+            setup["checkpoint"],
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())
     folder_files = sorted(str(f) for f in folder.rglob("*.jpg"))
@@ -64,8 +79,21 @@ def test_predict_files_folders_and_a_corrupt_file_to_json(setup, tmp_path, capsy
 def test_predict_csv_on_stdout_with_gradcam_overlays(setup, tmp_path, capsys):
     folder = setup["root"] / "figshare" / "pituitary"
     cams = tmp_path / "cams"
-    code = main(["predict", str(folder), str(setup["work"] / "corrupt.jpg"), "--checkpoint", setup["checkpoint"],
-                 "--format", "csv", "--gradcam", str(cams), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            str(folder),
+            str(setup["work"] / "corrupt.jpg"),
+            "--checkpoint",
+            setup["checkpoint"],
+            "--format",
+            "csv",
+            "--gradcam",
+            str(cams),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert list(rows[0]) == ["path", "prediction", "confidence", *(f"p_{c}" for c in CLASSES), "gradcam", "error"]

@@ -28,8 +28,17 @@ def ray_head():
     # The cluster's own folder (its workers log there); short, as Ray's socket paths must be.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [str(ray), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    start = [
+        str(ray),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
         yield f"127.0.0.1:{port}", temp_dir
@@ -40,11 +49,27 @@ def ray_head():
 
 def test_simulation_runs_its_clients_on_the_joined_cluster(ray_head, demo_root, tmp_path):
     address, temp_dir = ray_head
-    code = main([
-        "simulate", "--config", "configs/demo.yaml", "--data-root", str(demo_root), "--rounds", "1",
-        "--ray-address", address, "--skip-central", "--skip-local", "--out", str(tmp_path / "out"),
-        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=32",
-    ])
+    code = main(
+        [
+            "simulate",
+            "--config",
+            "configs/demo.yaml",
+            "--data-root",
+            str(demo_root),
+            "--rounds",
+            "1",
+            "--ray-address",
+            address,
+            "--skip-central",
+            "--skip-local",
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--set",
+            "data.image_size=32",
+        ]
+    )
     assert code == 0
     assert (tmp_path / "out" / "federated" / "final.pt").is_file()
     # The clients ran in workers of the joined cluster: their progress lines are in its logs.

@@ -29,7 +29,9 @@ def test_class_folders_with_release_split(demo_root, tmp_path):
 
 def test_br35h_yes_is_a_coarse_tumour_label(demo_root, tmp_path):
     # Unquoted yes/no are YAML booleans: the loader must still read them as folder names.
-    yaml = write_site_yaml(tmp_path, "br35h", "class_folders", demo_root / "br35h", "labels:\n  yes: tumor\n  no: no_tumor\n")
+    yaml = write_site_yaml(
+        tmp_path, "br35h", "class_folders", demo_root / "br35h", "labels:\n  yes: tumor\n  no: no_tumor\n"
+    )
     scan = scan_site(load_site(yaml, None))
     allowed = {r.source_label: r.allowed for r in scan.records}
     assert allowed["yes"] == TUMOUR_CLASSES
@@ -67,7 +69,9 @@ def test_bad_inputs_are_reported_by_name_and_skipped(demo_root, tmp_path):
     site_yaml = write_site_yaml(tmp_path, "broken", "class_folders", root, extra)
     from fedbt.config import DataConfig
 
-    catalog = build_catalog(DataConfig(sites=[str(site_yaml)], image_size=32, cache_dir=str(tmp_path / "c")), progress=False)
+    catalog = build_catalog(
+        DataConfig(sites=[str(site_yaml)], image_size=32, cache_dir=str(tmp_path / "c")), progress=False
+    )
     messages = {Path(p.path).name: p.message for p in catalog.problems}
     assert "cannot decode" in messages["truncated.jpg"] or "truncated" in messages["truncated.jpg"]
     assert "empty file" in messages["empty.jpg"]
@@ -83,7 +87,9 @@ def test_bad_inputs_are_reported_by_name_and_skipped(demo_root, tmp_path):
 def test_unreadable_mat_is_a_problem_not_a_crash(tmp_path):
     (tmp_path / "mat").mkdir()
     (tmp_path / "mat" / "old.mat").write_bytes(b"MATLAB 5.0 MAT-file, not HDF5")
-    write_figshare_mat(tmp_path / "mat" / "ok.mat", make_image("glioma", np.random.default_rng(2), 32).pixels, "glioma", "P1")
+    write_figshare_mat(
+        tmp_path / "mat" / "ok.mat", make_image("glioma", np.random.default_rng(2), 32).pixels, "glioma", "P1"
+    )
     scan = scan_site(load_site(write_site_yaml(tmp_path, "fig", "figshare_mat", tmp_path / "mat"), None))
     assert [Path(r.path).name for r in scan.records] == ["ok.mat"]
     assert "not a readable MATLAB v7.3" in scan.problems[0].message

@@ -25,7 +25,9 @@ def test_site_readers_find_every_file_of_the_manifest(real_root, site_files):
 
 
 def test_inspect_finds_the_known_duplicates_and_no_leakage(real_root, tmp_path):
-    catalog = build_catalog(DataConfig(data_root=str(real_root), image_size=32, cache_dir=str(tmp_path)), progress=False)
+    catalog = build_catalog(
+        DataConfig(data_root=str(real_root), image_size=32, cache_dir=str(tmp_path)), progress=False
+    )
     report = inspect_report(catalog)
     assert set(report["sites"]) == {"figshare", "sartaj", "br35h"}
     assert report["sites"]["figshare"]["per_label"] == {"glioma": 1212, "meningioma": 602, "pituitary": 790}

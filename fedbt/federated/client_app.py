@@ -45,15 +45,24 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     catalog = load_catalog(cfg)
-    log(f"[client {partition.name}] round {server_round}/{cfg.federated.rounds}: "
-        f"training on {len(partition.indices['train'])} images")
+    log(
+        f"[client {partition.name}] round {server_round}/{cfg.federated.rounds}: "
+        f"training on {len(partition.indices['train'])} images"
+    )
     global_state = msg.content["arrays"].to_torch_state_dict()
     state, examples, metrics, local = train_partition(
-        cfg, catalog, partition, global_state, server_round, _load_local(context),
+        cfg,
+        catalog,
+        partition,
+        global_state,
+        server_round,
+        _load_local(context),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    log(f"[client {partition.name}] round {server_round}: loss {metrics['train_loss']:.4f}, "
-        f"{metrics['images_per_second']:.1f} img/s")
+    log(
+        f"[client {partition.name}] round {server_round}: loss {metrics['train_loss']:.4f}, "
+        f"{metrics['images_per_second']:.1f} img/s"
+    )
     _save_local(context, local)
     content = RecordDict(
         {
@@ -72,8 +81,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     metrics = evaluate_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), split="val")
     # Only numbers every site has, so Flower can average them; the full metrics travel as JSON.
-    numbers = {"loss": metrics["loss"], "set_accuracy": metrics["set_accuracy"],
-               "tumour_accuracy": metrics["tumour_vs_none"]["accuracy"]}
+    numbers = {
+        "loss": metrics["loss"],
+        "set_accuracy": metrics["set_accuracy"],
+        "tumour_accuracy": metrics["tumour_vs_none"]["accuracy"],
+    }
     content = RecordDict(
         {
             "metrics": MetricRecord({**numbers, "num-examples": int(metrics["n"])}),

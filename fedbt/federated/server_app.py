@@ -91,7 +91,11 @@ class FederatedRun:
             "strategy_state": self.strategy.optimizer_state(),
         }
         save_checkpoint(self.out / "last.pt", model, self.cfg, progress, "federated")
-        return MetricRecord({k: float(v) for k, v in entry["server"].items() if isinstance(v, (int, float))}) if pooled else None
+        return (
+            MetricRecord({k: float(v) for k, v in entry["server"].items() if isinstance(v, (int, float))})
+            if pooled
+            else None
+        )
 
     def _log_round(self, entry: dict) -> None:
         sites = ", ".join(
@@ -103,10 +107,19 @@ class FederatedRun:
 
     def finish(self, arrays: ArrayRecord) -> dict:
         model = self.model_from(arrays)
-        progress = {"round": self.cfg.federated.rounds, "history": self.history, "initial": self.initial,
-                    "strategy_state": {}}
+        progress = {
+            "round": self.cfg.federated.rounds,
+            "history": self.history,
+            "initial": self.initial,
+            "strategy_state": {},
+        }
         save_checkpoint(self.out / "final.pt", model, self.cfg, progress, "federated")
-        result = {"kind": "federated", "rounds": self.cfg.federated.rounds, "initial": self.initial, "history": self.history}
+        result = {
+            "kind": "federated",
+            "rounds": self.cfg.federated.rounds,
+            "initial": self.initial,
+            "history": self.history,
+        }
         if self.server_has_data:
             device = select_device(self.cfg.train.device)
             result["test"] = evaluate_everywhere(

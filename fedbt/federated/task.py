@@ -108,7 +108,9 @@ def train_partition(
         global_epoch = (server_round - 1) * fc.local_epochs + epoch
         # Seeds differ per client (crc32 of its name: stable across processes, unlike hash()).
         seed_everything(cfg.data.seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000)
-        loader = make_loader(dataset, tc.batch_size, True, device, seed=cfg.data.seed + global_epoch, workers=tc.num_workers)
+        loader = make_loader(
+            dataset, tc.batch_size, True, device, seed=cfg.data.seed + global_epoch, workers=tc.num_workers
+        )
         schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps)
         stats = train_one_epoch(
             model, loader, optimizer, device, schedule, weights, scaler, proximal_mu, present_classes=present
@@ -118,7 +120,11 @@ def train_partition(
         optimizer=optimizer.state_dict() if fc.keep_optimizer_state else None,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    metrics = {"train_loss": stats["loss"], "train_seconds": stats["seconds"], "images_per_second": stats["images_per_second"]}
+    metrics = {
+        "train_loss": stats["loss"],
+        "train_seconds": stats["seconds"],
+        "images_per_second": stats["images_per_second"],
+    }
     return state, len(dataset), metrics, new_local
 
 
