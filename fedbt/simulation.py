@@ -58,9 +58,8 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict:
     os.environ[EXPERIMENT_ENV] = str(experiment_file.resolve())
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = backend_config(cfg)
-    log(
-        f"[federated] {cfg.federated.num_clients} clients, {cfg.federated.rounds} rounds, strategy {cfg.federated.strategy}"
-    )
+    fc = cfg.federated
+    log(f"[federated] {fc.num_clients} clients, {fc.rounds} rounds, strategy {fc.strategy}")
     run_simulation(
         server_app=server_app,
         client_app=client_app,
