@@ -1,4 +1,5 @@
-"""The `fedbt` command: data inspection, demo data, central baseline, simulation."""
+"""The `fedbt` command: data inspection and demo data, central baseline, simulation,
+evaluation, prediction and benchmark."""
 
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbt.data import Catalog
-
-SPLITS = ("train", "val", "test")
+from fedbt.splits import SPLITS
 
 
 @dataclass(frozen=True)

@@ -46,3 +46,10 @@ def real_root() -> Path:
             pytest.fail(f"real data expected beside the checkout at {REAL_DATA}")
         pytest.skip("../shared/data/brain-mri not present")
     return REAL_DATA
+
+
+@pytest.fixture()
+def demo_args(demo_root, tmp_path) -> list[str]:
+    """Command-line options every CLI test shares: demo profile and data, a private cache, 32 px."""
+    return ["--config", "configs/demo.yaml", "--data-root", str(demo_root),
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=32"]  # fmt: skip

@@ -3,22 +3,9 @@ import json
 from fedbt.cli import main
 
 
-def test_data_inspect_reports_sites_duplicates_and_leakage(demo_root, tmp_path, capsys):
+def test_data_inspect_reports_sites_duplicates_and_leakage(demo_args, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = main(
-        [
-            "data",
-            "inspect",
-            "--data-root",
-            str(demo_root),
-            "--set",
-            f"data.cache_dir={tmp_path}",
-            "--set",
-            "data.image_size=32",
-            "--json",
-            str(out),
-        ]
-    )
+    code = main(["data", "inspect", *demo_args, "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "figshare" in text and "sartaj" in text and "br35h" in text
@@ -28,29 +15,10 @@ def test_data_inspect_reports_sites_duplicates_and_leakage(demo_root, tmp_path, 
     assert report["duplicates"]["exact_duplicate_copies"]
 
 
-def test_central_writes_metrics_curves_and_checkpoints(demo_root, tmp_path, capsys):
+def test_central_writes_metrics_curves_and_checkpoints(demo_args, tmp_path, capsys):
     out = tmp_path / "central"
-    code = main(
-        [
-            "central",
-            "--config",
-            "configs/demo.yaml",
-            "--data-root",
-            str(demo_root),
-            "--out",
-            str(out),
-            "--set",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "--set",
-            "data.image_size=32",
-            "--set",
-            "model.name=cnn",
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "train.threads=1",
-        ]
-    )
+    code = main(["central", *demo_args, "--out", str(out), "--set", "model.name=cnn",
+                 "--set", "train.epochs=1", "--set", "train.threads=1"])  # fmt: skip
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]["sites"]) == {"figshare", "sartaj", "br35h"}

@@ -47,29 +47,10 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_simulation_runs_its_clients_on_the_joined_cluster(ray_head, demo_root, tmp_path):
+def test_simulation_runs_its_clients_on_the_joined_cluster(ray_head, demo_args, tmp_path):
     address, temp_dir = ray_head
-    code = main(
-        [
-            "simulate",
-            "--config",
-            "configs/demo.yaml",
-            "--data-root",
-            str(demo_root),
-            "--rounds",
-            "1",
-            "--ray-address",
-            address,
-            "--skip-central",
-            "--skip-local",
-            "--out",
-            str(tmp_path / "out"),
-            "--set",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "--set",
-            "data.image_size=32",
-        ]
-    )
+    code = main(["simulate", *demo_args, "--rounds", "1", "--ray-address", address,
+                 "--skip-central", "--skip-local", "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0
     assert (tmp_path / "out" / "federated" / "final.pt").is_file()
     # The clients ran in workers of the joined cluster: their progress lines are in its logs.

@@ -10,29 +10,9 @@ from fedbt.cli import main
 pytestmark = pytest.mark.e2e
 
 
-def test_three_site_simulation_improves_the_global_model_and_writes_the_report(demo_root, tmp_path):
+def test_three_site_simulation_improves_the_global_model_and_writes_the_report(demo_args, tmp_path):
     out = tmp_path / "results"
-    code = main(
-        [
-            "simulate",
-            "--config",
-            "configs/demo.yaml",
-            "--data-root",
-            str(demo_root),
-            "--clients",
-            "3",
-            "--rounds",
-            "2",
-            "--out",
-            str(out),
-            "--set",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "--set",
-            "data.image_size=48",
-            "--set",
-            "train.log_every=0",
-        ]
-    )
+    code = main(["simulate", *demo_args, "--clients", "3", "--rounds", "2", "--out", str(out)])
     assert code == 0
     for name in (
         "report.md",
@@ -58,27 +38,10 @@ def test_three_site_simulation_improves_the_global_model_and_writes_the_report(d
     assert fed["test"]["pooled"]["set_accuracy"] > 0.25
 
 
-def test_a_stopped_federated_run_resumes_from_its_last_round(demo_root, tmp_path):
+def test_a_stopped_federated_run_resumes_from_its_last_round(demo_args, tmp_path):
     out = tmp_path / "results"
-    common = [
-        "simulate",
-        "--config",
-        "configs/demo.yaml",
-        "--data-root",
-        str(demo_root),
-        "--out",
-        str(out),
-        "--strategy",
-        "fedavgm",
-        "--set",
-        "federated.server_momentum=0.9",
-        "--skip-central",
-        "--skip-local",
-        "--set",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "--set",
-        "data.image_size=32",
-    ]
+    common = ["simulate", *demo_args, "--out", str(out), "--strategy", "fedavgm",
+              "--set", "federated.server_momentum=0.9", "--skip-central", "--skip-local"]  # fmt: skip
     assert main([*common, "--rounds", "1"]) == 0
     first = torch.load(out / "federated" / "last.pt", weights_only=False)["progress"]
     assert first["round"] == 1 and "momentum_vector" in first["strategy_state"]
