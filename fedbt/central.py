@@ -57,7 +57,9 @@ def _param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any
         return [{"params": list(model.parameters())}]
     head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
     layer4 = [p for n, p in model.named_parameters() if n.startswith("layer4.")]
-    return [{"params": head}, {"params": layer4, "lr_scale": cfg.train.finetune_lr_factor}]
+    factor = cfg.train.finetune_lr_factor
+    # 'lr' holds for the plateau schedule; per-step schedules rescale by 'lr_scale'.
+    return [{"params": head}, {"params": layer4, "lr": cfg.train.lr * factor, "lr_scale": factor}]
 
 
 def _apply_freezing(model: nn.Module, cfg: ExperimentConfig, epoch: int) -> None:
@@ -107,7 +109,8 @@ def train_model(
         loader = make_loader(
             data.train, tc.batch_size, True, device, seed=cfg.data.seed + epoch, workers=tc.num_workers
         )
-        schedule = StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
+        # ReduceLROnPlateau owns the LR under 'plateau'; a per-step schedule would overwrite it.
+        schedule = None if plateau else StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
         stats = train_one_epoch(
             model,
             loader,
