@@ -1,5 +1,5 @@
 """The `fedbt` command: data inspection and demo data, central baseline, simulation,
-evaluation, prediction and benchmark."""
+evaluation, prediction, benchmark, and deployment across hospitals (certs, server, site, run)."""
 
 from __future__ import annotations
 
@@ -141,6 +141,128 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return run_predict(args.paths, args.checkpoint, args.gradcam, args.format, args.output, args.device)
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedbt.certs import make_deployment_certs
+
+    layout = make_deployment_certs(args.out, args.host, args.sites)
+    print(f"deployment certificates in {layout.root}:")
+    print(f"  server machine: {layout.ca_cert}, {layout.server_cert}, {layout.server_key}, {layout.sites_dir}/*.pub")
+    for site in args.sites:
+        print(f"  site {site}: {layout.ca_cert}, {layout.site_private_key(site)}")
+    print(f"  whoever runs `fedbt run`: {layout.ca_cert};  keep {layout.ca_key} offline")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedbt.deployment.nodes import ServerSettings, run_server
+
+    settings = ServerSettings(
+        certs=Path(args.certs),
+        state_dir=Path(args.state_dir),
+        host=args.host,
+        port=args.port,
+        site_keys=Path(args.site_keys) if args.site_keys else None,
+    )
+    return run_server(settings)
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from fedbt.deployment.nodes import SiteSettings, run_site
+    from fedbt.sites import load_site
+
+    site_file = Path(args.site)
+    name = load_site(site_file, args.data_root).name
+    certs = Path(args.certs)
+    settings = SiteSettings(
+        site_file=site_file,
+        server=args.server,
+        ca_cert=Path(args.ca) if args.ca else certs / "ca.pem",
+        private_key=Path(args.key) if args.key else certs / "sites" / f"{name}.key",
+        data_root=Path(args.data_root) if args.data_root else None,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        state_dir=Path(args.state_dir or f"deploy-state/site-{name}"),
+        runtime_port=args.runtime_port,
+        connect_timeout=args.connect_timeout,
+        poll_interval=args.poll_interval,
+        flower_defaults=args.flower_defaults,
+    )
+    return run_site(settings)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedbt.deployment.runs import RunRequest, run_deployment
+
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("rounds", "federated.rounds"),
+        ("sites", "federated.num_clients"),
+        ("min_sites", "federated.min_clients"),
+        ("round_timeout", "federated.round_timeout"),
+        ("strategy", "federated.strategy"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    request = RunRequest(
+        server=args.server,
+        ca_cert=Path(args.ca),
+        out=Path(args.out).resolve(),
+        config=args.config,
+        overrides=overrides,
+        resume=args.resume,
+    )
+    run_deployment(request)
+    return 0
+
+
+def add_deployment_parsers(sub) -> None:
+    certs = sub.add_parser("certs", help="make a CA, the server certificate and a key pair per site")
+    certs.add_argument("--out", default="certs", help="folder for the certificates and keys (default: certs)")
+    certs.add_argument(
+        "--host", action="append", default=[], help="server host name or IP address sites connect to (repeatable)"
+    )
+    certs.add_argument("--sites", nargs="+", default=["figshare", "sartaj", "br35h"], help="site names")
+    certs.set_defaults(func=cmd_certs)
+
+    server = sub.add_parser("server", help="start the Flower SuperLink: TLS, registered sites only")
+    server.add_argument("--certs", default="certs", help="the `fedbt certs` folder (server part)")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all interfaces")
+    server.add_argument("--port", type=int, default=9092)
+    server.add_argument("--site-keys", help="folder of <site>.pub to register (default: CERTS/sites)")
+    server.add_argument("--state-dir", default="deploy-state/server", help="database (runs, sites) and logs")
+    server.set_defaults(func=cmd_server)
+
+    site = sub.add_parser("site", help="start a hospital's SuperNode on its own data")
+    site.add_argument("--site", required=True, help="the site's YAML (e.g. sites/figshare.yaml)")
+    site.add_argument("--server", required=True, metavar="HOST:PORT")
+    site.add_argument("--data-root", help="folder the site YAML's relative root resolves against")
+    site.add_argument("--certs", default="certs", help="folder with ca.pem and sites/<site>.key")
+    site.add_argument("--ca", help="CA certificate (default: CERTS/ca.pem)")
+    site.add_argument("--key", help="this site's private key (default: CERTS/sites/<site>.key)")
+    site.add_argument("--cache-dir", help="decoded-image cache (default: ~/.cache/fedbt)")
+    site.add_argument("--state-dir", help="Flower home and logs (default: deploy-state/site-<site>)")
+    site.add_argument("--runtime-port", type=int, default=9094, help="local port, one per site on a machine")
+    site.add_argument("--connect-timeout", type=float, default=300.0, help="seconds to keep trying the server")
+    site.add_argument("--poll-interval", type=float, default=0.2, help="seconds between checks for work")
+    site.add_argument(
+        "--flower-defaults", action="store_true", help="Flower's own polling and a fresh process per message"
+    )
+    site.set_defaults(func=cmd_site)
+
+    run = sub.add_parser("run", help="run the federated experiment on a running server and its sites")
+    run.add_argument("--server", required=True, metavar="HOST:PORT")
+    run.add_argument("--ca", default="certs/ca.pem", help="CA certificate the server's is signed with")
+    run.add_argument("--config", default=DEMO_CONFIG, help="profile inside the project (configs/...)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--rounds", type=int)
+    run.add_argument("--sites", type=int, help="number of sites taking part (default 3)")
+    run.add_argument("--min-sites", type=int, help="fewest sites a round may go on with (default: all)")
+    run.add_argument("--round-timeout", type=float, help="seconds a round (or the wait for sites) may take")
+    run.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"])
+    run.add_argument("--out", default="results/deployment", help="results folder, written by the server")
+    run.add_argument("--resume", action="store_true", help="continue from the last round's checkpoint in --out")
+    run.set_defaults(func=cmd_run)
+
+
 def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--clients", type=int, help="number of virtual clients (default 3: one per site)")
@@ -214,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     predict.set_defaults(func=cmd_predict)
+    add_deployment_parsers(sub)
     return parser
 
 
@@ -221,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (CheckpointError, OSError, ValueError, RuntimeError) as err:
         print(f"fedbt: error: {err}", file=sys.stderr)
         return 2
 

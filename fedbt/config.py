@@ -90,8 +90,11 @@ class FederatedConfig:
     restricted_softmax: bool = False
     # Ray cluster to join ("auto" or host:port) so a simulation spans machines; None: local.
     ray_address: str | None = None
-    # Seconds the server waits for a round's replies before going on with those it has.
+    # Seconds the server waits for a round's replies before going on with those it has, and
+    # for the minimum number of sites to be connected before it stops the run.
     round_timeout: float = 3600.0
+    # Seconds between the server's checks for replies (Flower's deployment Grid waits 3 s).
+    poll_interval: float = 0.2
     resume: bool = False
 
 

@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedbt.config import ExperimentConfig, to_dict  # noqa: E402
-from fedbt.data import Catalog  # noqa: E402
 from fedbt.plots import plot_confusion_matrices  # noqa: E402
 
 SITE_NOTE = (
@@ -129,7 +128,7 @@ def _wall_times(results: dict) -> list[list[str]]:
     return rows
 
 
-def write_report(results: dict, cfg: ExperimentConfig, catalog: Catalog, out: Path) -> Path:
+def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: Path) -> Path:
     """comparison.json, report.md, report.html and the figures, in out/."""
     models = test_results(results)
     header, rows = summary_rows(models)
@@ -137,7 +136,7 @@ def write_report(results: dict, cfg: ExperimentConfig, catalog: Catalog, out: Pa
         "Learning curves": plot_learning_curves(results, out / "curves.png").name,
         "Confusion matrices (pooled test)": plot_confusion_matrices(
             {n: m["pooled"]["confusion_matrix"] for n, m in models.items() if "confusion_matrix" in m["pooled"]},
-            list(catalog.task.classes),
+            classes,
             out / "confusion.png",
         ).name,
         "ROC curves": plot_roc_curves(models, out / "roc.png").name,

@@ -144,5 +144,5 @@ def run_experiment(
     if not skip_local:
         results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
     results["wall_seconds_total"] = time.perf_counter() - started
-    write_report(results, cfg, catalog, out)
+    write_report(results, cfg, list(catalog.task.classes), out)
     return results

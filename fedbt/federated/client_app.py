@@ -9,8 +9,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbt.federated.common import client_experiment
-from fedbt.federated.task import LocalState, client_partition, evaluate_partition, load_catalog, train_partition
+from fedbt.federated.common import SPLIT_KEY, client_experiment
+from fedbt.federated.task import (
+    LocalState,
+    client_partition,
+    evaluate_partition,
+    load_catalog,
+    predict_partition,
+    train_partition,
+)
 from fedbt.progress import log
 
 app = ClientApp()
@@ -21,7 +28,7 @@ def _partition_of(context: Context, cfg):
     node = context.node_config
     if "partition-id" in node:  # simulation
         return client_partition(cfg, int(node["partition-id"]), int(node["num-partitions"]))
-    # Deployment: the SuperNode names its site; the catalog then holds that site alone.
+    # Deployment: the SuperNode names its site (see client_experiment); the catalog holds that site alone.
     return client_partition(cfg, 0, 1)
 
 
@@ -79,6 +86,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = client_experiment(msg, context)
     partition = _partition_of(context, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
+    split = str(msg.content["config"].get(SPLIT_KEY, "val"))
+    if split == "test":
+        return _test_predictions(msg, context, cfg, partition, global_state)
     metrics = evaluate_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), split="val")
     # Only numbers every site has, so Flower can average them; the full metrics travel as JSON.
     numbers = {
@@ -90,6 +100,23 @@ def evaluate(msg: Message, context: Context) -> Message:
         {
             "metrics": MetricRecord({**numbers, "num-examples": int(metrics["n"])}),
             "site": ConfigRecord({"name": partition.name, "metrics-json": json.dumps(metrics)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _test_predictions(msg: Message, context: Context, cfg, partition, global_state) -> Message:
+    """The final model's outputs on this site's test split, for a server that holds no data.
+
+    Probabilities and allowed-class masks leave the site, never images: the server pools
+    them into the same test metrics a simulation computes from the pooled data.
+    """
+    probs, masks = predict_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), "test")
+    predictions = {"probs": torch.from_numpy(probs), "masks": torch.from_numpy(masks)}
+    content = RecordDict(
+        {
+            "predictions": ArrayRecord(torch_state_dict=predictions),
+            "site": ConfigRecord({"name": partition.name}),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -17,6 +17,10 @@ EXPERIMENT_ENV = "FEDBT_EXPERIMENT"
 # shared file or environment: Ray workers on another machine or a hospital's SuperNode
 # learn the run's settings from the server.
 EXPERIMENT_KEY = "fedbt-experiment"
+# Which split an evaluate message asks for: "val" every round, "test" once at the end of a deployment.
+SPLIT_KEY = "split"
+# A SuperNode's node config names its own site file, data root and decode cache (`fedbt site`).
+NODE_SITE, NODE_DATA_ROOT, NODE_CACHE_DIR = "site", "data-root", "cache-dir"
 
 
 def experiment_from_context(context: Context) -> ExperimentConfig:
@@ -24,7 +28,8 @@ def experiment_from_context(context: Context) -> ExperimentConfig:
 
     Under `flwr run` the keys of [tool.flwr.app.config] apply: `config` (a YAML profile),
     `overrides` ("train.epochs=2; federated.rounds=3"), `data-root` (empty: demo data) and
-    `out`; a SuperNode's node config may name its own `data-root`.
+    `out`; a SuperNode's node config may name its own `data-root`. `deployment = true`
+    (set by `fedbt run`) means the server holds no data: the sites evaluate the final model.
     """
     run_config = context.run_config
     path = os.environ.get(EXPERIMENT_ENV) or str(run_config.get("experiment-file", ""))
@@ -32,9 +37,12 @@ def experiment_from_context(context: Context) -> ExperimentConfig:
         return from_dict(json.loads(Path(path).read_text()))
     overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(";") if s.strip()]
     cfg = load_config([str(run_config.get("config", "configs/demo.yaml"))], overrides)
-    data_root = context.node_config.get("data-root") or run_config.get("data-root")
-    cfg.data.data_root = str(data_root) if data_root else str(ensure_demo_data(PROJECT_ROOT / "demo-data"))
-    cfg.output_dir = str(PROJECT_ROOT / str(run_config.get("out", "results/flwr-run")))
+    data_root = context.node_config.get(NODE_DATA_ROOT) or run_config.get("data-root")
+    if run_config.get("deployment"):
+        cfg.data.data_root = None
+    else:
+        cfg.data.data_root = str(data_root) if data_root else str(ensure_demo_data(PROJECT_ROOT / "demo-data"))
+    cfg.output_dir = str(PROJECT_ROOT / str(run_config.get("out", "results/flwr-run")))  # an absolute out wins
     return cfg
 
 
@@ -43,8 +51,13 @@ def experiment_record(cfg: ExperimentConfig) -> str:
 
 
 def client_experiment(msg: Message, context: Context) -> ExperimentConfig:
-    """The experiment the server sent, with this node's own data root where it names one."""
+    """The experiment the server sent, with this node's own site, data root and cache where it names them."""
     cfg = from_dict(json.loads(str(msg.content["config"][EXPERIMENT_KEY])))
-    if context.node_config.get("data-root"):
-        cfg.data.data_root = str(context.node_config["data-root"])
+    node = context.node_config
+    if node.get(NODE_DATA_ROOT):
+        cfg.data.data_root = str(node[NODE_DATA_ROOT])
+    if node.get(NODE_SITE):
+        cfg.data.sites = [str(node[NODE_SITE])]
+    if node.get(NODE_CACHE_DIR):
+        cfg.data.cache_dir = str(node[NODE_CACHE_DIR])
     return cfg

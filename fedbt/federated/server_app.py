@@ -6,18 +6,21 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedbt.central import evaluate_everywhere
 from fedbt.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.config import ExperimentConfig
 from fedbt.engine import configure_threads, evaluate, make_loader, prepare_model, select_device
-from fedbt.federated.common import EXPERIMENT_KEY, experiment_from_context, experiment_record
+from fedbt.federated.common import EXPERIMENT_KEY, SPLIT_KEY, experiment_from_context, experiment_record
+from fedbt.federated.grid import PatientGrid
 from fedbt.federated.strategy import make_strategy
 from fedbt.federated.task import load_catalog, new_model
 from fedbt.labels import get_task
+from fedbt.metrics import classification_metrics
 from fedbt.progress import headline, log
 
 app = ServerApp()
@@ -105,7 +108,7 @@ class FederatedRun:
         pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
         log(f"[federated] round {entry['round']}/{self.cfg.federated.rounds} {pooled}sites: {sites}")
 
-    def finish(self, arrays: ArrayRecord) -> dict:
+    def finish(self, arrays: ArrayRecord, grid: Grid) -> dict:
         model = self.model_from(arrays)
         progress = {
             "round": self.cfg.federated.rounds,
@@ -125,29 +128,60 @@ class FederatedRun:
             result["test"] = evaluate_everywhere(
                 prepare_model(model, device), load_catalog(self.cfg), device, self.cfg.train.batch_size
             )
+        else:
+            result["test"] = site_test_results(grid, arrays, self.cfg)
         result["wall_seconds"] = time.perf_counter() - self.started
         (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
         log(f"[federated] results in {self.out}")
         return result
 
 
+def site_test_results(grid: Grid, arrays: ArrayRecord, cfg: ExperimentConfig) -> dict:
+    """Test metrics of the final model from the sites' own test splits (a server without data).
+
+    Each site returns probabilities and allowed-class masks of its test images; pooling them
+    gives the same pooled and per-site metrics as evaluate_everywhere on the pooled catalog.
+    """
+    config = ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg), SPLIT_KEY: "test"})
+    messages = [
+        Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=MessageType.EVALUATE)
+        for node in grid.get_node_ids()
+    ]
+    replies = [r for r in grid.send_and_receive(messages, timeout=cfg.federated.round_timeout) if not r.has_error()]
+    if not replies:
+        raise RuntimeError("no site returned test results for the final model")
+    task = get_task(cfg.data.task)
+    outputs = {}
+    for reply in replies:
+        predictions = reply.content["predictions"].to_torch_state_dict()
+        outputs[str(reply.content["site"]["name"])] = (predictions["probs"].numpy(), predictions["masks"].numpy())
+    pooled = tuple(np.concatenate([output[i] for output in outputs.values()]) for i in (0, 1))
+    log(f"[federated] test results from sites: {', '.join(sorted(outputs))}")
+    return {
+        "pooled": classification_metrics(*pooled, task),
+        "sites": {name: classification_metrics(probs, masks, task) for name, (probs, masks) in sorted(outputs.items())},
+    }
+
+
 def run_federated(grid: Grid, cfg: ExperimentConfig, num_clients: int, server_has_data: bool = True) -> dict:
     configure_threads(cfg.train.threads)
     run = FederatedRun(cfg, num_clients, server_has_data)
-    remaining = cfg.federated.rounds - run.start_round
+    fc = cfg.federated
+    grid = PatientGrid(grid, fc.poll_interval, run.strategy.min_available_nodes, fc.round_timeout)
+    remaining = fc.rounds - run.start_round
     arrays = ArrayRecord(torch_state_dict=run.initial_state)
     if remaining > 0:
         result = run.strategy.start(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=remaining,
-            timeout=cfg.federated.round_timeout,
+            timeout=fc.round_timeout,
             train_config=ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg)}),
             evaluate_config=ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg)}),
             evaluate_fn=run.evaluate_round,
         )
         arrays = result.arrays
-    return run.finish(arrays)
+    return run.finish(arrays, grid)
 
 
 @app.main()

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedbt.config import FederatedConfig
+from fedbt.federated.grid import SitesMissingError
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedavgm": FedAvgM}
 # Server-side optimiser state worth checkpointing, by attribute name.
@@ -36,9 +37,15 @@ class RoundTracker:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        self.site_train[server_round + self.round_offset] = {
-            m.content["site"]["name"]: dict(m.content["metrics"]) for m in replies if not m.has_error()
-        }
+        answered = [m for m in replies if not m.has_error()]
+        absolute_round = server_round + self.round_offset
+        if len(answered) < self.min_train_nodes:
+            # A site dropped or timed out: averaging fewer sites than agreed would silently change the experiment.
+            raise SitesMissingError(
+                f"round {absolute_round}: only {len(answered)} of the required {self.min_train_nodes} sites "
+                "returned a model within the round timeout; stopping the run"
+            )
+        self.site_train[absolute_round] = {m.content["site"]["name"]: dict(m.content["metrics"]) for m in answered}
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

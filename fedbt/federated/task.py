@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,14 +21,15 @@ from fedbt.engine import (
     build_optimizer,
     class_weights_from_masks,
     configure_threads,
-    evaluate,
     make_grad_scaler,
     make_loader,
+    predict_probabilities,
     prepare_model,
     seed_everything,
     select_device,
     train_one_epoch,
 )
+from fedbt.metrics import classification_metrics
 from fedbt.models import build_model
 from fedbt.partition import Partition, make_partitions
 
@@ -128,6 +130,23 @@ def train_partition(
     return state, len(dataset), metrics, new_local
 
 
+def predict_partition(
+    cfg: ExperimentConfig,
+    catalog: Catalog,
+    partition: Partition,
+    global_state: dict[str, torch.Tensor],
+    local: LocalState,
+    split: str = "test",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of the global model (with the client's own BatchNorm under FedBN) and target masks."""
+    device = select_device(cfg.train.device)
+    model = new_model(cfg, catalog.task.num_classes)
+    _load_global(model, global_state, local, cfg.federated.fedbn)
+    model = prepare_model(model, device)
+    dataset = catalog.subset(partition.indices[split])
+    return predict_probabilities(model, make_loader(dataset, cfg.train.batch_size, False, device), device)
+
+
 def evaluate_partition(
     cfg: ExperimentConfig,
     catalog: Catalog,
@@ -136,12 +155,8 @@ def evaluate_partition(
     local: LocalState,
     split: str = "test",
 ) -> dict:
-    """Metrics of the global model (with the client's own BatchNorm under FedBN) on one split."""
-    device = select_device(cfg.train.device)
-    model = new_model(cfg, catalog.task.num_classes)
-    _load_global(model, global_state, local, cfg.federated.fedbn)
-    model = prepare_model(model, device)
-    dataset = catalog.subset(partition.indices[split])
-    metrics = evaluate(model, make_loader(dataset, cfg.train.batch_size, False, device), device, catalog.task)
+    """Metrics of the global model on one split of the partition."""
+    probs, masks = predict_partition(cfg, catalog, partition, global_state, local, split)
+    metrics = classification_metrics(probs, masks, catalog.task)
     metrics["class_counts"] = catalog.class_counts(partition.indices[split])
     return metrics

@@ -1,0 +1,205 @@
+"""`fedbt server` and `fedbt site`: a Flower SuperLink and a hospital's SuperNode, set up safely.
+
+Both run until stopped (Ctrl-C or SIGTERM) and take their Flower processes down with them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedbt.certs import CertLayout, registered_keys
+from fedbt.deployment.control import FlowerControl
+from fedbt.deployment.processes import (
+    DeploymentError,
+    ManagedProcess,
+    flower_command,
+    flower_env,
+    install_stop_handlers,
+    wait_forever,
+)
+from fedbt.federated.common import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
+
+SERVER_READY = "server ready"
+SITE_READY = "connected to the server"
+# Flower prints this once its SuperNode has authenticated and joined the federation.
+SUPERNODE_JOINED = "SuperNode ID:"
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class ServerSettings:
+    certs: Path  # a `fedbt certs` folder: ca.pem, server/server.pem, server/server.key
+    state_dir: Path  # the SuperLink's database (runs, registered sites) and Flower home
+    host: str = "127.0.0.1"  # 0.0.0.0: all interfaces
+    port: int = 9092
+    site_keys: Path | None = None  # folder of <site>.pub to register; default certs/sites
+
+
+@dataclass
+class SiteSettings:
+    site_file: Path
+    server: str  # HOST:PORT of the SuperLink
+    ca_cert: Path
+    private_key: Path
+    data_root: Path | None
+    cache_dir: Path | None
+    state_dir: Path  # this SuperNode's Flower home (installed apps) and log
+    runtime_port: int = 9094  # the SuperNode's local Runtime API (loopback only); one per site on a machine
+    connect_timeout: float = 300.0
+    # Seconds between the SuperNode's checks for work; 3 s and a fresh ClientApp process per
+    # message are Flower's defaults (flower_defaults=True), kept for measuring the difference.
+    poll_interval: float = 0.2
+    flower_defaults: bool = False
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DeploymentError(f"{what} not found: {path}")
+    return path
+
+
+def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float = STARTUP_TIMEOUT) -> None:
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.process.poll() is not None:
+            raise DeploymentError(process.failure())
+        try:
+            with socket.create_connection((probe, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{process.name} did not open port {port} within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]:
+    return [
+        flower_command("flower-superlink"),
+        "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
+        "--ssl-keyfile", str(_require_file(layout.server_key, "server key")),
+        "--ssl-ca-certfile", str(_require_file(layout.ca_cert, "CA certificate")),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(settings.state_dir / "superlink.db"),
+        "--host", settings.host,
+        "--port", str(settings.port),
+    ]  # fmt: skip
+
+
+def register_sites(control: FlowerControl, site_keys: Path) -> dict[str, str]:
+    keys = registered_keys(site_keys)
+    if not keys:
+        raise DeploymentError(f"no site public keys (<site>.pub) in {site_keys}: make them with `fedbt certs`")
+    return {name: control.register_site(name, key) for name, key in keys.items()}
+
+
+def run_server(settings: ServerSettings) -> int:
+    """Start the SuperLink, register the sites' keys, serve until stopped."""
+    layout = CertLayout(settings.certs)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    command = superlink_command(settings, layout)
+    install_stop_handlers()
+    link = ManagedProcess(
+        "superlink", command, flower_env(settings.state_dir / "flwr-home"), settings.state_dir / "superlink.log"
+    )
+    try:
+        wait_for_port(settings.host, settings.port, link)
+        local = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+        control = FlowerControl(f"{local}:{settings.port}", layout.ca_cert, settings.state_dir / "flwr-cli")
+        registered = register_sites(control, settings.site_keys or layout.sites_dir)
+        sites = ", ".join(f"{name} ({state})" for name, state in registered.items())
+        print(f"fedbt: {SERVER_READY} on {settings.host}:{settings.port}; sites: {sites}", flush=True)
+        ended = wait_forever([link])
+        raise DeploymentError(ended.failure())
+    except KeyboardInterrupt:
+        print("fedbt: server stopped", flush=True)
+        return 0
+    finally:
+        link.stop()
+
+
+def check_site_data(site_file: Path, data_root: Path | None) -> str:
+    """The site's name, after making sure its YAML points at images: a clear error now, not mid-run."""
+    from fedbt.readers import scan_site
+    from fedbt.sites import load_site
+
+    spec = load_site(site_file, data_root)
+    scan = scan_site(spec)
+    if not scan.records:
+        raise DeploymentError(f"site {spec.name}: no images found under {spec.root}")
+    print(f"fedbt: site {spec.name}: {len(scan.records)} images under {spec.root}", flush=True)
+    return spec.name
+
+
+def node_config(settings: SiteSettings) -> str:
+    values = {NODE_SITE: settings.site_file.resolve()}
+    if settings.data_root:
+        values[NODE_DATA_ROOT] = settings.data_root.resolve()
+    if settings.cache_dir:
+        values[NODE_CACHE_DIR] = settings.cache_dir.resolve()
+    return " ".join(f'{key}="{value}"' for key, value in values.items())
+
+
+def supernode_command(settings: SiteSettings) -> list[str]:
+    flower_args = [
+        "--superlink", settings.server,
+        "--root-certificates", str(_require_file(settings.ca_cert, "CA certificate")),
+        "--auth-supernode-private-key", str(_require_file(settings.private_key, "site key")),
+        "--node-config", node_config(settings),
+        "--port", str(settings.runtime_port),
+        "--max-wait-time", str(settings.connect_timeout),
+    ]  # fmt: skip
+    if settings.flower_defaults:
+        return [flower_command("flower-supernode"), *flower_args]
+    warm = [sys.executable, "-m", "fedbt.deployment.warm", "supernode", "--poll-interval", str(settings.poll_interval)]
+    return [*warm, *flower_args, "--isolation", "process"]
+
+
+def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
+    return [
+        sys.executable, "-m", "fedbt.deployment.warm", "executor",
+        "--runtime-api-address", f"127.0.0.1:{settings.runtime_port}",
+        "--supernode-pid", str(supernode_pid),
+    ]  # fmt: skip
+
+
+def run_site(settings: SiteSettings) -> int:
+    """Check the site's data, join the server, run ClientApps until stopped."""
+    name = check_site_data(settings.site_file, settings.data_root)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # How often the executor asks the SuperNode for a task (Flower's default: every second).
+    poll = {} if settings.flower_defaults else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(settings.poll_interval)}
+    env = flower_env(settings.state_dir / "flwr-home", poll)
+    install_stop_handlers()
+    processes = [ManagedProcess(f"site {name}", supernode_command(settings), env, settings.state_dir / "supernode.log")]
+    try:
+        node = processes[0]
+        node.wait_for(SUPERNODE_JOINED, settings.connect_timeout + STARTUP_TIMEOUT)
+        if not settings.flower_defaults:
+            processes.append(
+                ManagedProcess(
+                    f"site {name} executor",
+                    executor_command(settings, node.process.pid),
+                    env,
+                    settings.state_dir / "executor.log",
+                )
+            )
+        print(f"fedbt: site {name} {SITE_READY} at {settings.server}", flush=True)
+        ended = wait_forever(processes)
+        raise DeploymentError(ended.failure())
+    except KeyboardInterrupt:
+        print(f"fedbt: site {name} stopped", flush=True)
+        return 0
+    finally:
+        for managed in reversed(processes):
+            managed.stop()
+
+
+def default_state_dir(kind: str, name: str) -> Path:
+    return Path(os.environ.get("FEDBT_STATE", "deploy-state")) / f"{kind}-{name}"
