@@ -14,7 +14,7 @@ from pathlib import Path
 from fedbt.certs import make_deployment_certs
 from fedbt.deployment.nodes import SERVER_READY, SITE_READY, STARTUP_TIMEOUT
 from fedbt.deployment.processes import ManagedProcess, flower_env
-from fedbt.deployment.runs import RunOutcome, RunRequest, submit_and_follow
+from fedbt.deployment.runs import RunRequest, submit_and_follow
 from fedbt.sites import load_site
 
 LOOPBACK = "127.0.0.1"
@@ -52,7 +52,15 @@ class LocalFederation:
         return ManagedProcess(name, [sys.executable, "-m", "fedbt.cli", *args], self.env, self.work / log)
 
     def start_server(self) -> None:
-        args = ["server", "--certs", str(self.certs), "--port", str(self.port), "--state-dir", str(self.work / "server")]
+        args = [
+            "server",
+            "--certs",
+            str(self.certs),
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.work / "server"),
+        ]
         self.server = self._fedbt("server", args, "server.out")
         self.server.wait_for(SERVER_READY, STARTUP_TIMEOUT)
 

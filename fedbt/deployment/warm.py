@@ -10,12 +10,14 @@ SuperNode checks for messages every 3 s and for its ClientApp's reply every 0.5 
   already imported. Each task still runs in its own process (as Flower isolates it); only
   the imports are shared. The ClientApp that runs is the one installed at the site.
 - `python -m fedbt.deployment.warm supernode ...`: `flower-supernode` with its idle waits
-  capped at `--poll-interval` seconds.
+  capped at `--poll-interval` seconds, and its first retry of a model part the server is
+  still uploading after that long too (Flower's: 1 s, then doubling).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -41,6 +43,10 @@ def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
 
     # The loop's only sleeps are its idle waits (3 s between pulls, 0.5 s while a reply is computed).
     start_client_internal.time = CappedSleep(poll_interval)
+    # A message is pulled as soon as it exists, often before the server has uploaded all of its arrays.
+    start_client_internal.pull_objects = functools.partial(
+        start_client_internal.pull_objects, initial_backoff=poll_interval
+    )
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 

@@ -1,0 +1,171 @@
+"""End to end: a real SuperLink and three SuperNodes on 127.0.0.1 with TLS and site authentication.
+
+Every process runs through the `fedbt server` / `fedbt site` / `fedbt run` commands in its own
+process group; fixtures and `finally` blocks kill the groups, also when a test fails, and
+every wait has a limit. The small CNN keeps the model transfers (and the tests) short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbt.certs import CertLayout, make_site_keys
+from fedbt.deployment.local import LocalFederation, free_port
+
+pytestmark = pytest.mark.e2e
+
+RUN_TIMEOUT = 240
+TINY = ["data.image_size=32", "model.name=cnn", "train.threads=1"]
+
+
+@pytest.fixture()
+def federation(tmp_path, demo_root, site_files):
+    federation = LocalFederation(tmp_path, demo_root, site_files, connect_timeout=30)
+    try:
+        yield federation.start()
+    finally:
+        federation.close()
+
+
+def fedbt(args: list[str], timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """`fedbt ARGS` in its own process group, killed with all its children when it overruns."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedbt.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+def run_args(federation: LocalFederation, out: Path, *extra: str) -> list[str]:
+    sets = [arg for override in TINY for arg in ("--set", override)]
+    return ["run", "--server", federation.address, "--ca", str(federation.certs / "ca.pem"), "--out", str(out),
+            *sets, *extra]  # fmt: skip
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(federation, tmp_path):
+    out = tmp_path / "results"
+    done = fedbt(run_args(federation, out, "--rounds", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "federated" / "metrics.json").read_text())
+    assert [h["round"] for h in metrics["history"]] == [1, 2]
+    for entry in metrics["history"]:
+        assert set(entry["train"]) == set(entry["sites"]) == {"figshare", "sartaj", "br35h"}
+    # The server holds no data: the test results come from each site's own test split.
+    assert set(metrics["test"]["sites"]) == {"figshare", "sartaj", "br35h"}
+    pooled_n = metrics["test"]["pooled"]["n"]
+    assert pooled_n == sum(site["n"] for site in metrics["test"]["sites"].values()) > 0
+    for name in ("report.md", "report.html", "curves.png", "confusion.png", "federated/final.pt"):
+        assert (out / name).is_file(), name
+    assert "completed" in done.stdout
+
+
+def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_line(federation, tmp_path):
+    stranger = CertLayout(tmp_path / "stranger")
+    make_site_keys(stranger, "figshare")  # a key pair the server never registered
+    common = ["site", "--site", federation.names["figshare"], "--data-root", str(federation.data_root),
+              "--state-dir", str(tmp_path / "stranger-state"), "--connect-timeout", "3"]  # fmt: skip
+    cases = {
+        "not registered with the server": [
+            "--server", federation.address, "--ca", str(federation.certs / "ca.pem"),
+            "--key", str(stranger.site_private_key("figshare")), "--runtime-port", str(free_port()),
+        ],
+        "not signed by the given CA": [
+            "--server", federation.address, "--ca", str(federation.certs / "server" / "server.pem"),
+            "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+        ],
+        "unreachable": [
+            "--server", f"127.0.0.1:{free_port()}", "--ca", str(federation.certs / "ca.pem"),
+            "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+        ],
+    }  # fmt: skip
+    for expected, args in cases.items():
+        done = fedbt([*common, *args], timeout=90)
+        assert done.returncode == 2, (expected, done.stderr[-2000:])
+        assert expected in last_line(done.stderr) and last_line(done.stderr).startswith("fedbt: error:")
+        assert "Traceback" not in done.stderr
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_killed_site_leaves_a_run_that_finishes_and_it_rejoins_the_next_round(federation, tmp_path):
+    out = tmp_path / "results"
+    args = run_args(federation, out, "--rounds", "2", "--min-sites", "2", "--round-timeout", "20")
+    run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)  # fmt: skip
+    try:
+        br35h = federation.sites["br35h"]
+        wait_for(lambda: br35h.saw("Receiving: train message"), 120, "br35h to receive round 1")
+        federation.kill_site("br35h")  # mid-round: its model never comes back
+        federation.start_site("br35h")
+        stdout, stderr = run.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, stderr[-3000:]
+    history = json.loads((out / "federated" / "metrics.json").read_text())["history"]
+    assert set(history[0]["train"]) == {"figshare", "sartaj"}  # round 1 went on without it
+    assert set(history[1]["train"]) == {"figshare", "sartaj", "br35h"}  # and it was back for round 2
+
+
+def test_below_the_minimum_of_sites_the_run_fails_with_a_clear_message(federation, tmp_path):
+    federation.kill_site("sartaj")
+    federation.kill_site("br35h")
+    done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--round-timeout", "10"))
+    assert done.returncode == 2
+    message = last_line(done.stderr)
+    assert message.startswith("fedbt: error: run") and "failed" in message and "of the required 3 sites" in message
+
+
+def test_a_restarted_server_resumes_from_the_last_rounds_checkpoint(federation, tmp_path):
+    out = tmp_path / "results"
+    args = run_args(federation, out, "--rounds", "2")
+    first = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    checkpoint = out / "federated" / "last.pt"
+    try:
+        wait_for(checkpoint.is_file, 150, "the round 1 checkpoint")
+        time.sleep(0.5)  # let the file be written completely
+        round_one = torch.load(checkpoint, weights_only=False)["progress"]
+        federation.stop_server()  # kills the SuperLink and the ServerApp in the middle of round 2
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode != 0 and round_one["round"] == 1
+    federation.start_server()  # same port, same database: the sites' registrations survive
+    for site in federation.sites.values():
+        assert site.process.poll() is None, "a site gave up while the server was away"
+    done = fedbt([*args, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "federated" / "metrics.json").read_text())
+    assert [h["round"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][0] == json.loads(json.dumps(round_one["history"][0]))  # round 1 was not redone
