@@ -76,7 +76,7 @@ def train_model(
     tc = cfg.train
     configure_threads(tc.threads)
     device = select_device(tc.device)
-    seed_everything(cfg.data.seed)
+    seed_everything(cfg.training_seed)
     num_classes = data.train.masks.shape[1]
     model = prepare_model(build_model(cfg.model, num_classes, cfg.data.image_size), device)
     optimizer = build_optimizer(_param_groups(model, cfg), tc)
@@ -104,10 +104,10 @@ def train_model(
 
     for epoch in range(start_epoch, tc.epochs):
         # Re-seeding per epoch makes a resumed run draw the same batches and augmentations.
-        seed_everything(cfg.data.seed + epoch)
+        seed_everything(cfg.training_seed + epoch)
         _apply_freezing(model, cfg, epoch)
         loader = make_loader(
-            data.train, tc.batch_size, True, device, seed=cfg.data.seed + epoch, workers=tc.num_workers
+            data.train, tc.batch_size, True, device, seed=cfg.training_seed + epoch, workers=tc.num_workers
         )
         # ReduceLROnPlateau owns the LR under 'plateau'; a per-step schedule would overwrite it.
         schedule = None if plateau else StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
@@ -120,6 +120,7 @@ def train_model(
             weights,
             scaler,
             on_step=step_logger(kind, epoch, tc.epochs, tc.log_every),
+            label_smoothing=tc.label_smoothing,
         )
         val = evaluate(model, val_loader, device, get_task(cfg.data.task))
         if plateau is not None:

@@ -84,6 +84,7 @@ def coarse_label_loss(
     masks: torch.Tensor,
     class_weights: torch.Tensor | None = None,
     present_classes: torch.Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """-log sum_{c in allowed} p_c: cross-entropy for fine labels, set likelihood for coarse ones.
 
@@ -92,12 +93,19 @@ def coarse_label_loss(
     With `present_classes` (restricted softmax, as in FedRS) the probabilities are
     normalised over the classes a site has at all: figshare, which has no healthy
     scans, then never learns to push 'no tumour' down, a class it knows nothing about.
+    `smoothing` mixes in the cross-entropy to a uniform target over those classes, so a
+    from-scratch model is not driven to ever larger logits on a few noisy labels.
     """
     logits = logits.float()
+    present = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
     if present_classes is not None:
-        logits = logits.masked_fill(~present_classes.to(logits.device), float("-inf"))
-    allowed = logits.masked_fill(~masks, float("-inf")).logsumexp(dim=1)
-    per_sample = logits.logsumexp(dim=1) - allowed
+        present = present_classes.to(logits.device)
+        logits = logits.masked_fill(~present, float("-inf"))
+    normaliser = logits.logsumexp(dim=1)
+    per_sample = normaliser - logits.masked_fill(~masks, float("-inf")).logsumexp(dim=1)
+    if smoothing > 0:
+        uniform = normaliser - logits[:, present].mean(dim=1)
+        per_sample = (1 - smoothing) * per_sample + smoothing * uniform
     if class_weights is None:
         return per_sample.mean()
     weights = (masks.float() * class_weights).sum(1) / masks.sum(1)
@@ -179,6 +187,7 @@ def train_one_epoch(
     proximal_mu: float = 0.0,
     on_step: Callable[[int, int, float], None] | None = None,
     present_classes: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """One pass over the loader. Returns mean loss, images seen, seconds and images/second."""
     model.train()
@@ -193,7 +202,7 @@ def train_one_epoch(
         masks = masks.to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(images)
-        loss = coarse_label_loss(logits, masks, weights, present_classes)
+        loss = coarse_label_loss(logits, masks, weights, present_classes, label_smoothing)
         if anchor is not None:
             loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
         optimizer.zero_grad(set_to_none=True)

@@ -99,3 +99,15 @@ def test_models_build_for_both_tasks_and_grayscale_input():
     assert build_model(ModelConfig(name="cnn"), 2, 64)(x).shape == (2, 2)
     with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
         build_model(ModelConfig(name="resnet50", pretrained_path="/nonexistent.pth"), 4, 64)
+
+
+def test_training_seed_decides_the_run(data_config, tmp_path):
+    cfg = small_config(data_config, epochs=1)
+    data = train_data(cfg)
+    first, _ = train_model(cfg, data, tmp_path / "a", "test")
+    again, _ = train_model(cfg, data, tmp_path / "b", "test")
+    cfg.train.seed = cfg.data.seed + 1
+    other, _ = train_model(cfg, data, tmp_path / "c", "test")
+    weights = [m.state_dict()["classifier.4.weight"] for m in (first, again, other)]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])

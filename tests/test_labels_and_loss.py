@@ -67,3 +67,30 @@ def test_restricted_softmax_ignores_classes_the_site_does_not_have():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     assert logits.grad[0, 2] == 0  # 'no tumour' is neither pushed down nor up
+
+
+def test_label_smoothing_matches_torch_for_fine_labels():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.1], [0.0, 1.0, 3.0, -2.0]])
+    masks = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.1)
+    assert coarse_label_loss(logits, masks, smoothing=0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_label_smoothing_of_a_coarse_label_mixes_set_and_uniform_terms():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    masks = torch.tensor([[True, True, False, True]])
+    log_p = torch.log_softmax(logits, dim=1)[0]
+    set_term = -math.log(float(log_p[[0, 1, 3]].exp().sum()))
+    expected = 0.8 * set_term + 0.2 * float(-log_p.mean())
+    assert coarse_label_loss(logits, masks, smoothing=0.2).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_smoothing_under_restricted_softmax_spreads_only_over_present_classes():
+    logits = torch.tensor([[1.0, 0.5, 2.0, -0.5]], requires_grad=True)
+    masks = torch.tensor([[True, False, False, False]])
+    present = torch.tensor([True, True, False, True])
+    loss = coarse_label_loss(logits, masks, present_classes=present, smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits[:, [0, 1, 3]], torch.tensor([0]), label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, 2] == 0

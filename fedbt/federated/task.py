@@ -52,7 +52,7 @@ def client_partition(cfg: ExperimentConfig, partition_id: int, num_partitions: i
 
 
 def new_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
-    seed_everything(cfg.data.seed)
+    seed_everything(cfg.training_seed)
     return build_model(cfg.model, num_classes, cfg.data.image_size)
 
 
@@ -109,13 +109,22 @@ def train_partition(
     for epoch in range(fc.local_epochs):
         global_epoch = (server_round - 1) * fc.local_epochs + epoch
         # Seeds differ per client (crc32 of its name: stable across processes, unlike hash()).
-        seed_everything(cfg.data.seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000)
+        seed_everything(cfg.training_seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000)
         loader = make_loader(
-            dataset, tc.batch_size, True, device, seed=cfg.data.seed + global_epoch, workers=tc.num_workers
+            dataset, tc.batch_size, True, device, seed=cfg.training_seed + global_epoch, workers=tc.num_workers
         )
         schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps)
         stats = train_one_epoch(
-            model, loader, optimizer, device, schedule, weights, scaler, proximal_mu, present_classes=present
+            model,
+            loader,
+            optimizer,
+            device,
+            schedule,
+            weights,
+            scaler,
+            proximal_mu,
+            present_classes=present,
+            label_smoothing=tc.label_smoothing,
         )
     new_local = LocalState(
         batchnorm=local_batchnorm(model) if fc.fedbn else None,
