@@ -46,7 +46,7 @@ EVAL_BATCH_SIZE = 64
 # Training steps recorded by --profile (after one unrecorded warm-up step).
 PROFILE_STEPS = 5
 PROFILE_ROWS = 15
-DEPLOYMENT_UNAVAILABLE = "n/a (deployment not implemented)"
+DEPLOYMENT_UNAVAILABLE = "not measured (pass --deployment)"
 
 
 @dataclass
@@ -90,8 +90,9 @@ class BenchResult:
     latency_ms: float
     cache: CacheTiming
     federated: FederatedOverhead | None = None
-    # No deployment commands exist yet, so there is nothing to measure: None, never a guess.
+    # Measured only on request (--deployment: it starts a server and three sites); None, never a guess.
     deployment_overhead_seconds_per_round: float | None = None
+    deployment_flower_defaults_seconds_per_round: float | None = None
 
 
 def describe_device(device: torch.device) -> str:
@@ -156,10 +157,19 @@ class EngineTrainer:
     def epoch(self, dataset: MRIDataset, on_step: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
         """One train_one_epoch pass over a fresh loader (a new loader per epoch, as in training)."""
         tc = self.cfg.train
-        loader = make_loader(dataset, tc.batch_size, True, self.device, seed=self.cfg.data.seed, workers=tc.num_workers)
+        loader = make_loader(
+            dataset, tc.batch_size, True, self.device, seed=self.cfg.training_seed, workers=tc.num_workers
+        )
         schedule = StepSchedule(tc.lr, tc.schedule, len(loader))
         return train_one_epoch(
-            self.model, loader, self.optimizer, self.device, schedule, scaler=self.scaler, on_step=on_step
+            self.model,
+            loader,
+            self.optimizer,
+            self.device,
+            schedule,
+            scaler=self.scaler,
+            on_step=on_step,
+            label_smoothing=tc.label_smoothing,
         )
 
 
@@ -264,7 +274,7 @@ def run_bench(
     federated = federated_overhead(sim_run) if sim_run else None
     configure_threads(cfg.train.threads)
     device = select_device(cfg.train.device)
-    seed_everything(cfg.data.seed)
+    seed_everything(cfg.training_seed)
     indices = bench_indices(catalog, images)
     size, batch = cfg.data.image_size, cfg.train.batch_size
 
@@ -309,7 +319,7 @@ def profile_training(
 
     configure_threads(cfg.train.threads)
     device = select_device(cfg.train.device)
-    seed_everything(cfg.data.seed)
+    seed_everything(cfg.training_seed)
     batch = cfg.train.batch_size
     indices = bench_indices(catalog, (steps + 1) * batch)
     if len(indices) <= batch:
@@ -351,6 +361,10 @@ def format_table(result: BenchResult) -> str:
         ("federated simulation overhead", federated),
         ("deployment per-round overhead", DEPLOYMENT_UNAVAILABLE if deployment is None else f"{deployment:.1f} s"),
     ]
+    if result.deployment_flower_defaults_seconds_per_round is not None:
+        rows.append(
+            ("deployment overhead, Flower defaults", f"{result.deployment_flower_defaults_seconds_per_round:.1f} s")
+        )
     width = max(len(label) for label, _ in rows)
     header = [
         f"device: {result.device}",
@@ -364,6 +378,25 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(header + [""] + [f"{label.ljust(width)}  {value}" for label, value in rows])
 
 
+def deployment_overhead(cfg: ExperimentConfig, flower_defaults: bool, rounds: int = 3) -> float:
+    """Seconds per round a loopback deployment (server + one SuperNode per site) spends beyond training."""
+    from fedbt.deployment.local import measure_overhead
+
+    overrides = [
+        f"data.image_size={cfg.data.image_size}",
+        f"model.name={cfg.model.name}",
+        f"train.batch_size={cfg.train.batch_size}",
+        "train.threads=1",  # three sites share this machine's cores
+    ]
+    with tempfile.TemporaryDirectory(prefix="fedbt-bench-deploy-") as work:
+        log(f"[bench] deployment on loopback, {rounds} rounds, {'Flower defaults' if flower_defaults else 'tuned'}")
+        measured = measure_overhead(
+            Path(work), Path(cfg.data.data_root), cfg.data.sites, rounds, overrides, flower_defaults
+        )
+    log(f"[bench] deployment overhead per round: {measured['per_round_seconds']}")
+    return measured["overhead_seconds_per_round"]
+
+
 def run_and_print(
     cfg: ExperimentConfig,
     steps: int,
@@ -372,10 +405,15 @@ def run_and_print(
     sim_run: str | None = None,
     profile: bool = False,
     json_path: str | None = None,
+    deployment: str | None = None,
 ) -> int:
     """The `fedbt bench` command."""
     catalog = build_catalog(cfg.data)
     result = run_bench(cfg, catalog, steps, warmup, images, sim_run)
+    if deployment in ("tuned", "both"):
+        result.deployment_overhead_seconds_per_round = deployment_overhead(cfg, flower_defaults=False)
+    if deployment in ("flower-defaults", "both"):
+        result.deployment_flower_defaults_seconds_per_round = deployment_overhead(cfg, flower_defaults=True)
     print(format_table(result))
     numbers = asdict(result)
     if profile:

@@ -111,7 +111,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fedbt.bench import run_and_print
 
     return run_and_print(
-        config_from_args(args), args.steps, args.warmup, args.images, args.sim_run, args.profile, args.json
+        config_from_args(args),
+        args.steps,
+        args.warmup,
+        args.images,
+        args.sim_run,
+        args.profile,
+        args.json,
+        args.deployment,
     )
 
 
@@ -313,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sim-run", help="a finished simulation's output folder: report its federated overhead")
     bench.add_argument("--profile", action="store_true", help="profile a few engine steps; Chrome trace in --out")
     bench.add_argument("--json", help="also write every number as JSON here")
+    bench.add_argument(
+        "--deployment",
+        choices=["tuned", "flower-defaults", "both"],
+        help="also measure a loopback deployment's per-round overhead (server + a SuperNode per site)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("evaluate", help="clinical metrics, calibration, CIs, plots and report of a checkpoint")

@@ -80,3 +80,13 @@ def test_profile_writes_a_trace_and_an_operator_table(tiny, tmp_path):
     table, trace = profile_training(cfg, catalog, tmp_path / "out", steps=1)
     assert trace.is_file() and trace.stat().st_size > 0
     assert "convolution" in table
+
+
+def test_table_shows_the_deployment_overhead_before_and_after_when_measured(tiny, tmp_path):
+    cfg, catalog = tiny
+    result = run_bench(cfg, catalog, steps=1, warmup=0, images=8, scratch=tmp_path)
+    result.deployment_overhead_seconds_per_round = 2.54
+    result.deployment_flower_defaults_seconds_per_round = 21.0
+    table = format_table(result)
+    assert "deployment per-round overhead" in table and "2.5 s" in table
+    assert "deployment overhead, Flower defaults" in table and "21.0 s" in table

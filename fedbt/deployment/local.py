@@ -39,7 +39,6 @@ class LocalFederation:
 
     def __post_init__(self):
         self.names = {load_site(path, self.data_root).name: path for path in self.site_files}
-        self.runtime_ports = {name: free_port() for name in self.names}
         self.certs = make_deployment_certs(self.work / "certs", [LOOPBACK, "localhost"], list(self.names)).root
         # Child processes: one torch thread each, so three sites and a server share few cores without thrashing.
         self.env = flower_env(self.work / "cli-home", {"OMP_NUM_THREADS": "1"})
@@ -65,10 +64,11 @@ class LocalFederation:
         self.server.wait_for(SERVER_READY, STARTUP_TIMEOUT)
 
     def start_site(self, name: str) -> ManagedProcess:
+        # A fresh Runtime API port on every start: a killed site's old port may not be free yet.
         args = [
             "site", "--site", self.names[name], "--server", self.address, "--certs", str(self.certs),
             "--data-root", str(self.data_root), "--cache-dir", str(self.work / "cache" / name),
-            "--state-dir", str(self.work / f"site-{name}"), "--runtime-port", str(self.runtime_ports[name]),
+            "--state-dir", str(self.work / f"site-{name}"), "--runtime-port", str(free_port()),
             "--connect-timeout", str(self.connect_timeout),
         ]  # fmt: skip
         if self.flower_defaults:

@@ -15,6 +15,7 @@ from pathlib import Path
 from fedbt.certs import CertLayout, registered_keys
 from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.processes import (
+    ACTIVATION_REFUSED,
     DeploymentError,
     ManagedProcess,
     flower_command,
@@ -29,6 +30,7 @@ SITE_READY = "connected to the server"
 # Flower prints this once its SuperNode has authenticated and joined the federation.
 SUPERNODE_JOINED = "SuperNode ID:"
 STARTUP_TIMEOUT = 60.0
+ACTIVATION_RETRY_SECONDS = 2.0
 
 
 @dataclass
@@ -105,9 +107,8 @@ def run_server(settings: ServerSettings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     command = superlink_command(settings, layout)
     install_stop_handlers()
-    link = ManagedProcess(
-        "superlink", command, flower_env(settings.state_dir / "flwr-home"), settings.state_dir / "superlink.log"
-    )
+    env = flower_env(settings.state_dir / "flwr-home")
+    link = ManagedProcess("superlink", command, env, settings.state_dir / "superlink.log", own_group=False)
     try:
         wait_for_port(settings.host, settings.port, link)
         local = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
@@ -169,6 +170,30 @@ def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     ]  # fmt: skip
 
 
+def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> ManagedProcess:
+    """A SuperNode that has joined the server.
+
+    A site that died is still online for the server until its heartbeats are overdue, and
+    the server refuses a second activation meanwhile: a restarted site retries until then.
+    """
+    deadline = time.monotonic() + settings.connect_timeout
+    while True:
+        log_file = settings.state_dir / "supernode.log"
+        node = ManagedProcess(f"site {name}", supernode_command(settings), env, log_file, own_group=False)
+        try:
+            node.wait_for(SUPERNODE_JOINED, settings.connect_timeout + STARTUP_TIMEOUT)
+            return node
+        except DeploymentError:
+            node.stop()
+            if not node.saw(ACTIVATION_REFUSED) or time.monotonic() > deadline:
+                raise
+        except BaseException:
+            node.stop()
+            raise
+        print(f"fedbt: site {name}: the server refused to activate this site yet; retrying", flush=True)
+        time.sleep(ACTIVATION_RETRY_SECONDS)
+
+
 def run_site(settings: SiteSettings) -> int:
     """Check the site's data, join the server, run ClientApps until stopped."""
     name = check_site_data(settings.site_file, settings.data_root)
@@ -177,10 +202,10 @@ def run_site(settings: SiteSettings) -> int:
     poll = {} if settings.flower_defaults else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(settings.poll_interval)}
     env = flower_env(settings.state_dir / "flwr-home", poll)
     install_stop_handlers()
-    processes = [ManagedProcess(f"site {name}", supernode_command(settings), env, settings.state_dir / "supernode.log")]
+    processes: list[ManagedProcess] = []
     try:
-        node = processes[0]
-        node.wait_for(SUPERNODE_JOINED, settings.connect_timeout + STARTUP_TIMEOUT)
+        node = join_server(settings, name, env)
+        processes.append(node)
         if not settings.flower_defaults:
             processes.append(
                 ManagedProcess(
@@ -188,6 +213,7 @@ def run_site(settings: SiteSettings) -> int:
                     executor_command(settings, node.process.pid),
                     env,
                     settings.state_dir / "executor.log",
+                    own_group=False,
                 )
             )
         print(f"fedbt: site {name} {SITE_READY} at {settings.server}", flush=True)

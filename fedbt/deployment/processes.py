@@ -13,11 +13,13 @@ import time
 from collections import deque
 from pathlib import Path
 
+# Flower's SuperNode message when the server refuses it: an unknown key, or a node still online.
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_TAIL_LINES = 80
 # What a Flower failure says, and what it means for whoever started the process.
 FAILURE_HINTS = (
-    ("Failed to activate SuperNode", "this site's public key is not registered with the server"),
+    (ACTIVATION_REFUSED, "this site's public key is not registered with the server (or it is still connected)"),
     ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by the given CA (wrong --ca?)"),
     ("Connection refused", "the server is unreachable (not started, wrong address or port, firewall?)"),
     ("Giving up reconnection", "the server is unreachable"),
@@ -59,10 +61,18 @@ def flower_env_path() -> str:
 
 
 class ManagedProcess:
-    """A child in its own process group, its output echoed with a prefix and its last lines kept."""
+    """A child process, its output echoed with a prefix and its last lines kept.
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_file: Path | None = None):
+    `own_group=True` (tests, the benchmark): the child leads a new process group that stop()
+    ends as a whole. `own_group=False` (Flower processes under `fedbt server`/`site`): the
+    child stays in our group, so killing that group, even with SIGKILL, ends the whole site.
+    """
+
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str], log_file: Path | None = None, own_group: bool = True
+    ):
         self.name = name
+        self.own_group = own_group
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._log = log_file.open("a", encoding="utf-8") if log_file else None
         self.process = subprocess.Popen(
@@ -73,7 +83,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             text=True,
             errors="replace",
-            start_new_session=True,  # its own process group: stopping it stops its children too
+            start_new_session=own_group,
         )
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
@@ -109,28 +119,29 @@ class ManagedProcess:
 
     def stop(self, grace: float = 5.0) -> None:
         if self.process.poll() is None:
-            stop_group(self.process.pid, grace)
+            stop_process(self.process.pid, grace, self.own_group)
             self.process.wait(timeout=grace + 5)
         self._reader.join(timeout=2)
         if self._log:
             self._log.close()
 
 
-def stop_group(pid: int, grace: float) -> None:
-    """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
+def stop_process(pid: int, grace: float, group: bool) -> None:
+    """SIGTERM the process (group), SIGKILL what is left after `grace` seconds."""
+    send = os.killpg if group else os.kill
     try:
-        os.killpg(pid, signal.SIGTERM)
+        send(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
-            os.killpg(pid, 0)
+            send(pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
     try:
-        os.killpg(pid, signal.SIGKILL)
+        send(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
