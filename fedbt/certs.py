@@ -27,6 +27,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 SITE_KEY_CURVE = ec.SECP384R1()
 VALID_DAYS = 825  # the longest lifetime browsers and most TLS stacks accept for a leaf certificate
 SITE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# The server reaches its own SuperLink over loopback (to register sites; Flower's ServerApp
+# runner does too), so its certificate always names loopback beside the given hosts.
+LOOPBACK_NAMES = ["127.0.0.1", "localhost"]
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,10 @@ def make_server_cert(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(subject_alternative_names(hosts)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(subject_alternative_names(list(dict.fromkeys(hosts + LOOPBACK_NAMES)))),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())

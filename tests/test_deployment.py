@@ -24,8 +24,8 @@ def test_certs_name_the_server_and_give_each_site_a_flower_readable_key_pair(tmp
     server = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
-    assert names.get_values_for_type(x509.DNSName) == ["server.example.org"]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1")]
+    assert names.get_values_for_type(x509.DNSName) == ["server.example.org", "localhost"]
     private = load_ssh_private_key(layout.site_private_key("figshare").read_bytes(), None)
     public = load_ssh_public_key(layout.site_public_key("figshare").read_bytes())
     assert isinstance(private, ec.EllipticCurvePrivateKey) and public == private.public_key()

@@ -39,7 +39,7 @@ class LocalFederation:
 
     def __post_init__(self):
         self.names = {load_site(path, self.data_root).name: path for path in self.site_files}
-        self.certs = make_deployment_certs(self.work / "certs", [LOOPBACK, "localhost"], list(self.names)).root
+        self.certs = make_deployment_certs(self.work / "certs", [LOOPBACK], list(self.names)).root
         # Child processes: one torch thread each, so three sites and a server share few cores without thrashing.
         self.env = flower_env(self.work / "cli-home", {"OMP_NUM_THREADS": "1"})
 
