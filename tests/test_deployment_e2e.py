@@ -170,3 +170,14 @@ def test_a_restarted_server_resumes_from_the_last_rounds_checkpoint(federation, 
     metrics = json.loads((out / "federated" / "metrics.json").read_text())
     assert [h["round"] for h in metrics["history"]] == [1, 2]
     assert metrics["history"][0] == json.loads(json.dumps(round_one["history"][0]))  # round 1 was not redone
+
+
+def test_run_against_an_unreachable_server_fails_in_one_line(tmp_path):
+    certs = tmp_path / "certs"
+    assert (
+        fedbt(["certs", "--out", str(certs), "--host", "127.0.0.1", "--sites", "figshare"], timeout=60).returncode == 0
+    )
+    args = ["run", "--server", f"127.0.0.1:{free_port()}", "--ca", str(certs / "ca.pem"), "--out", str(tmp_path / "r")]
+    done = fedbt(args, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert last_line(done.stderr).startswith("fedbt: error: flwr run failed") and "unavailable" in done.stderr
