@@ -76,17 +76,17 @@ def plot_learning_curves(results: dict, path: Path) -> Path:
     """Federated: pooled val and each site's val per round; central: pooled val per epoch."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     history = results["federated"]["history"]
-    rounds = [h["round"] for h in history]
-    if history and "accuracy" in history[0]["server"]:
-        ax_acc.plot(rounds, [h["server"]["accuracy"] for h in history], "o-", lw=2, label="federated global (pooled)")
-        ax_loss.plot(rounds, [h["server"]["loss"] for h in history], "o-", lw=2, label="federated global (pooled)")
+    # Only rounds that were scored (federated.evaluate_every may skip some).
+    scored = [h for h in history if "accuracy" in h["server"]]
+    if scored:
+        rounds = [h["round"] for h in scored]
+        ax_acc.plot(rounds, [h["server"]["accuracy"] for h in scored], "o-", lw=2, label="federated global (pooled)")
+        ax_loss.plot(rounds, [h["server"]["loss"] for h in scored], "o-", lw=2, label="federated global (pooled)")
     for site in sorted({s for h in history for s in h["sites"]}):
-        ax_acc.plot(
-            rounds, [h["sites"].get(site, {}).get("set_accuracy") for h in history], ".--", label=f"federated on {site}"
-        )
-        ax_loss.plot(
-            rounds, [h["sites"].get(site, {}).get("loss") for h in history], ".--", label=f"federated on {site}"
-        )
+        on_site = [(h["round"], h["sites"][site]) for h in history if site in h["sites"]]
+        rounds = [r for r, _ in on_site]
+        ax_acc.plot(rounds, [m["set_accuracy"] for _, m in on_site], ".--", label=f"federated on {site}")
+        ax_loss.plot(rounds, [m["loss"] for _, m in on_site], ".--", label=f"federated on {site}")
     if "central" in results:
         central = results["central"]["history"]
         epochs = [h["epoch"] for h in central]

@@ -50,3 +50,19 @@ def test_a_stopped_federated_run_resumes_from_its_last_round(demo_args, tmp_path
     assert [h["round"] for h in fed["history"]] == [1, 2]
     # Round 1 was not trained again: its record is the one the first run wrote.
     assert fed["history"][0] == json.loads(json.dumps(first["history"][0]))
+
+
+def test_float16_transport_and_sparse_evaluation_still_train_the_global_model(demo_args, tmp_path):
+    out = tmp_path / "results"
+    code = main(["simulate", *demo_args, "--out", str(out), "--rounds", "3", "--skip-central", "--skip-local",
+                 "--set", "federated.transport_dtype=float16", "--set", "federated.evaluate_every=2"])  # fmt: skip
+    assert code == 0
+    fed = json.loads((out / "federated" / "metrics.json").read_text())
+    scored = [h["round"] for h in fed["history"] if h["sites"] and h["server"]]
+    assert scored == [2, 3]  # every 2nd round and the last
+    assert not fed["history"][0]["sites"] and not fed["history"][0]["server"]
+    assert set(fed["history"][0]["train"]) == {"figshare", "sartaj", "br35h"}  # round 1 still trained
+    assert fed["history"][-1]["server"]["loss"] < fed["initial"]["loss"]
+    final = torch.load(out / "federated" / "final.pt", weights_only=False)["model_state"]
+    # The server's copy stays float32 although every model crossed the wire in float16.
+    assert all(t.dtype == torch.float32 for t in final.values() if t.is_floating_point())

@@ -17,6 +17,7 @@ from fedbt.federated.task import (
     load_catalog,
     predict_partition,
     train_partition,
+    transport_state,
 )
 from fedbt.progress import log
 
@@ -73,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
     _save_local(context, local)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(torch_state_dict=state),
+            "arrays": ArrayRecord(torch_state_dict=transport_state(state, cfg.federated.transport_dtype)),
             "metrics": MetricRecord({**metrics, "num-examples": examples}),
             "site": ConfigRecord({"name": partition.name}),
         }

@@ -67,7 +67,7 @@ class FederatedRun:
         absolute_round = server_round + self.start_round
         model = self.model_from(arrays)
         pooled: dict = {}
-        if self.server_has_data:
+        if self.server_has_data and (server_round == 0 or self.strategy.evaluation_due(absolute_round)):
             device = select_device(self.cfg.train.device)
             catalog = load_catalog(self.cfg)
             # Rounds are watched on validation data, as central epochs are; test is scored once, at the end.
@@ -106,7 +106,8 @@ class FederatedRun:
         )
         server = entry["server"]
         pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
-        log(f"[federated] round {entry['round']}/{self.cfg.federated.rounds} {pooled}sites: {sites}")
+        scores = f"{pooled}sites: {sites}" if pooled or sites else "trained (not scored this round)"
+        log(f"[federated] round {entry['round']}/{self.cfg.federated.rounds} {scores}")
 
     def finish(self, arrays: ArrayRecord, grid: Grid) -> dict:
         model = self.model_from(arrays)

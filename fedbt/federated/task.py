@@ -56,6 +56,29 @@ def new_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return build_model(cfg.model, num_classes, cfg.data.image_size)
 
 
+TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def transport_state(state: dict[str, torch.Tensor], dtype_name: str) -> dict[str, torch.Tensor]:
+    """Floating tensors in the wire precision; integer buffers (BN batch counts) as they are.
+
+    A tensor with values beyond float16's range stays float32 rather than turning into inf.
+    """
+    if dtype_name not in TRANSPORT_DTYPES:
+        raise ValueError(f"unknown transport dtype {dtype_name!r}: choose {' or '.join(TRANSPORT_DTYPES)}")
+    dtype = TRANSPORT_DTYPES[dtype_name]
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            return tensor
+        if dtype == torch.float16 and tensor.abs().max() > FLOAT16_MAX:
+            return tensor.float()
+        return tensor.to(dtype)
+
+    return {key: cast(tensor) for key, tensor in state.items()}
+
+
 def is_batchnorm_key(model: nn.Module, key: str) -> bool:
     module_name = key.rsplit(".", 1)[0]
     return isinstance(model.get_submodule(module_name), nn.modules.batchnorm._BatchNorm)
