@@ -83,6 +83,12 @@ class ForkExecutor:
         return LaunchResult.accepted()
 
     def _run_task(self, spec) -> int:
+        from flwr.supercore.exit import exit_handler
+
+        # The fork copied this loop's exit handlers (close its Runtime API connection, stop its
+        # tasks); run by the task's own exit, they would break the loop and its other tasks.
+        exit_handler.registered_exit_handlers.clear()
+        self._children.clear()
         certificates = None
         if not spec.insecure and spec.root_certificates_path:
             with open(spec.root_certificates_path, "rb") as file:
