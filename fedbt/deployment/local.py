@@ -14,7 +14,7 @@ from pathlib import Path
 from fedbt.certs import make_deployment_certs
 from fedbt.deployment.nodes import SERVER_READY, SITE_READY, STARTUP_TIMEOUT
 from fedbt.deployment.processes import ManagedProcess, flower_env
-from fedbt.deployment.runs import RunRequest, submit_and_follow
+from fedbt.deployment.runs import RunOutcome, RunRequest, submit_and_follow
 from fedbt.sites import load_site
 
 LOOPBACK = "127.0.0.1"
@@ -85,9 +85,8 @@ class LocalFederation:
             site.wait_for(SITE_READY, STARTUP_TIMEOUT + self.connect_timeout)
         return self
 
-    def run(self, out: Path, overrides: list[str], config: str = "configs/demo.yaml", resume: bool = False):
-        request = RunRequest(self.address, self.certs / "ca.pem", out, config, overrides, resume)
-        return request, submit_and_follow(request)
+    def run(self, out: Path, overrides: list[str]) -> RunOutcome:
+        return submit_and_follow(RunRequest(self.address, self.certs / "ca.pem", out, overrides=overrides))
 
     def kill_site(self, name: str) -> None:
         self.sites.pop(name).stop(grace=0)
@@ -128,7 +127,7 @@ def measure_overhead(
     try:
         federation.start()
         poll = ["federated.poll_interval=3.0"] if flower_defaults else []
-        _, outcome = federation.run(work / "results", [f"federated.rounds={rounds}", *overrides, *poll])
+        outcome = federation.run(work / "results", [f"federated.rounds={rounds}", *overrides, *poll])
     finally:
         federation.close()
     if outcome.metrics is None:

@@ -5,7 +5,6 @@ Both run until stopped (Ctrl-C or SIGTERM) and take their Flower processes down 
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
@@ -225,7 +224,3 @@ def run_site(settings: SiteSettings) -> int:
     finally:
         for managed in reversed(processes):
             managed.stop()
-
-
-def default_state_dir(kind: str, name: str) -> Path:
-    return Path(os.environ.get("FEDBT_STATE", "deploy-state")) / f"{kind}-{name}"
