@@ -387,6 +387,9 @@ def deployment_overhead(cfg: ExperimentConfig, flower_defaults: bool, rounds: in
         f"model.name={cfg.model.name}",
         f"train.batch_size={cfg.train.batch_size}",
         "train.threads=1",  # three sites share this machine's cores
+        # What crosses the wire, and how often: the two settings that decide the transfer cost.
+        f"federated.transport_dtype={cfg.federated.transport_dtype}",
+        f"federated.evaluate_every={cfg.federated.evaluate_every}",
     ]
     with tempfile.TemporaryDirectory(prefix="fedbt-bench-deploy-") as work:
         log(f"[bench] deployment on loopback, {rounds} rounds, {'Flower defaults' if flower_defaults else 'tuned'}")

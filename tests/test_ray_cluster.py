@@ -2,10 +2,12 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def processes_using(folder: Path) -> list[int]:
+    """Pids whose command line names the folder: every process of the cluster started with it."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(folder).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def stop_cluster(folder: Path, grace: float = 10.0) -> None:
+    """Stop this test's cluster only. (`ray stop` would also kill any other Ray on the machine,
+    such as a simulation someone is running beside the tests.)"""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_using(folder):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while processes_using(folder) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture()
@@ -43,7 +71,7 @@ def ray_head():
     try:
         yield f"127.0.0.1:{port}", temp_dir
     finally:
-        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

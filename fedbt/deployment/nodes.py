@@ -81,7 +81,7 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float 
 
 def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]:
     return [
-        flower_command("flower-superlink"),
+        sys.executable, "-m", "fedbt.deployment.warm", "superlink",
         "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
         "--ssl-keyfile", str(_require_file(layout.server_key, "server key")),
         "--ssl-ca-certfile", str(_require_file(layout.ca_cert, "CA certificate")),
