@@ -97,15 +97,14 @@ def coarse_label_loss(
     from-scratch model is not driven to ever larger logits on a few noisy labels.
     """
     logits = logits.float()
-    present = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
     if present_classes is not None:
-        present = present_classes.to(logits.device)
-        logits = logits.masked_fill(~present, float("-inf"))
+        present_classes = present_classes.to(logits.device)
+        logits = logits.masked_fill(~present_classes, float("-inf"))
     normaliser = logits.logsumexp(dim=1)
     per_sample = normaliser - logits.masked_fill(~masks, float("-inf")).logsumexp(dim=1)
     if smoothing > 0:
-        uniform = normaliser - logits[:, present].mean(dim=1)
-        per_sample = (1 - smoothing) * per_sample + smoothing * uniform
+        in_play = logits if present_classes is None else logits[:, present_classes]
+        per_sample = (1 - smoothing) * per_sample + smoothing * (normaliser - in_play.mean(dim=1))
     if class_weights is None:
         return per_sample.mean()
     weights = (masks.float() * class_weights).sum(1) / masks.sum(1)

@@ -43,6 +43,8 @@ class RoundTracker:
         return absolute_round % self.evaluate_every == 0 or absolute_round >= self.total_rounds
 
     def _on_the_wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        if self.transport_dtype == "float32":  # the server's own precision: nothing to convert
+            return arrays
         return ArrayRecord(torch_state_dict=transport_state(arrays.to_torch_state_dict(), self.transport_dtype))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -64,11 +66,12 @@ class RoundTracker:
                 "returned a model within the round timeout; stopping the run"
             )
         self.site_train[absolute_round] = {m.content["site"]["name"]: dict(m.content["metrics"]) for m in answered}
-        for m in answered:
-            # The server's copy (and FedAdam's or FedAvgM's arithmetic on it) stays float32.
-            m.content["arrays"] = ArrayRecord(
-                torch_state_dict=transport_state(m.content["arrays"].to_torch_state_dict(), "float32")
-            )
+        if self.transport_dtype != "float32":
+            for m in answered:
+                # The server's copy (and FedAdam's or FedAvgM's arithmetic on it) stays float32.
+                m.content["arrays"] = ArrayRecord(
+                    torch_state_dict=transport_state(m.content["arrays"].to_torch_state_dict(), "float32")
+                )
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
