@@ -23,23 +23,16 @@ import torch
 from torch import nn
 
 from fedbt.config import ExperimentConfig
-from fedbt.data import Catalog, MRIDataset, augmentation_for, build_catalog
-from fedbt.engine import (
-    StepSchedule,
-    autocast_for,
-    build_optimizer,
-    configure_threads,
-    make_grad_scaler,
-    make_loader,
-    predict_probabilities,
-    prepare_model,
-    seed_everything,
-    select_device,
-    train_one_epoch,
-)
-from fedbt.images import ImageCache, fill_cache, load_pixels
-from fedbt.models import build_model, build_resnet18
+from fedbt.data.cache import ImageCache, fill_cache, load_pixels
+from fedbt.data.catalog import Catalog, MRIDataset, build_catalog
+from fedbt.data.loader import make_loader
+from fedbt.data.transforms import augmentation_for
+from fedbt.eval.inference import predict_probabilities
+from fedbt.model.architectures import build_model, build_resnet18
+from fedbt.model.device import autocast_for, configure_threads, prepare_model, select_device
 from fedbt.progress import log
+from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
+from fedbt.train.schedules import StepSchedule
 
 # Evaluation batches: large enough to amortise per-batch overhead, small enough for any device.
 EVAL_BATCH_SIZE = 64

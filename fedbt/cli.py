@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedbt.checkpoint import CheckpointError
 from fedbt.config import ExperimentConfig, load_config
-from fedbt.synthetic import ensure_demo_data
+from fedbt.data.synthetic import ensure_demo_data
+from fedbt.model.checkpoint import CheckpointError
 
 DEMO_ROOT = Path("demo-data")
 DEMO_CONFIG = "configs/demo.yaml"
@@ -54,8 +54,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fedbt.data import build_catalog
-    from fedbt.datareport import format_report, inspect_report
+    from fedbt.data.catalog import build_catalog
+    from fedbt.data.inspect import format_report, inspect_report
 
     cfg = config_from_args(args)
     report = inspect_report(build_catalog(cfg.data))
@@ -66,7 +66,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedbt.synthetic import generate_demo_data
+    from fedbt.data.synthetic import generate_demo_data
 
     root = generate_demo_data(args.folder, per_class=args.per_class, seed=args.seed)
     print(f"demo data written to {root}")
@@ -74,9 +74,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_central(args: argparse.Namespace) -> int:
-    from fedbt.central import run_central
-    from fedbt.data import build_catalog
-    from fedbt.report import print_summary_table
+    from fedbt.data.catalog import build_catalog
+    from fedbt.reports.comparison import print_summary_table
+    from fedbt.train.central import run_central
 
     cfg = config_from_args(args)
     result = run_central(cfg, build_catalog(cfg.data), Path(cfg.output_dir), resume=args.resume)
@@ -86,7 +86,7 @@ def cmd_central(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedbt.simulation import run_experiment
+    from fedbt.federated.simulation import run_experiment
 
     cfg = config_from_args(args)
     fc = cfg.federated
@@ -123,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedbt.evaluation import EvalRequest, run_evaluation
+    from fedbt.eval.evaluate import EvalRequest, run_evaluation
 
     scope = args.site or (Path(args.folder).name if args.folder else "pooled")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{scope}"
@@ -143,13 +143,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedbt.predict import run_predict
+    from fedbt.eval.predict import run_predict
 
     return run_predict(args.paths, args.checkpoint, args.gradcam, args.format, args.output, args.device)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedbt.certs import make_deployment_certs
+    from fedbt.deployment.certs import make_deployment_certs
 
     layout = make_deployment_certs(args.out, args.host, args.sites)
     print(f"deployment certificates in {layout.root}:")
@@ -174,8 +174,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
+    from fedbt.data.sites import load_site
     from fedbt.deployment.nodes import SiteSettings, run_site
-    from fedbt.sites import load_site
 
     site_file = Path(args.site)
     name = load_site(site_file, args.data_root).name

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedbt.config import DataConfig
-from fedbt.synthetic import generate_demo_data
+from fedbt.data.synthetic import generate_demo_data
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri"

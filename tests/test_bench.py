@@ -8,7 +8,7 @@ import pytest
 
 from fedbt.bench import DEPLOYMENT_UNAVAILABLE, federated_overhead, format_table, profile_training, run_bench
 from fedbt.config import ExperimentConfig, TrainConfig
-from fedbt.data import build_catalog
+from fedbt.data.catalog import build_catalog
 
 
 @pytest.fixture()

@@ -6,12 +6,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedbt.data import build_catalog
-from fedbt.dedup import difference_hash, near_duplicate_pairs
-from fedbt.readers import Record
-from fedbt.sites import SplitPolicy
-from fedbt.splits import assign_splits
-from fedbt.synthetic import make_image
+from fedbt.data.catalog import build_catalog
+from fedbt.data.dedup import difference_hash, near_duplicate_pairs
+from fedbt.data.records import Record
+from fedbt.data.sites import SplitPolicy
+from fedbt.data.splits import assign_splits
+from fedbt.data.synthetic import make_image
 
 
 def test_near_duplicates_match_reencodings_but_not_other_images():
@@ -77,7 +77,7 @@ def test_splits_are_stratified_seeded_and_reproducible():
 
 
 def test_patient_groups_stay_together():
-    from fedbt.dedup import UnionFind, union_equal
+    from fedbt.data.dedup import UnionFind, union_equal
 
     records = _records(40, patients=True)
     uf = UnionFind(len(records))

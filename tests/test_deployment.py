@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
-from fedbt.certs import make_deployment_certs, registered_keys
 from fedbt.cli import main
+from fedbt.deployment.certs import make_deployment_certs, registered_keys
 from fedbt.deployment.processes import describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated.grid import PatientGrid, SitesMissingError

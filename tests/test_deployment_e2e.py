@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbt.certs import CertLayout, make_site_keys
+from fedbt.deployment.certs import CertLayout, make_site_keys
 from fedbt.deployment.local import LocalFederation, free_port
 
 pytestmark = pytest.mark.e2e

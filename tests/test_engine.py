@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-import fedbt.central as central
-from fedbt.central import TrainData, train_model
-from fedbt.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+import fedbt.train.central as central
 from fedbt.config import ExperimentConfig, ModelConfig, TrainConfig
-from fedbt.data import augmentation_for, build_catalog
-from fedbt.engine import lr_factor
+from fedbt.data.catalog import build_catalog
+from fedbt.data.transforms import augmentation_for
+from fedbt.model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from fedbt.train.central import TrainData, train_model
+from fedbt.train.schedules import lr_factor
 
 
 def small_config(data_config, epochs: int = 2) -> ExperimentConfig:
@@ -86,13 +87,13 @@ def test_checkpoint_is_self_describing_and_versioned(data_config, tmp_path):
 
 
 def build_cnn(cfg):
-    from fedbt.models import build_model
+    from fedbt.model.architectures import build_model
 
     return build_model(cfg.model, 4, cfg.data.image_size)
 
 
 def test_models_build_for_both_tasks_and_grayscale_input():
-    from fedbt.models import build_model
+    from fedbt.model.architectures import build_model
 
     x = torch.zeros(2, 1, 64, 64)
     assert build_model(ModelConfig(name="resnet18"), 4, 64)(x).shape == (2, 4)

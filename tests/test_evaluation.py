@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedbt.central import TrainData, train_model
-from fedbt.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
 from fedbt.cli import main
 from fedbt.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from fedbt.data import build_catalog
-from fedbt.evaluation import (
+from fedbt.data.catalog import build_catalog
+from fedbt.data.labels import get_task
+from fedbt.eval.clinical import (
     bootstrap_ci,
     calibration,
     clinical_metrics,
@@ -22,8 +21,9 @@ from fedbt.evaluation import (
     roc_on_grid,
     specificity,
 )
-from fedbt.labels import get_task
-from fedbt.models import build_model
+from fedbt.model.architectures import build_model
+from fedbt.model.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+from fedbt.train.central import TrainData, train_model
 
 
 def test_specificity_from_a_confusion_matrix():

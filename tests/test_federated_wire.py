@@ -6,7 +6,7 @@ import torch
 from fedbt.config import FederatedConfig
 from fedbt.federated.strategy import make_strategy
 from fedbt.federated.task import transport_state
-from fedbt.models import build_resnet18
+from fedbt.model.architectures import build_resnet18
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

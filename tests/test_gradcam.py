@@ -7,11 +7,15 @@ from PIL import Image
 from torch import nn
 
 from fedbt.config import TrainConfig
-from fedbt.data import MRIDataset
-from fedbt.engine import build_optimizer, make_loader, prepare_model, to_device_batch, train_one_epoch
-from fedbt.gradcam import GridItem, grad_cam, overlay, plot_prediction_grid, save_overlay, target_layer
-from fedbt.models import build_resnet18
-from fedbt.synthetic import make_image
+from fedbt.data.catalog import MRIDataset
+from fedbt.data.loader import make_loader
+from fedbt.data.synthetic import make_image
+from fedbt.data.transforms import to_device_batch
+from fedbt.eval.gradcam import grad_cam, save_overlay, target_layer
+from fedbt.model.architectures import build_resnet18
+from fedbt.model.device import prepare_model
+from fedbt.reports.plots import GridItem, overlay, plot_prediction_grid
+from fedbt.train.engine import build_optimizer, train_one_epoch
 
 
 class LinearCam(nn.Module):

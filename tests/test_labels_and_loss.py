@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedbt.engine import class_weights_from_masks, coarse_label_loss
-from fedbt.labels import TUMOUR_CLASSES, get_task, parse_allowed
+from fedbt.data.labels import TUMOUR_CLASSES, get_task, parse_allowed
+from fedbt.train.losses import class_weights_from_masks, coarse_label_loss
 
 
 def test_parse_allowed_expands_tumour_and_rejects_unknown():

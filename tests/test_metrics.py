@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedbt.labels import get_task
-from fedbt.metrics import classification_metrics
+from fedbt.data.labels import get_task
+from fedbt.eval.metrics import classification_metrics
 
 
 def test_metrics_on_a_hand_computed_case():

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbt.readers import scan_site
-from fedbt.sites import load_site
-from fedbt.synthetic import make_image, save_jpeg
+from fedbt.data.readers import scan_site
+from fedbt.data.sites import load_site
+from fedbt.data.synthetic import make_image, save_jpeg
 
 
 def combined_set(demo_root: Path, root: Path) -> dict[str, str]:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fedbt.checkpoint import save_checkpoint
 from fedbt.cli import main
 from fedbt.config import DataConfig, ExperimentConfig, ModelConfig
-from fedbt.data import build_catalog
-from fedbt.models import build_model
-from fedbt.predict import load_model, predict_files
-from fedbt.synthetic import make_image, write_figshare_mat
+from fedbt.data.catalog import build_catalog
+from fedbt.data.synthetic import make_image, write_figshare_mat
+from fedbt.eval.predict import load_model, predict_files
+from fedbt.model.architectures import build_model
+from fedbt.model.checkpoint import save_checkpoint
 
 CLASSES = ("glioma", "meningioma", "no_tumor", "pituitary")
 

@@ -4,12 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbt.data import build_catalog
-from fedbt.images import decode_file
-from fedbt.labels import TUMOUR_CLASSES
-from fedbt.readers import scan_site
-from fedbt.sites import load_site
-from fedbt.synthetic import make_image, save_jpeg, write_figshare_mat
+from fedbt.data.catalog import build_catalog
+from fedbt.data.images import decode_file
+from fedbt.data.labels import TUMOUR_CLASSES
+from fedbt.data.readers import scan_site
+from fedbt.data.sites import load_site
+from fedbt.data.synthetic import make_image, save_jpeg, write_figshare_mat
 
 
 def write_site_yaml(tmp_path: Path, name: str, fmt: str, root: Path, extra: str = "") -> Path:

@@ -6,10 +6,10 @@ from collections import Counter
 import pytest
 
 from fedbt.config import DataConfig
-from fedbt.data import build_catalog
-from fedbt.datareport import inspect_report
-from fedbt.readers import scan_site
-from fedbt.sites import load_site
+from fedbt.data.catalog import build_catalog
+from fedbt.data.inspect import inspect_report
+from fedbt.data.readers import scan_site
+from fedbt.data.sites import load_site
 
 pytestmark = pytest.mark.real_data
 

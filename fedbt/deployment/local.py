@@ -11,11 +11,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedbt.certs import make_deployment_certs
+from fedbt.data.sites import load_site
+from fedbt.deployment.certs import make_deployment_certs
 from fedbt.deployment.nodes import SERVER_READY, SITE_READY, STARTUP_TIMEOUT
 from fedbt.deployment.processes import ManagedProcess, flower_env
 from fedbt.deployment.runs import RunOutcome, RunRequest, submit_and_follow
-from fedbt.sites import load_site
 
 LOOPBACK = "127.0.0.1"
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedbt.certs import CertLayout, registered_keys
+from fedbt.deployment.certs import CertLayout, registered_keys
 from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.processes import (
     ACTIVATION_REFUSED,
@@ -81,7 +81,7 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float 
 
 def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]:
     return [
-        sys.executable, "-m", "fedbt.deployment.warm", "superlink",
+        sys.executable, "-m", "fedbt.deployment.flower_patches", "superlink",
         "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
         "--ssl-keyfile", str(_require_file(layout.server_key, "server key")),
         "--ssl-ca-certfile", str(_require_file(layout.ca_cert, "CA certificate")),
@@ -126,8 +126,8 @@ def run_server(settings: ServerSettings) -> int:
 
 def check_site_data(site_file: Path, data_root: Path | None) -> str:
     """The site's name, after making sure its YAML points at images: a clear error now, not mid-run."""
-    from fedbt.readers import scan_site
-    from fedbt.sites import load_site
+    from fedbt.data.readers import scan_site
+    from fedbt.data.sites import load_site
 
     spec = load_site(site_file, data_root)
     scan = scan_site(spec)
@@ -157,13 +157,20 @@ def supernode_command(settings: SiteSettings) -> list[str]:
     ]  # fmt: skip
     if settings.flower_defaults:
         return [flower_command("flower-supernode"), *flower_args]
-    warm = [sys.executable, "-m", "fedbt.deployment.warm", "supernode", "--poll-interval", str(settings.poll_interval)]
+    warm = [
+        sys.executable,
+        "-m",
+        "fedbt.deployment.flower_patches",
+        "supernode",
+        "--poll-interval",
+        str(settings.poll_interval),
+    ]
     return [*warm, *flower_args, "--isolation", "process"]
 
 
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     return [
-        sys.executable, "-m", "fedbt.deployment.warm", "executor",
+        sys.executable, "-m", "fedbt.deployment.flower_patches", "executor",
         "--runtime-api-address", f"127.0.0.1:{settings.runtime_port}",
         "--supernode-pid", str(supernode_pid),
     ]  # fmt: skip

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbt.config import PROJECT_ROOT, ExperimentConfig, load_config
+from fedbt.data.labels import get_task
 from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.processes import DeploymentError
-from fedbt.labels import get_task
 
 COMPLETED = "finished:completed"
 
@@ -80,7 +80,7 @@ def submit_and_follow(request: RunRequest, control: FlowerControl | None = None)
 
 def report(request: RunRequest, outcome: RunOutcome) -> Path | None:
     """The simulation's report (federated rows only: no pooled data exists for baselines)."""
-    from fedbt.report import write_report
+    from fedbt.reports.comparison import write_report
 
     if outcome.metrics is None:
         return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from fedbt.config import PROJECT_ROOT, ExperimentConfig, from_dict, load_config, to_dict
-from fedbt.synthetic import ensure_demo_data
+from fedbt.data.synthetic import ensure_demo_data
 
 # run_simulation.py names the fully resolved experiment file here for its ServerApp.
 EXPERIMENT_ENV = "FEDBT_EXPERIMENT"

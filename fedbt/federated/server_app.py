@@ -11,17 +11,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbt.central import evaluate_everywhere
-from fedbt.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.config import ExperimentConfig
-from fedbt.engine import configure_threads, evaluate, make_loader, prepare_model, select_device
+from fedbt.data.labels import get_task
+from fedbt.data.loader import make_loader
+from fedbt.eval.inference import evaluate
+from fedbt.eval.metrics import classification_metrics
 from fedbt.federated.common import EXPERIMENT_KEY, SPLIT_KEY, experiment_from_context, experiment_record
 from fedbt.federated.grid import PatientGrid
 from fedbt.federated.strategy import make_strategy
 from fedbt.federated.task import load_catalog, new_model
-from fedbt.labels import get_task
-from fedbt.metrics import classification_metrics
+from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
+from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.progress import headline, log
+from fedbt.train.central import evaluate_everywhere
 
 app = ServerApp()
 

@@ -15,23 +15,17 @@ import torch
 from torch import nn
 
 from fedbt.config import ExperimentConfig, from_dict, to_dict
-from fedbt.data import Catalog, augmentation_for, build_catalog
-from fedbt.engine import (
-    StepSchedule,
-    build_optimizer,
-    class_weights_from_masks,
-    configure_threads,
-    make_grad_scaler,
-    make_loader,
-    predict_probabilities,
-    prepare_model,
-    seed_everything,
-    select_device,
-    train_one_epoch,
-)
-from fedbt.metrics import classification_metrics
-from fedbt.models import build_model
-from fedbt.partition import Partition, make_partitions
+from fedbt.data.catalog import Catalog, build_catalog
+from fedbt.data.loader import make_loader
+from fedbt.data.partition import Partition, make_partitions
+from fedbt.data.transforms import augmentation_for
+from fedbt.eval.inference import predict_probabilities
+from fedbt.eval.metrics import classification_metrics
+from fedbt.model.architectures import build_model
+from fedbt.model.device import configure_threads, prepare_model, select_device
+from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
+from fedbt.train.losses import class_weights_from_masks
+from fedbt.train.schedules import StepSchedule
 
 
 @lru_cache(maxsize=2)

@@ -2,88 +2,20 @@
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+from fedbt.reports.plots import (
+    GridItem,
+    plot_class_roc_curves,
+    plot_confusion_matrices,
+    plot_pr_curves,
+    plot_prediction_grid,
+    plot_reliability,
+)
+from fedbt.reports.render import Block, format_table, num, pct, write_pages
 
-from fedbt.gradcam import GridItem, plot_prediction_grid
-from fedbt.plots import plot_confusion_matrices
-from fedbt.report import format_table, html_table, markdown_table, pct
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-# A report is a list of blocks, rendered once as Markdown and once as HTML:
-# ("h1" | "h2" | "p", text), ("table", (header, rows)) or ("img", (title, file name)).
-Block = tuple[str, Any]
 SUMMARY_HEADER = ["metric", "value", "95% CI (bootstrap)"]
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_class_roc_curves(metrics: dict, path: Path) -> Path:
-    """One-vs-rest ROC per class, and tumour vs none derived from the same output."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, curve in metrics["roc_curves"].items():
-        if curve:
-            ax.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUC {_num(metrics['per_class'][name]['auc'])})")
-    tv = metrics["tumour_vs_none"]
-    if tv.get("roc_curve"):
-        ax.plot(tv["roc_curve"]["fpr"], tv["roc_curve"]["tpr"], "k--", label=f"tumour vs none (AUC {_num(tv['auc'])})")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(
-        xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", title="ROC curves"
-    )
-    ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
-
-
-def plot_pr_curves(metrics: dict, path: Path) -> Path:
-    """Interpolated precision-recall curve per class, average precision in the legend."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, curve in metrics["pr_curves"].items():
-        if curve:
-            ap = metrics["per_class"][name]["average_precision"]
-            ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP {_num(ap)})")
-    ax.set(
-        xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall curves", xlim=(0, 1), ylim=(0, 1.02)
-    )
-    ax.legend(fontsize=8, loc="lower left")
-    return _save(fig, path)
-
-
-def plot_reliability(calibration: dict, path: Path) -> Path:
-    """Accuracy against mean confidence per bin (a calibrated model follows the diagonal), and bin counts."""
-    bins = calibration["bins"]
-    width = bins[0]["upper"] - bins[0]["lower"]
-    centres = [b["lower"] + width / 2 for b in bins]
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centres, [b["accuracy"] or 0 for b in bins], width=width * 0.9, color="tab:blue", label="accuracy")
-    ax.plot(
-        [b["confidence"] for b in bins if b["count"]],
-        [b["accuracy"] for b in bins if b["count"]],
-        "o",
-        color="tab:red",
-        label="mean confidence vs accuracy",
-    )
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-    ax.set(ylabel="accuracy", title=f"reliability diagram (ECE {calibration['ece']:.3f})", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=8, loc="upper left")
-    ax_count.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="grey")
-    ax_count.set(xlabel="confidence of the predicted class", ylabel="images")
-    return _save(fig, path)
 
 
 def _interval(ci: dict | None, fmt) -> str:
@@ -102,14 +34,14 @@ def summary_rows(m: dict) -> list[list[str]]:
         ["macro sensitivity (recall)", pct(m.get("macro_recall")), ""],
         ["macro specificity", pct(m.get("macro_specificity")), ""],
         ["macro F1", pct(m.get("macro_f1")), _interval(ci.get("macro_f1"), pct)],
-        ["macro ROC-AUC (one vs rest)", _num(m.get("macro_auc")), _interval(ci.get("macro_auc"), _num)],
-        ["macro average precision", _num(m.get("macro_average_precision")), ""],
-        ["expected calibration error (10 bins)", _num(m.get("calibration", {}).get("ece")), ""],
+        ["macro ROC-AUC (one vs rest)", num(m.get("macro_auc")), _interval(ci.get("macro_auc"), num)],
+        ["macro average precision", num(m.get("macro_average_precision")), ""],
+        ["expected calibration error (10 bins)", num(m.get("calibration", {}).get("ece")), ""],
         ["set accuracy (coarse labels included)", pct(m.get("set_accuracy")), ""],
         ["tumour vs none: accuracy", pct(tv.get("accuracy")), ""],
         ["tumour vs none: sensitivity", pct(tv.get("sensitivity")), ""],
         ["tumour vs none: specificity", pct(tv.get("specificity")), ""],
-        ["tumour vs none: ROC-AUC", _num(tv.get("auc")), ""],
+        ["tumour vs none: ROC-AUC", num(tv.get("auc")), ""],
     ]
 
 
@@ -122,8 +54,8 @@ def per_class_rows(m: dict) -> list[list[str]]:
             pct(c["recall"]),
             pct(c.get("specificity")),
             pct(c["f1"]),
-            _num(c["auc"]),
-            _num(c.get("average_precision")),
+            num(c["auc"]),
+            num(c.get("average_precision")),
         ]
         for name, c in m.get("per_class", {}).items()
     ]
@@ -175,7 +107,7 @@ def _comparison_blocks(result: dict) -> list[Block]:
     c, m = result["comparison"], result["metrics"]
     test = c["mcnemar"]
     rows = [
-        [label, pct(metrics.get("accuracy")), pct(metrics.get("macro_f1")), _num(metrics.get("macro_auc"))]
+        [label, pct(metrics.get("accuracy")), pct(metrics.get("macro_f1")), num(metrics.get("macro_auc"))]
         for label, metrics in (("A: " + result["checkpoint"], m), ("B: " + c["checkpoint"], c["metrics"]))
     ]
     verdict = (
@@ -184,33 +116,6 @@ def _comparison_blocks(result: dict) -> list[Block]:
     )
     header = ["model", "accuracy", "macro F1", "macro ROC-AUC"]
     return [("h2", "Comparison with a second model"), ("table", (header, rows)), ("p", verdict)]
-
-
-def _markdown(blocks: list[Block]) -> str:
-    render = {
-        "h1": lambda text: f"# {text}",
-        "h2": lambda text: f"## {text}",
-        "p": lambda text: text,
-        "table": lambda table: markdown_table(*table),
-        "img": lambda fig: f"![{fig[0]}]({fig[1]})",
-    }
-    return "\n\n".join(render[kind](content) for kind, content in blocks) + "\n"
-
-
-def _html(blocks: list[Block]) -> str:
-    render = {
-        "h1": lambda text: f"<h1>{html.escape(text)}</h1>",
-        "h2": lambda text: f"<h2>{html.escape(text)}</h2>",
-        "p": lambda text: f"<p>{html.escape(text)}</p>",
-        "table": lambda table: html_table(*table),
-        "img": lambda fig: f"<img src='{html.escape(fig[1])}' alt='{html.escape(fig[0])}'>",
-    }
-    return (
-        "<!doctype html><meta charset='utf-8'><title>fedbt evaluation</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>"
-        + "".join(render[kind](content) for kind, content in blocks)
-    )
 
 
 def write_evaluation_report(result: dict, samples: list[GridItem], out: Path) -> Path:
@@ -232,7 +137,6 @@ def write_evaluation_report(result: dict, samples: list[GridItem], out: Path) ->
         figures["Sample predictions with Grad-CAM (mistakes first)"] = grid.name
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     blocks = _blocks(result, figures)
-    (out / "report.md").write_text(_markdown(blocks))
-    (out / "report.html").write_text(_html(blocks))
+    page = write_pages(blocks, out, "fedbt evaluation")
     print(format_table(SUMMARY_HEADER, summary_rows(m)))
-    return out / "report.md"
+    return page

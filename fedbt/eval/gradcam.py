@@ -13,15 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from fedbt.reports.plots import overlay
 
 
 @dataclass
@@ -80,38 +78,7 @@ def grad_cam(
     return CamResult(cams.cpu().numpy(), logits.detach().float().softmax(dim=1).cpu().numpy(), explained.cpu().numpy())
 
 
-def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """A grayscale image (H, W) uint8 with its map (H, W) in [0, 1] blended on top, as RGB uint8."""
-    heat = plt.get_cmap("jet")(cam)[..., :3]
-    base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).round().astype(np.uint8)
-
-
 def save_overlay(gray: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(gray, cam)).save(path)
-    return path
-
-
-@dataclass
-class GridItem:
-    image: np.ndarray  # (H, W) uint8, the model's input before normalisation
-    cam: np.ndarray | None  # (H, W) in [0, 1], or None for the image alone
-    title: str
-    correct: bool | None = None  # colours the title: green right, red wrong, black unknown
-
-
-def plot_prediction_grid(items: list[GridItem], path: Path, columns: int = 4) -> Path:
-    """Sample predictions in a grid, each with its Grad-CAM overlay when given."""
-    rows = max(1, -(-len(items) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.1 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, item in zip(axes.flat, items):
-        ax.imshow(item.image if item.cam is None else overlay(item.image, item.cam), cmap="gray", vmin=0, vmax=255)
-        colour = {True: "green", False: "red", None: "black"}[item.correct]
-        ax.set_title(item.title, fontsize=8, color=colour)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

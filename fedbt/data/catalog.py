@@ -17,28 +17,14 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from fedbt.config import DataConfig, TrainConfig
-from fedbt.dedup import UnionFind, difference_hash, near_duplicate_pairs, union_equal
-from fedbt.images import ImageCache, fill_cache, load_pixels
-from fedbt.labels import Task, get_task
-from fedbt.readers import Problem, Record, scan_site
-from fedbt.sites import SiteSpec, load_sites
-from fedbt.splits import assign_splits
-
-
-def train_augmentation(intensity_jitter: float = 0.0) -> v2.Transform:
-    """Label-preserving changes an MRI slice can plausibly undergo (on uint8 tensors)."""
-    steps: list[v2.Transform] = [
-        v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-    ]
-    if intensity_jitter > 0:
-        steps.append(v2.ColorJitter(brightness=intensity_jitter, contrast=intensity_jitter))
-    return v2.Compose(steps)
-
-
-def augmentation_for(train: TrainConfig) -> v2.Transform | None:
-    return train_augmentation(train.intensity_jitter) if train.augment else None
+from fedbt.config import DataConfig
+from fedbt.data.cache import ImageCache, fill_cache, load_pixels
+from fedbt.data.dedup import UnionFind, difference_hash, near_duplicate_pairs, union_equal
+from fedbt.data.labels import Task, get_task
+from fedbt.data.readers import scan_site
+from fedbt.data.records import Problem, Record
+from fedbt.data.sites import SiteSpec, load_sites
+from fedbt.data.splits import assign_splits
 
 
 class MRIDataset(Dataset):

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from fedbt.central import TrainData, evaluate_everywhere, run_central, train_model
 from fedbt.config import ExperimentConfig, to_dict
-from fedbt.data import Catalog, augmentation_for, build_catalog
-from fedbt.engine import select_device
+from fedbt.data.catalog import Catalog, build_catalog
+from fedbt.data.partition import Partition, make_partitions
+from fedbt.data.transforms import augmentation_for
 from fedbt.federated.common import EXPERIMENT_ENV
-from fedbt.partition import Partition, make_partitions
+from fedbt.model.device import select_device
 from fedbt.progress import log
-from fedbt.report import write_report
+from fedbt.reports.comparison import write_report
+from fedbt.train.central import TrainData, evaluate_everywhere, run_central, train_model
 
 
 def budget_matched(cfg: ExperimentConfig) -> ExperimentConfig:

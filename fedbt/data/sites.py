@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from fedbt.config import resolve_project_path
-from fedbt.labels import KNOWN_SOURCE_LABELS, parse_allowed
+from fedbt.data.labels import KNOWN_SOURCE_LABELS, parse_allowed
 
 FORMATS = ("class_folders", "figshare_mat", "kaggle_combined")
 DATA_ROOT_ENV = "FEDBT_DATA_ROOT"

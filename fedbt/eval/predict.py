@@ -20,22 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbt.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 from fedbt.config import ExperimentConfig
-from fedbt.data import MRIDataset
-from fedbt.engine import (
-    PIXEL_MEAN,
-    PIXEL_STD,
-    make_loader,
-    predict_probabilities,
-    prepare_model,
-    select_device,
-    to_device_batch,
-)
-from fedbt.gradcam import grad_cam, save_overlay
-from fedbt.images import decode_file, preprocess
-from fedbt.labels import Task, get_task
-from fedbt.readers import IMAGE_SUFFIXES
+from fedbt.data.catalog import MRIDataset
+from fedbt.data.images import decode_file, preprocess
+from fedbt.data.labels import Task, get_task
+from fedbt.data.loader import make_loader
+from fedbt.data.records import IMAGE_SUFFIXES
+from fedbt.data.transforms import PIXEL_MEAN, PIXEL_STD, to_device_batch
+from fedbt.eval.gradcam import grad_cam, save_overlay
+from fedbt.eval.inference import predict_probabilities
+from fedbt.model.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from fedbt.model.device import prepare_model, select_device
 
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".mat"}
 CAM_BATCH = 32  # Grad-CAM keeps activations and gradients: smaller batches than plain inference

@@ -7,8 +7,8 @@ from collections import Counter, defaultdict
 import numpy as np
 from PIL import Image
 
-from fedbt.data import Catalog
-from fedbt.readers import Record
+from fedbt.data.catalog import Catalog
+from fedbt.data.records import Record
 
 
 def image_summary(records: list[Record]) -> dict:

@@ -20,7 +20,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from fedbt.labels import Task
+from fedbt.data.labels import Task
 
 ROC_POINTS = 101  # curves are kept on a fixed FPR grid so they stay small in JSON
 

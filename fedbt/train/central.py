@@ -11,26 +11,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbt.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.config import ExperimentConfig
-from fedbt.data import Catalog, MRIDataset, augmentation_for
-from fedbt.engine import (
-    StepSchedule,
-    build_optimizer,
-    class_weights_from_masks,
-    configure_threads,
-    evaluate,
-    make_grad_scaler,
-    make_loader,
-    prepare_model,
-    seed_everything,
-    select_device,
-    train_one_epoch,
-)
-from fedbt.labels import get_task
-from fedbt.models import build_model, set_backbone_trainable
-from fedbt.plots import plot_training_curves
+from fedbt.data.catalog import Catalog, MRIDataset
+from fedbt.data.labels import get_task
+from fedbt.data.loader import make_loader
+from fedbt.data.transforms import augmentation_for
+from fedbt.eval.inference import evaluate
+from fedbt.model.architectures import build_model, set_backbone_trainable
+from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
+from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.progress import headline, log, step_logger
+from fedbt.reports.plots import plot_training_curves
+from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
+from fedbt.train.losses import class_weights_from_masks
+from fedbt.train.schedules import StepSchedule
 
 
 @dataclass

@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from fedbt.readers import Record
-from fedbt.sites import SplitPolicy
+from fedbt.data.records import Record
+from fedbt.data.sites import SplitPolicy
 
 SPLITS = ("train", "val", "test")
 

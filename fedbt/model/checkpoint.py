@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from fedbt.config import ExperimentConfig, ModelConfig, from_dict, to_dict
-from fedbt.engine import PIXEL_MEAN, PIXEL_STD
-from fedbt.labels import get_task
-from fedbt.models import build_model
+from fedbt.data.labels import get_task
+from fedbt.data.transforms import PIXEL_MEAN, PIXEL_STD
+from fedbt.model.architectures import build_model
 
 FORMAT = "fedbt-checkpoint"
 VERSION = 1

@@ -12,13 +12,17 @@ Ambiguous and undecided files are reported as problems of the site, never guesse
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 
 from PIL import Image
 
-from fedbt.labels import TUMOUR_CLASSES
-from fedbt.readers import Problem, Record, SiteScan, scan_class_folders, scan_site
-from fedbt.sites import SiteSpec
+from fedbt.data.labels import TUMOUR_CLASSES
+from fedbt.data.readers.class_folders import scan_class_folders
+from fedbt.data.records import Problem, Record, SiteScan
+from fedbt.data.sites import SiteSpec
+
+Scanner = Callable[[SiteSpec], SiteScan]
 
 FIGSHARE = "figshare"
 
@@ -43,19 +47,19 @@ def decide_origin(record: Record, reference: dict[str, set[str]]) -> tuple[str |
     return None, "no byte-identical reference file and not a single-channel tumour image"
 
 
-def reference_index(sites: tuple[SiteSpec, ...]) -> dict[str, set[str]]:
+def reference_index(sites: tuple[SiteSpec, ...], scan: Scanner) -> dict[str, set[str]]:
     index: dict[str, set[str]] = defaultdict(set)
     for site in sites:
-        for r in scan_site(site).records:
+        for r in scan(site).records:
             index[r.sha256].add(site.name)
     return index
 
 
-def scan_kaggle_origin(spec: SiteSpec) -> SiteScan:
+def scan_kaggle_origin(spec: SiteSpec, scan_reference: Scanner) -> SiteScan:
     if spec.origin is None:
         raise ValueError(f"site {spec.name}: format kaggle_combined needs 'origin' (figshare, sartaj or br35h)")
     combined = scan_class_folders(spec)
-    reference = reference_index(spec.reference_sites)
+    reference = reference_index(spec.reference_sites, scan_reference)
     records: list[Record] = []
     problems = list(combined.problems)
     for r in combined.records:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbt.data import Catalog
-from fedbt.splits import SPLITS
+from fedbt.data.catalog import Catalog
+from fedbt.data.splits import SPLITS
 
 
 @dataclass(frozen=True)

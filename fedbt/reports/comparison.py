@@ -1,0 +1,99 @@
+"""Comparison report: federated global model vs central vs local-only, on every site's test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedbt.config import ExperimentConfig, to_dict
+from fedbt.reports.plots import plot_confusion_matrices, plot_learning_curves, plot_roc_curves
+from fedbt.reports.render import Block, format_table, pct, write_pages
+
+SITE_NOTE = (
+    "Per site: share of test images whose prediction is a class the label allows "
+    "(4-class accuracy for fine labels; for a Br35H 'yes' any tumour type counts)."
+)
+
+
+def summary_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """results: {model: {'pooled': metrics, 'sites': {site: metrics}}} -> header, rows."""
+    sites = sorted({s for r in results.values() for s in r["sites"]})
+    header = ["model", "pooled 4-class acc", "pooled macro-F1", "pooled tumour/none", *sites]
+    rows = []
+    for name, r in results.items():
+        pooled = r["pooled"]
+        rows.append(
+            [
+                name,
+                pct(pooled.get("accuracy")),
+                pct(pooled.get("macro_f1")),
+                pct(pooled.get("tumour_vs_none", {}).get("accuracy")),
+            ]
+            + [pct(r["sites"].get(s, {}).get("set_accuracy")) for s in sites]
+        )
+    return header, rows
+
+
+def print_summary_table(results: dict[str, dict]) -> None:
+    print(format_table(*summary_rows(results)))
+    print(SITE_NOTE)
+
+
+def test_results(results: dict) -> dict[str, dict]:
+    """{model name: test metrics} for every model the run produced."""
+    out = {}
+    if "test" in results.get("federated", {}):
+        out["federated"] = results["federated"]["test"]
+    if "central" in results:
+        out["central"] = results["central"]["test"]
+    for name, local in results.get("local", {}).items():
+        out[f"local {name}"] = local["test"]
+    return out
+
+
+def _wall_times(results: dict) -> list[list[str]]:
+    rows = [["federated", f"{results['federated'].get('wall_seconds', 0):.0f} s"]]
+    if "central" in results:
+        rows.append(["central", f"{results['central']['wall_seconds']:.0f} s"])
+    rows += [[f"local {n}", f"{r['wall_seconds']:.0f} s"] for n, r in results.get("local", {}).items()]
+    rows.append(["whole experiment", f"{results.get('wall_seconds_total', 0):.0f} s"])
+    return rows
+
+
+def _setup(cfg: ExperimentConfig) -> str:
+    fc = cfg.federated
+    return (
+        f"{fc.num_clients} clients ({fc.partition} partition), strategy {fc.strategy}, {fc.rounds} rounds x "
+        f"{fc.local_epochs} local epoch(s); central and local-only models: {fc.rounds * fc.local_epochs} epochs; "
+        f"{cfg.model.name} at {cfg.data.image_size} px, task {cfg.data.task}."
+    )
+
+
+def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: Path) -> Path:
+    """comparison.json, report.md, report.html and the figures, in out/; prints the summary table."""
+    models = test_results(results)
+    header, rows = summary_rows(models)
+    figures = {
+        "Learning curves": plot_learning_curves(results, out / "curves.png").name,
+        "Confusion matrices (pooled test)": plot_confusion_matrices(
+            {n: m["pooled"]["confusion_matrix"] for n, m in models.items() if "confusion_matrix" in m["pooled"]},
+            classes,
+            out / "confusion.png",
+        ).name,
+        "ROC curves": plot_roc_curves(models, out / "roc.png").name,
+    }
+    (out / "comparison.json").write_text(json.dumps({"config": to_dict(cfg), "results": results}, indent=2))
+    blocks: list[Block] = [
+        ("h1", f"fedbt comparison: {cfg.name}"),
+        ("p", _setup(cfg)),
+        ("h2", "Test results"),
+        ("table", (header, rows)),
+        ("p", SITE_NOTE),
+        ("h2", "Wall times"),
+        ("table", (["run", "wall time"], _wall_times(results))),
+    ]
+    for title, name in figures.items():
+        blocks += [("h2", title), ("img", (title, name))]
+    page = write_pages(blocks, out, "fedbt report")
+    print_summary_table(models)
+    return page

@@ -1,0 +1,99 @@
+"""The training step, one function per step (torchvision's references/classification style).
+
+Kept free of Flower: central, local-only and federated training, and the benchmark, all
+train through `train_one_epoch` on a `TrainingSetup`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedbt.config import TrainConfig
+from fedbt.data.transforms import to_device_batch
+from fedbt.model.device import autocast_for
+from fedbt.train.losses import coarse_label_loss
+from fedbt.train.schedules import StepSchedule
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Parameters or param groups; frozen parameters get no gradient and are skipped."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam, adamw or sgd")
+
+
+def make_grad_scaler(device: torch.device) -> torch.amp.GradScaler | None:
+    needs_scaling = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda") if needs_scaling else None
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """FedProx: squared distance of the trainable weights to the round's global weights."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor) if p.requires_grad)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    schedule: StepSchedule | None = None,
+    class_weights: torch.Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    proximal_mu: float = 0.0,
+    on_step: Callable[[int, int, float], None] | None = None,
+    present_classes: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
+    """One pass over the loader. Returns mean loss, images seen, seconds and images/second."""
+    model.train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    weights = class_weights.to(device) if class_weights is not None else None
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    for step, (images, masks) in enumerate(loader):
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr(step) * group.get("lr_scale", 1.0)
+        images = to_device_batch(images, device)
+        masks = masks.to(device, non_blocking=True)
+        with autocast_for(device):
+            logits = model(images)
+        loss = coarse_label_loss(logits, masks, weights, present_classes, label_smoothing)
+        if anchor is not None:
+            loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += loss.item() * len(images)
+        seen += len(images)
+        if on_step is not None:
+            on_step(step, len(loader), loss.item())
+    seconds = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_second": seen / max(seconds, 1e-9),
+    }
