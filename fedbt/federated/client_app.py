@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbt.federated.common import SPLIT_KEY, client_experiment
+from fedbt.federated.common import ROUND_KEY, SPLIT_KEY, client_experiment
 from fedbt.federated.task import (
     LocalState,
     client_partition,
@@ -37,12 +37,12 @@ def _load_local(context: Context) -> LocalState:
     if LOCAL_STATE_KEY not in context.state:
         return LocalState()
     blob = context.state[LOCAL_STATE_KEY]["blob"]
-    return torch.load(io.BytesIO(blob), weights_only=False)
+    return LocalState(**torch.load(io.BytesIO(blob), weights_only=True))
 
 
 def _save_local(context: Context, local: LocalState) -> None:
     buffer = io.BytesIO()
-    torch.save(local, buffer)
+    torch.save(local.as_tensors(), buffer)
     context.state[LOCAL_STATE_KEY] = ConfigRecord({"blob": buffer.getvalue()})
 
 
@@ -51,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = client_experiment(msg, context)
     partition = _partition_of(context, cfg)
     config = msg.content["config"]
-    server_round = int(config["server-round"])
+    server_round = int(config[ROUND_KEY])
     catalog = load_catalog(cfg)
     log(
         f"[client {partition.name}] round {server_round}/{cfg.federated.rounds}: "
@@ -59,13 +59,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
     state, examples, metrics, local = train_partition(
-        cfg,
-        catalog,
-        partition,
-        global_state,
-        server_round,
-        _load_local(context),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        cfg, catalog, partition, global_state, server_round, _load_local(context)
     )
     log(
         f"[client {partition.name}] round {server_round}: loss {metrics['train_loss']:.4f}, "

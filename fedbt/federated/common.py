@@ -17,6 +17,8 @@ EXPERIMENT_ENV = "FEDBT_EXPERIMENT"
 # shared file or environment: Ray workers on another machine or a hospital's SuperNode
 # learn the run's settings from the server.
 EXPERIMENT_KEY = "fedbt-experiment"
+# The round a message belongs to (the client continues its LR curve and seeds from it).
+ROUND_KEY = "server-round"
 # Which split an evaluate message asks for: "val" every round, "test" once at the end of a deployment.
 SPLIT_KEY = "split"
 # A SuperNode's node config names its own site file, data root and decode cache (`fedbt site`).

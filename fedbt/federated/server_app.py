@@ -1,29 +1,53 @@
-"""Flower ServerApp: runs the configured strategy, evaluates the global model, checkpoints each round."""
+"""Flower ServerApp: the federated round, written out step by step.
+
+Each round: wait for enough sites, choose which train, send them the global model, collect
+their models within the round timeout, keep the replies that can be used, aggregate them with
+the configured Flower strategy, score the new global model when due (at the sites and, when
+the server holds data, on the pooled validation split), checkpoint. After the last round the
+final model is scored on the test splits.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbt.config import ExperimentConfig
+from fedbt.config import ExperimentConfig, FederatedConfig
 from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
+from fedbt.data.partition import make_partitions
 from fedbt.eval.inference import evaluate
 from fedbt.eval.metrics import classification_metrics
-from fedbt.federated.common import EXPERIMENT_KEY, SPLIT_KEY, experiment_from_context, experiment_record
-from fedbt.federated.grid import PatientGrid
-from fedbt.federated.strategy import make_strategy
-from fedbt.federated.task import load_catalog, new_model
+from fedbt.federated.common import (
+    EXPERIMENT_KEY,
+    ROUND_KEY,
+    SPLIT_KEY,
+    experiment_from_context,
+    experiment_record,
+)
+from fedbt.federated.rounds import (
+    SitesMissingError,
+    answered,
+    choose_sites,
+    in_site_order,
+    send_and_collect,
+    site_name,
+    wait_for_sites,
+)
+from fedbt.federated.strategy import aggregate, make_strategy, restore_server_optimizer_state, server_optimizer_state
+from fedbt.federated.task import load_catalog, transport_state
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.progress import headline, log
 from fedbt.train.central import evaluate_everywhere
+from fedbt.train.setup import new_model
 
 app = ServerApp()
 
@@ -32,162 +56,190 @@ def federated_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / "federated"
 
 
-class FederatedRun:
-    """State of one federated run: history, checkpoints, server-side evaluation."""
+def evaluation_due(server_round: int, fc: FederatedConfig) -> bool:
+    """Score every `evaluate_every` rounds and after the last (checkpoints are written every round)."""
+    return server_round % fc.evaluate_every == 0 or server_round >= fc.rounds
 
-    def __init__(self, cfg: ExperimentConfig, num_clients: int, server_has_data: bool):
+
+class FederatedRun:
+    """What the server keeps across rounds: the global model, the strategy, the history."""
+
+    def __init__(self, cfg: ExperimentConfig, server_has_data: bool):
+        fc = cfg.federated
         self.cfg = cfg
         self.out = federated_dir(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.num_classes = get_task(cfg.data.task).num_classes
+        self.task = get_task(cfg.data.task)
         self.server_has_data = server_has_data
+        self.min_sites = fc.min_clients or fc.num_clients
+        if self.min_sites > fc.num_clients:
+            raise ValueError(f"min_clients {self.min_sites} is more than the {fc.num_clients} clients")
+        self.min_train = max(1, min(self.min_sites, round(fc.fraction_train * fc.num_clients)))
+        self.strategy = make_strategy(fc)
+        self.global_state = new_model(cfg, self.task.num_classes).state_dict()
         self.history: list[dict] = []
         self.initial: dict = {}  # the untrained global model's pooled validation metrics
-        self.start_round = 0
-        model = new_model(cfg, self.num_classes)
-        self.initial_state = model.state_dict()
-        strategy_state: dict = {}
-        if cfg.federated.resume and (self.out / "last.pt").is_file():
-            saved = load_checkpoint(self.out / "last.pt")
-            self.initial_state = saved["model_state"]
-            self.history = saved["progress"]["history"]
-            self.start_round = saved["progress"]["round"]
-            self.initial = saved["progress"]["initial"]
-            strategy_state = saved["progress"]["strategy_state"]
-            log(f"[federated] resuming after round {self.start_round} of {cfg.federated.rounds}")
-        self.strategy = make_strategy(cfg.federated, num_clients, self.start_round)
-        self.strategy.restore_optimizer_state(strategy_state)
+        self.last_round = 0
+        self.rng = random.Random(cfg.training_seed)
+        # Replies are aggregated in the sites' order (partition order when the server knows the partitions).
+        self.site_order = self._partition_names() if server_has_data else []
+        if fc.resume and (self.out / "last.pt").is_file():
+            self._resume(load_checkpoint(self.out / "last.pt"))
         self.started = time.perf_counter()
 
-    def model_from(self, arrays: ArrayRecord) -> torch.nn.Module:
-        model = new_model(self.cfg, self.num_classes)
-        model.load_state_dict(arrays.to_torch_state_dict())
+    def _partition_names(self) -> list[str]:
+        fc = self.cfg.federated
+        partitions = make_partitions(
+            load_catalog(self.cfg), fc.num_clients, fc.partition, fc.dirichlet_alpha, self.cfg.data.seed
+        )
+        return [p.name for p in partitions]
+
+    def _resume(self, saved: dict) -> None:
+        self.global_state = saved["model_state"]
+        progress = saved["progress"]
+        self.history, self.last_round, self.initial = progress["history"], progress["round"], progress["initial"]
+        restore_server_optimizer_state(self.strategy, progress["server_optimizer"])
+        log(f"[federated] resuming after round {self.last_round} of {self.cfg.federated.rounds}")
+
+    def global_model(self) -> torch.nn.Module:
+        model = new_model(self.cfg, self.task.num_classes)
+        model.load_state_dict(self.global_state)
         return model
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by the strategy before round 1 (0) and after every round."""
-        absolute_round = server_round + self.start_round
-        model = self.model_from(arrays)
-        pooled: dict = {}
-        if self.server_has_data and (server_round == 0 or self.strategy.evaluation_due(absolute_round)):
-            device = select_device(self.cfg.train.device)
-            catalog = load_catalog(self.cfg)
-            # Rounds are watched on validation data, as central epochs are; test is scored once, at the end.
-            loader = make_loader(catalog.dataset(split="val", pooled=True), self.cfg.train.batch_size, False, device)
-            pooled = evaluate(prepare_model(model, device), loader, device, catalog.task)
-        if server_round == 0:
-            if pooled and self.start_round == 0:
-                self.initial = headline(pooled)
-                log(f"[federated] initial global model: pooled val {self.initial}")
-            return MetricRecord({"accuracy": pooled.get("accuracy", 0.0)}) if pooled else None
-        entry = {
-            "round": absolute_round,
-            "elapsed_seconds": time.perf_counter() - self.started,
-            "server": headline(pooled) if pooled else {},
-            "train": self.strategy.site_train.get(absolute_round, {}),
-            "sites": self.strategy.site_eval.get(absolute_round, {}),
-        }
-        self.history.append(entry)
-        self._log_round(entry)
+    def wire_arrays(self) -> ArrayRecord:
+        """The global model as it crosses the wire (the server's own copy stays float32)."""
+        return ArrayRecord(torch_state_dict=transport_state(self.global_state, self.cfg.federated.transport_dtype))
+
+    def message(self, node: int, message_type: str, server_round: int, **config) -> Message:
+        record = ConfigRecord({ROUND_KEY: server_round, EXPERIMENT_KEY: experiment_record(self.cfg), **config})
+        content = RecordDict({"arrays": self.wire_arrays(), "config": record})
+        return Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+
+    def checkpoint(self, path_name: str) -> None:
         progress = {
-            "round": absolute_round,
+            "round": self.last_round,
             "history": self.history,
             "initial": self.initial,
-            "strategy_state": self.strategy.optimizer_state(),
+            "server_optimizer": server_optimizer_state(self.strategy, list(self.global_state)),
         }
-        save_checkpoint(self.out / "last.pt", model, self.cfg, progress, "federated")
-        return (
-            MetricRecord({k: float(v) for k, v in entry["server"].items() if isinstance(v, (int, float))})
-            if pooled
-            else None
+        save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
+
+
+def run_federated(grid: Grid, cfg: ExperimentConfig, server_has_data: bool = True) -> dict:
+    configure_threads(cfg.train.threads)
+    run = FederatedRun(cfg, server_has_data)
+    if run.last_round == 0 and server_has_data:
+        run.initial = headline(score_on_server(run))
+        log(f"[federated] initial global model: pooled val {run.initial}")
+    for server_round in range(run.last_round + 1, cfg.federated.rounds + 1):
+        play_round(grid, run, server_round)
+    return finish(grid, run)
+
+
+def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
+    fc = run.cfg.federated
+    nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
+    chosen = choose_sites(nodes, fc.fraction_train, run.min_train, run.rng)
+    messages = [run.message(node, MessageType.TRAIN, server_round) for node in chosen]
+    replies = in_site_order(
+        answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval)), run.site_order
+    )
+    if len(replies) < run.min_train:
+        # A site dropped or timed out: averaging fewer sites than agreed would silently change the experiment.
+        raise SitesMissingError(
+            f"round {server_round}: only {len(replies)} of the required {run.min_train} sites "
+            "returned a model within the round timeout; stopping the run"
         )
-
-    def _log_round(self, entry: dict) -> None:
-        sites = ", ".join(
-            f"{name} {100 * m.get('set_accuracy', float('nan')):.1f}%" for name, m in sorted(entry["sites"].items())
-        )
-        server = entry["server"]
-        pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
-        scores = f"{pooled}sites: {sites}" if pooled or sites else "trained (not scored this round)"
-        log(f"[federated] round {entry['round']}/{self.cfg.federated.rounds} {scores}")
-
-    def finish(self, arrays: ArrayRecord, grid: Grid) -> dict:
-        model = self.model_from(arrays)
-        progress = {
-            "round": self.cfg.federated.rounds,
-            "history": self.history,
-            "initial": self.initial,
-            "strategy_state": {},
-        }
-        save_checkpoint(self.out / "final.pt", model, self.cfg, progress, "federated")
-        result = {
-            "kind": "federated",
-            "rounds": self.cfg.federated.rounds,
-            "initial": self.initial,
-            "history": self.history,
-        }
-        if self.server_has_data:
-            device = select_device(self.cfg.train.device)
-            result["test"] = evaluate_everywhere(
-                prepare_model(model, device), load_catalog(self.cfg), device, self.cfg.train.batch_size
-            )
-        else:
-            result["test"] = site_test_results(grid, arrays, self.cfg)
-        result["wall_seconds"] = time.perf_counter() - self.started
-        (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
-        log(f"[federated] results in {self.out}")
-        return result
+    for reply in replies:  # the server aggregates in float32 whatever crossed the wire
+        state = transport_state(reply.content["arrays"].to_torch_state_dict(), "float32")
+        reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
+    run.global_state = aggregate(run.strategy, server_round, run.global_state, replies)
+    entry = {
+        "round": server_round,
+        "server": {},
+        "train": {site_name(m): dict(m.content["metrics"]) for m in replies},
+        "sites": {},
+    }
+    if evaluation_due(server_round, fc):
+        entry["sites"] = score_at_sites(grid, run, server_round)
+        entry["server"] = headline(score_on_server(run)) if run.server_has_data else {}
+    entry["elapsed_seconds"] = time.perf_counter() - run.started
+    run.history.append(entry)
+    run.last_round = server_round
+    run.checkpoint("last.pt")
+    log_round(entry, fc.rounds)
 
 
-def site_test_results(grid: Grid, arrays: ArrayRecord, cfg: ExperimentConfig) -> dict:
+def score_at_sites(grid: Grid, run: FederatedRun, server_round: int) -> dict[str, dict]:
+    """Each connected site's metrics of the global model on its own validation split."""
+    fc = run.cfg.federated
+    nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
+    messages = [run.message(node, MessageType.EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes]
+    replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
+    return {site_name(m): json.loads(str(m.content["site"]["metrics-json"])) for m in replies}
+
+
+def score_on_server(run: FederatedRun) -> dict:
+    """The global model on the pooled validation split (rounds are watched on validation data, as epochs are)."""
+    if not run.server_has_data:
+        return {}
+    device = select_device(run.cfg.train.device)
+    catalog = load_catalog(run.cfg)
+    loader = make_loader(catalog.dataset(split="val", pooled=True), run.cfg.train.batch_size, False, device)
+    return evaluate(prepare_model(run.global_model(), device), loader, device, catalog.task)
+
+
+def log_round(entry: dict, rounds: int) -> None:
+    sites = ", ".join(
+        f"{name} {100 * m.get('set_accuracy', float('nan')):.1f}%" for name, m in sorted(entry["sites"].items())
+    )
+    server = entry["server"]
+    pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
+    scores = f"{pooled}sites: {sites}" if pooled or sites else "trained (not scored this round)"
+    log(f"[federated] round {entry['round']}/{rounds} {scores}")
+
+
+def finish(grid: Grid, run: FederatedRun) -> dict:
+    """Checkpoint the final model and score it on the test splits, once."""
+    run.checkpoint("final.pt")
+    result = {"kind": "federated", "rounds": run.cfg.federated.rounds, "initial": run.initial, "history": run.history}
+    if run.server_has_data:
+        device = select_device(run.cfg.train.device)
+        model = prepare_model(run.global_model(), device)
+        result["test"] = evaluate_everywhere(model, load_catalog(run.cfg), device, run.cfg.train.batch_size)
+    else:
+        result["test"] = site_test_results(grid, run)
+    result["wall_seconds"] = time.perf_counter() - run.started
+    (run.out / "metrics.json").write_text(json.dumps(result, indent=2))
+    log(f"[federated] results in {run.out}")
+    return result
+
+
+def site_test_results(grid: Grid, run: FederatedRun) -> dict:
     """Test metrics of the final model from the sites' own test splits (a server without data).
 
     Each site returns probabilities and allowed-class masks of its test images; pooling them
     gives the same pooled and per-site metrics as evaluate_everywhere on the pooled catalog.
     """
-    config = ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg), SPLIT_KEY: "test"})
-    messages = [
-        Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=MessageType.EVALUATE)
-        for node in grid.get_node_ids()
-    ]
-    replies = [r for r in grid.send_and_receive(messages, timeout=cfg.federated.round_timeout) if not r.has_error()]
+    fc = run.cfg.federated
+    nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
+    messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **{SPLIT_KEY: "test"}) for node in nodes]
+    replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
     if not replies:
         raise RuntimeError("no site returned test results for the final model")
-    task = get_task(cfg.data.task)
     outputs = {}
     for reply in replies:
         predictions = reply.content["predictions"].to_torch_state_dict()
-        outputs[str(reply.content["site"]["name"])] = (predictions["probs"].numpy(), predictions["masks"].numpy())
+        outputs[site_name(reply)] = (predictions["probs"].numpy(), predictions["masks"].numpy())
     pooled = tuple(np.concatenate([output[i] for output in outputs.values()]) for i in (0, 1))
     log(f"[federated] test results from sites: {', '.join(sorted(outputs))}")
     return {
-        "pooled": classification_metrics(*pooled, task),
-        "sites": {name: classification_metrics(probs, masks, task) for name, (probs, masks) in sorted(outputs.items())},
+        "pooled": classification_metrics(*pooled, run.task),
+        "sites": {name: classification_metrics(p, m, run.task) for name, (p, m) in sorted(outputs.items())},
     }
-
-
-def run_federated(grid: Grid, cfg: ExperimentConfig, num_clients: int, server_has_data: bool = True) -> dict:
-    configure_threads(cfg.train.threads)
-    run = FederatedRun(cfg, num_clients, server_has_data)
-    fc = cfg.federated
-    grid = PatientGrid(grid, fc.poll_interval, run.strategy.min_available_nodes, fc.round_timeout)
-    remaining = fc.rounds - run.start_round
-    arrays = ArrayRecord(torch_state_dict=run.initial_state)
-    if remaining > 0:
-        result = run.strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            timeout=fc.round_timeout,
-            train_config=ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg)}),
-            evaluate_config=ConfigRecord({EXPERIMENT_KEY: experiment_record(cfg)}),
-            evaluate_fn=run.evaluate_round,
-        )
-        arrays = result.arrays
-    return run.finish(arrays, grid)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = experiment_from_context(context)
-    run_federated(grid, cfg, cfg.federated.num_clients, server_has_data=cfg.data.data_root is not None)
+    run_federated(grid, cfg, server_has_data=cfg.data.data_root is not None)

@@ -1,6 +1,7 @@
-"""Client-side federated work, free of Flower: local training and evaluation of a site.
+"""A site's federated work, free of Flower: local training and scoring of the global model.
 
-The Flower apps only move state dicts and numbers in and out of these functions.
+The Flower apps only move state dicts and numbers in and out of these functions, so the
+same training code runs in the simulation, at a hospital and in the tests.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from fedbt.data.partition import Partition, make_partitions
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import predict_probabilities
 from fedbt.eval.metrics import classification_metrics
-from fedbt.model.architectures import build_model
-from fedbt.model.device import configure_threads, prepare_model, select_device
-from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
-from fedbt.train.losses import class_weights_from_masks
+from fedbt.model.device import prepare_model, select_device
 from fedbt.train.schedules import StepSchedule
+from fedbt.train.setup import new_model, steps_per_epoch, train_epoch, training_setup
 
 
 @lru_cache(maxsize=2)
@@ -43,11 +42,6 @@ def client_partition(cfg: ExperimentConfig, partition_id: int, num_partitions: i
     catalog = load_catalog(cfg)
     fc = cfg.federated
     return make_partitions(catalog, num_partitions, fc.partition, fc.dirichlet_alpha, cfg.data.seed)[partition_id]
-
-
-def new_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
-    seed_everything(cfg.training_seed)
-    return build_model(cfg.model, num_classes, cfg.data.image_size)
 
 
 TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -89,11 +83,16 @@ class LocalState:
     batchnorm: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
 
+    def as_tensors(self) -> dict:
+        """Tensors, numbers and strings only, so it loads with torch.load(weights_only=True)."""
+        return {"batchnorm": self.batchnorm, "optimizer": self.optimizer}
 
-def _load_global(model: nn.Module, global_state: dict[str, torch.Tensor], local: LocalState, fedbn: bool) -> None:
-    model.load_state_dict(global_state)
-    if fedbn and local.batchnorm is not None:
-        model.load_state_dict(local.batchnorm, strict=False)
+
+def starting_state(cfg: ExperimentConfig, global_state: dict[str, torch.Tensor], local: LocalState) -> dict:
+    """The global model, with this site's own BatchNorm layers under FedBN."""
+    if cfg.federated.fedbn and local.batchnorm is not None:
+        return {**global_state, **local.batchnorm}
+    return global_state
 
 
 def train_partition(
@@ -103,55 +102,49 @@ def train_partition(
     global_state: dict[str, torch.Tensor],
     server_round: int,
     local: LocalState,
-    proximal_mu: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float], LocalState]:
     """Train the global model for E local epochs on the partition's training split."""
     tc, fc = cfg.train, cfg.federated
-    configure_threads(tc.threads)
-    device = select_device(tc.device)
-    model = new_model(cfg, catalog.task.num_classes)
-    _load_global(model, global_state, local, fc.fedbn)
-    model = prepare_model(model, device)
     dataset = catalog.subset(partition.indices["train"], augment=augmentation_for(tc))
-    optimizer = build_optimizer(model.parameters(), tc)
+    setup = training_setup(cfg, catalog.task.num_classes, dataset.masks, starting_state(cfg, global_state, local))
     if fc.keep_optimizer_state and local.optimizer is not None:
-        optimizer.load_state_dict(local.optimizer)
-    weights = class_weights_from_masks(dataset.masks) if tc.class_weights else None
-    scaler = make_grad_scaler(device)
+        setup.optimizer.load_state_dict(local.optimizer)
     present = dataset.masks.any(dim=0) if fc.restricted_softmax else None
-    steps = len(make_loader(dataset, tc.batch_size, True, device))
+    # FedProx pulls every local epoch towards the round's global model, not towards the previous epoch.
+    proximal = fc.strategy == "fedprox" and fc.proximal_mu > 0
+    anchor = [p.detach().clone() for p in setup.model.parameters()] if proximal else None
+    steps = steps_per_epoch(dataset, cfg, setup.device)
     # The LR follows one curve over all rounds, as the central run's does over its epochs.
     total_steps = fc.rounds * fc.local_epochs * steps
-    stats: dict[str, float] = {}
+    epochs = []
     for epoch in range(fc.local_epochs):
         global_epoch = (server_round - 1) * fc.local_epochs + epoch
         # Seeds differ per client (crc32 of its name: stable across processes, unlike hash()).
-        seed_everything(cfg.training_seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000)
-        loader = make_loader(
-            dataset, tc.batch_size, True, device, seed=cfg.training_seed + global_epoch, workers=tc.num_workers
-        )
+        seed = cfg.training_seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000
         schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps)
-        stats = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            device,
+        stats = train_epoch(
+            setup,
+            dataset,
+            cfg,
             schedule,
-            weights,
-            scaler,
-            proximal_mu,
+            seed,
+            cfg.training_seed + global_epoch,
+            anchor=anchor,
             present_classes=present,
-            label_smoothing=tc.label_smoothing,
         )
+        epochs.append(stats)
     new_local = LocalState(
-        batchnorm=local_batchnorm(model) if fc.fedbn else None,
-        optimizer=optimizer.state_dict() if fc.keep_optimizer_state else None,
+        batchnorm=local_batchnorm(setup.model) if fc.fedbn else None,
+        optimizer=setup.optimizer.state_dict() if fc.keep_optimizer_state else None,
     )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in setup.model.state_dict().items()}
+    seconds = sum(e["seconds"] for e in epochs)
+    images = sum(e["images"] for e in epochs)
     metrics = {
-        "train_loss": stats["loss"],
-        "train_seconds": stats["seconds"],
-        "images_per_second": stats["images_per_second"],
+        # Over all local epochs: the mean loss per image seen, the time they took together.
+        "train_loss": sum(e["loss"] * e["images"] for e in epochs) / max(images, 1),
+        "train_seconds": seconds,
+        "images_per_second": images / max(seconds, 1e-9),
     }
     return state, len(dataset), metrics, new_local
 
@@ -167,7 +160,7 @@ def predict_partition(
     """Probabilities of the global model (with the client's own BatchNorm under FedBN) and target masks."""
     device = select_device(cfg.train.device)
     model = new_model(cfg, catalog.task.num_classes)
-    _load_global(model, global_state, local, cfg.federated.fedbn)
+    model.load_state_dict(starting_state(cfg, global_state, local))
     model = prepare_model(model, device)
     dataset = catalog.subset(partition.indices[split])
     return predict_probabilities(model, make_loader(dataset, cfg.train.batch_size, False, device), device)

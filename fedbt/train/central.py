@@ -6,7 +6,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,14 +16,13 @@ from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import evaluate
-from fedbt.model.architectures import build_model, set_backbone_trainable
+from fedbt.model.architectures import set_backbone_trainable
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
-from fedbt.model.device import configure_threads, prepare_model, select_device
+from fedbt.model.device import select_device
 from fedbt.progress import headline, log, step_logger
 from fedbt.reports.plots import plot_training_curves
-from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
-from fedbt.train.losses import class_weights_from_masks
 from fedbt.train.schedules import StepSchedule
+from fedbt.train.setup import steps_per_epoch, train_epoch, training_setup
 
 
 @dataclass
@@ -45,17 +43,6 @@ def evaluate_everywhere(model: nn.Module, catalog: Catalog, device: torch.device
     }
 
 
-def _param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """Transfer learning trains layer4 at a lower LR than the new head ('lr_scale')."""
-    if cfg.train.freeze_backbone_epochs <= 0:
-        return [{"params": list(model.parameters())}]
-    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
-    layer4 = [p for n, p in model.named_parameters() if n.startswith("layer4.")]
-    factor = cfg.train.finetune_lr_factor
-    # 'lr' holds for the plateau schedule; per-step schedules rescale by 'lr_scale'.
-    return [{"params": head}, {"params": layer4, "lr": cfg.train.lr * factor, "lr_scale": factor}]
-
-
 def _apply_freezing(model: nn.Module, cfg: ExperimentConfig, epoch: int) -> None:
     if cfg.train.freeze_backbone_epochs <= 0:
         return
@@ -68,19 +55,14 @@ def train_model(
 ) -> tuple[nn.Module, list[dict]]:
     """Train for cfg.train.epochs with checkpoints in out_dir; returns the best model and history."""
     tc = cfg.train
-    configure_threads(tc.threads)
-    device = select_device(tc.device)
-    seed_everything(cfg.training_seed)
-    num_classes = data.train.masks.shape[1]
-    model = prepare_model(build_model(cfg.model, num_classes, cfg.data.image_size), device)
-    optimizer = build_optimizer(_param_groups(model, cfg), tc)
+    setup = training_setup(cfg, data.train.masks.shape[1], data.train.masks)
+    model, optimizer = setup.model, setup.optimizer
     plateau = None
     if tc.schedule == "plateau":
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.3, patience=1)
-    scaler = make_grad_scaler(device)
-    weights = class_weights_from_masks(data.train.masks) if tc.class_weights else None
-    val_loader = make_loader(data.val, tc.batch_size, False, device)
-    steps = len(make_loader(data.train, tc.batch_size, True, device))
+    val_loader = make_loader(data.val, tc.batch_size, False, setup.device)
+    steps = steps_per_epoch(data.train, cfg, setup.device)
+    task = get_task(cfg.data.task)
 
     history: list[dict] = []
     start_epoch, best_loss, stale = 0, float("inf"), 0
@@ -97,26 +79,14 @@ def train_model(
         log(f"[{kind}] resuming after epoch {start_epoch} of {tc.epochs}")
 
     for epoch in range(start_epoch, tc.epochs):
-        # Re-seeding per epoch makes a resumed run draw the same batches and augmentations.
-        seed_everything(cfg.training_seed + epoch)
         _apply_freezing(model, cfg, epoch)
-        loader = make_loader(
-            data.train, tc.batch_size, True, device, seed=cfg.training_seed + epoch, workers=tc.num_workers
-        )
         # ReduceLROnPlateau owns the LR under 'plateau'; a per-step schedule would overwrite it.
         schedule = None if plateau else StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
-        stats = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            device,
-            schedule,
-            weights,
-            scaler,
-            on_step=step_logger(kind, epoch, tc.epochs, tc.log_every),
-            label_smoothing=tc.label_smoothing,
-        )
-        val = evaluate(model, val_loader, device, get_task(cfg.data.task))
+        # Seeded per epoch, so a resumed run draws the same batches and augmentations.
+        seed = cfg.training_seed + epoch
+        logger = step_logger(kind, epoch, tc.epochs, tc.log_every)
+        stats = train_epoch(setup, data.train, cfg, schedule, seed, loader_seed=seed, on_step=logger)
+        val = evaluate(model, val_loader, setup.device, task)
         if plateau is not None:
             plateau.step(val["loss"])
         history.append({"epoch": epoch + 1, "train": stats, "val": headline(val)})

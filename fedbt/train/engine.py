@@ -57,6 +57,7 @@ def train_one_epoch(
     schedule: StepSchedule | None = None,
     class_weights: torch.Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    anchor: list[torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
     on_step: Callable[[int, int, float], None] | None = None,
     present_classes: torch.Tensor | None = None,
@@ -64,7 +65,6 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the loader. Returns mean loss, images seen, seconds and images/second."""
     model.train()
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     weights = class_weights.to(device) if class_weights is not None else None
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     for step, (images, masks) in enumerate(loader):
@@ -76,7 +76,7 @@ def train_one_epoch(
         with autocast_for(device):
             logits = model(images)
         loss = coarse_label_loss(logits, masks, weights, present_classes, label_smoothing)
-        if anchor is not None:
+        if anchor is not None and proximal_mu > 0:
             loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

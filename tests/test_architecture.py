@@ -1,0 +1,136 @@
+"""The package's shape: one direction of dependency between its layers, no import cycles,
+and Flower imported only where the Flower apps and the deployment live.
+
+Reads the import statements of every module (no module is imported), so it runs in well
+under a second and a failure names the offending module and line.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fedbt"
+
+# Lowest first: a module may import its own layer and the layers before it, never a later one.
+LAYERS = (
+    ("fedbt.config", "fedbt.progress"),
+    ("fedbt.reports",),
+    ("fedbt.data",),
+    ("fedbt.model",),
+    ("fedbt.eval",),
+    ("fedbt.train",),
+    ("fedbt.federated",),
+    ("fedbt.deployment",),
+    ("fedbt.bench", "fedbt.cli"),
+)
+FLOWER_ALLOWED = ("fedbt.federated", "fedbt.deployment")
+# Inside fedbt.federated, the Flower-free task module is what the data/model/training code may be driven by.
+FLOWER_FREE = ("fedbt.federated.task",)
+
+
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in the file, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, node.lineno))
+            # `from fedbt.data import catalog` imports the submodule fedbt.data.catalog.
+            found += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, list[tuple[str, int]]]:
+    modules = {module_name(p, root): p for p in root.rglob("*.py")}
+    return {
+        name: [(target, line) for target, line in imports_of(path) if target in modules and target != name]
+        for name, path in modules.items()
+    }
+
+
+def layer_of(module: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in layer):
+            return index
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
+
+
+def within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def upward_imports(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
+    return [
+        f"{source}:{line} imports {target} from a higher layer"
+        for source, targets in graph.items()
+        for target, line in targets
+        if layer_of(target) > layer_of(source)
+    ]
+
+
+def find_cycle(graph: dict[str, list[tuple[str, int]]]) -> list[str] | None:
+    """One import cycle as a list of modules, or None (depth-first search with colours)."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module], _ = "open", stack.append(module)
+        for target, _line in graph.get(module, []):
+            if state.get(target) == "open":
+                return stack[stack.index(target) :] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[module], _ = "done", stack.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def flower_outside_its_place(root: Path = PACKAGE) -> list[str]:
+    found = []
+    for path in root.rglob("*.py"):
+        name = module_name(path, root)
+        allowed = within(name, FLOWER_ALLOWED) and not within(name, FLOWER_FREE)
+        for target, line in imports_of(path):
+            if (target == "flwr" or target.startswith("flwr.")) and not allowed:
+                found.append(f"{name}:{line} imports {target}")
+    return found
+
+
+def test_every_module_imports_only_its_own_or_lower_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_there_is_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_flower_is_imported_only_by_the_flower_apps_and_the_deployment():
+    assert flower_outside_its_place() == []
+
+
+def test_the_checks_catch_a_cycle_an_upward_import_and_flower_in_the_core(tmp_path):
+    # A scratch package with each defect, so the checks above are known to be able to fail.
+    fake = tmp_path / "fedbt"
+    (fake / "data").mkdir(parents=True)
+    (fake / "train").mkdir()
+    (fake / "data" / "a.py").write_text("from fedbt.data import b\nimport flwr\n")
+    (fake / "data" / "b.py").write_text("import fedbt.data.a\nfrom fedbt.train.engine import step\n")
+    (fake / "train" / "engine.py").write_text("step = None\n")
+    graph = import_graph(fake)
+    assert find_cycle(graph) in (
+        ["fedbt.data.a", "fedbt.data.b", "fedbt.data.a"],
+        ["fedbt.data.b", "fedbt.data.a", "fedbt.data.b"],
+    )
+    assert upward_imports(graph) == ["fedbt.data.b:2 imports fedbt.train.engine from a higher layer"]
+    assert flower_outside_its_place(fake) == ["fedbt.data.a:2 imports flwr"]
