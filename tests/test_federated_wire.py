@@ -1,16 +1,48 @@
-"""The federation's wire format and evaluation schedule, without starting Flower."""
+"""The federation's wire format, evaluation schedule and server-side arithmetic, without starting Flower."""
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fedbt.config import FederatedConfig
-from fedbt.federated.strategy import make_strategy
+from fedbt.federated.rounds import choose_sites, in_site_order
+from fedbt.federated.server_app import evaluation_due
+from fedbt.federated.strategy import (
+    aggregate,
+    make_strategy,
+    restore_server_optimizer_state,
+    server_optimizer_state,
+)
 from fedbt.federated.task import transport_state
 from fedbt.model.architectures import build_resnet18
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def reply(site: str, state: dict[str, torch.Tensor], examples: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=state),
+            "metrics": MetricRecord({"num-examples": examples}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
+    # A reply as the server receives it (explicit metadata: no Flower run needed to build it).
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=0,
+        reply_to_message_id="sent",
+        group_id="1",
+        created_at=0.0,
+        ttl=60,
+        message_type="train",
+    )
+    return Message(content, metadata=metadata)
 
 
 def test_float16_transport_halves_the_bytes_and_keeps_integer_buffers():
@@ -32,17 +64,66 @@ def test_values_beyond_float16_range_stay_float32_instead_of_becoming_inf():
     assert torch.isfinite(wire["running_var"]).all()
 
 
-def test_unknown_transport_dtype_and_bad_evaluation_interval_are_refused():
-    with pytest.raises(ValueError, match="bfloat16"):
-        make_strategy(FederatedConfig(transport_dtype="bfloat16"), 3)
-    with pytest.raises(ValueError, match="evaluate_every"):
-        make_strategy(FederatedConfig(evaluate_every=0), 3)
-
-
 def test_sites_score_the_global_model_every_k_rounds_and_after_the_last():
-    strategy = make_strategy(FederatedConfig(rounds=7, evaluate_every=3), 3)
-    assert [r for r in range(1, 8) if strategy.evaluation_due(r)] == [3, 6, 7]
-    # A skipped round sends no evaluation message at all (and never asks the grid for nodes).
-    assert strategy.configure_evaluate(1, None, None, None) == []
-    resumed = make_strategy(FederatedConfig(rounds=7, evaluate_every=3), 3, round_offset=2)
-    assert resumed.configure_evaluate(2, None, None, None) == []  # absolute round 4
+    fc = FederatedConfig(rounds=7, evaluate_every=3)
+    assert [r for r in range(1, 8) if evaluation_due(r, fc)] == [3, 6, 7]
+
+
+def test_fedavg_weights_sites_by_their_examples_and_keeps_the_global_dtypes():
+    global_state = {"w": torch.zeros(2), "count": torch.tensor(4)}
+    replies = [
+        reply("a", {"w": torch.tensor([1.0, 1.0]), "count": torch.tensor(5)}, 30),
+        reply("b", {"w": torch.tensor([4.0, 0.0]), "count": torch.tensor(5)}, 10),
+    ]
+    new = aggregate(make_strategy(FederatedConfig()), 1, global_state, replies)
+    assert torch.allclose(new["w"], torch.tensor([1.75, 0.75]))
+    assert new["count"].dtype == torch.int64 and new["w"].dtype == torch.float32
+
+
+def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
+    fc = FederatedConfig(strategy="fedavgm", server_momentum=0.9, server_lr=1.0)
+    global_state = {"w": torch.zeros(3)}
+    first = make_strategy(fc)
+    after_one = aggregate(first, 1, global_state, [reply("a", {"w": torch.ones(3)}, 1)])
+    saved = server_optimizer_state(first, list(global_state))
+    assert set(saved) == {"momentum_vector"}
+    assert all(isinstance(t, torch.Tensor) for t in saved["momentum_vector"].values())
+    # Loadable with torch.load(weights_only=True): tensors in dicts only.
+    buffer = __import__("io").BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    restored = make_strategy(fc)
+    restore_server_optimizer_state(restored, torch.load(buffer, weights_only=True))
+    second_reply = [reply("a", {"w": 2 * torch.ones(3)}, 1)]
+    continued = aggregate(restored, 2, after_one, second_reply)
+    uninterrupted = aggregate(first, 2, after_one, second_reply)
+    assert torch.equal(continued["w"], uninterrupted["w"])
+    # Momentum carried over: round 2 moves further than plain averaging would (to 2.0).
+    assert continued["w"][0] > 2.0
+
+
+def test_fedadam_steps_from_the_servers_float32_model_not_a_float16_copy():
+    strategy = make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.1))
+    kept = 1.0001  # float16 would round it to 1.0
+    global_state = {"w": torch.tensor([0.5, kept])}
+    # The site sent back the second weight unchanged: no update, so it must stay exactly as the server had it.
+    new = aggregate(strategy, 1, global_state, [reply("a", {"w": torch.tensor([0.7, kept])}, 1)])
+    assert new["w"].dtype == torch.float32
+    assert new["w"][1].item() == torch.tensor(kept).item()
+    assert new["w"][0] > 0.5  # the first weight moved towards the site's
+    assert set(server_optimizer_state(strategy, ["w"])) == {"m_t", "v_t"}
+
+
+def test_replies_are_aggregated_in_site_order_whatever_arrives_first():
+    replies = [reply(name, {"w": torch.zeros(1)}, 1) for name in ("br35h", "zeta", "figshare", "sartaj")]
+    ordered = in_site_order(replies, ["figshare", "sartaj", "br35h"])
+    assert [str(m.content["site"]["name"]) for m in ordered] == ["figshare", "sartaj", "br35h", "zeta"]
+
+
+def test_site_choice_takes_the_fraction_but_never_fewer_than_the_minimum():
+    rng = __import__("random").Random(0)
+    nodes = list(range(10, 20))
+    assert len(choose_sites(nodes, 0.3, 1, rng)) == 3
+    assert len(choose_sites(nodes, 0.1, 4, rng)) == 4
+    assert choose_sites(nodes, 1.0, 1, rng) == nodes
+    assert np.all(np.diff(choose_sites(nodes, 0.5, 1, rng)) > 0)  # in node order
