@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedbt.config import ExperimentConfig, load_config
+from pydantic import ValidationError
+
+from fedbt.config import ExperimentConfig, describe_validation_error, load_config
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.model.checkpoint import CheckpointError
 
@@ -356,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ValidationError as err:  # a flag assigned to a setting (--rounds 0): name the setting, on one line
+        print(f"fedbt: error: {describe_validation_error(err, err.title)}", file=sys.stderr)
+        return 2
     except (CheckpointError, OSError, ValueError, RuntimeError) as err:
         print(f"fedbt: error: {err}", file=sys.stderr)
         return 2

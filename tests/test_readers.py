@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedbt.config import ConfigError
 from fedbt.data.catalog import build_catalog
 from fedbt.data.images import decode_file
 from fedbt.data.labels import TUMOUR_CLASSES
@@ -102,5 +103,5 @@ def test_missing_site_path_and_relative_root_without_data_root(tmp_path):
     relative.write_text("name: rel\nformat: class_folders\nroot: figshare\n")
     with pytest.raises(ValueError, match="give a data root"):
         load_site(relative, None)
-    with pytest.raises(FileNotFoundError, match="site file not found"):
+    with pytest.raises(ConfigError, match="absent.yaml: site file not found"):
         load_site(tmp_path / "absent.yaml", None)

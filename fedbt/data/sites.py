@@ -1,36 +1,51 @@
-"""Hospital sites: one YAML file each, describing where a site's images are and what they mean."""
+"""Hospital sites: one YAML file each, describing where a site's images are and what they mean.
+
+A site file is validated against `SiteFile` (unknown keys, wrong types, unknown formats
+and classes, impossible splits refused) and every error is one line naming the file.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
-import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.dataclasses import dataclass as validated_dataclass
 
-from fedbt.config import resolve_project_path
+from fedbt.config import ConfigError, read_yaml_mapping, resolve_project_path, validated
 from fedbt.data.labels import KNOWN_SOURCE_LABELS, parse_allowed
 
-FORMATS = ("class_folders", "figshare_mat", "kaggle_combined")
+SiteFormat = Literal["class_folders", "figshare_mat", "kaggle_combined"]
+FORMATS: tuple[str, ...] = get_args(SiteFormat)
 DATA_ROOT_ENV = "FEDBT_DATA_ROOT"
 
+SplitShare = Annotated[float, Field(ge=0, lt=1)]
 
-@dataclass(frozen=True)
+
+@validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SplitPolicy:
-    test: float = 0.15
-    val: float = 0.10
+    test: SplitShare = 0.15
+    val: SplitShare = 0.10
     # Use the release's own Training/Testing folders (SARTAJ) instead of a fresh split.
     use_source_split: bool = False
     # Keep all slices of one patient in one split when the source records patient ids.
     group_by_patient: bool = True
 
+    @model_validator(mode="after")
+    def _leaves_images_to_train_on(self) -> SplitPolicy:
+        if self.test + self.val >= 1:
+            raise ValueError(f"test + val is {self.test + self.val:g}: it must stay below 1 to leave training images")
+        return self
 
-@dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True)
 class SiteSpec:
     name: str
     format: str
     root: Path
-    labels: dict[str, frozenset[str]] = field(default_factory=dict)
+    labels: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     split: SplitPolicy = SplitPolicy()
     # kaggle_combined only: which origin of the combined set this site takes, and the
     # site YAMLs whose files decide SARTAJ vs Br35H by byte identity.
@@ -48,6 +63,41 @@ def _label_key(key: object) -> str:
     return str(key)
 
 
+# The canonical classes a source folder name allows (a class, a list, or 'tumor').
+AllowedClasses = Annotated[str | list[str], AfterValidator(parse_allowed)]
+
+
+class SiteFile(BaseModel):
+    """What a site YAML may say."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    name: Annotated[str, Field(min_length=1)]
+    format: SiteFormat
+    root: str
+    labels: dict[str, AllowedClasses] = {}
+    split: SplitPolicy = SplitPolicy()
+    origin: str | None = None
+    reference_sites: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, values: Any) -> Any:
+        # `labels:` or `split:` with nothing under them reads as null: take the default.
+        return {k: v for k, v in values.items() if v is not None} if isinstance(values, dict) else values
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _folder_names_as_text(cls, labels: Any) -> Any:
+        return {_label_key(k): v for k, v in labels.items()} if isinstance(labels, dict) else labels
+
+    @model_validator(mode="after")
+    def _combined_names_its_origin(self) -> SiteFile:
+        if self.format == "kaggle_combined" and self.origin is None:
+            raise ValueError("format kaggle_combined needs 'origin' (the site name it takes, e.g. figshare)")
+        return self
+
+
 def resolve_root(root: str, data_root: str | Path | None) -> Path:
     path = Path(root).expanduser()
     if path.is_absolute():
@@ -58,36 +108,39 @@ def resolve_root(root: str, data_root: str | Path | None) -> Path:
     return Path(base).expanduser() / path
 
 
-def load_site(path: str | Path, data_root: str | Path | None) -> SiteSpec:
-    yaml_path = resolve_project_path(path)
-    if not yaml_path.is_file():
-        raise FileNotFoundError(f"site file not found: {path}")
-    raw = yaml.safe_load(yaml_path.read_text()) or {}
-    where = str(yaml_path)
-    for key in ("name", "format", "root"):
-        if key not in raw:
-            raise ValueError(f"{where}: missing required key {key!r}")
-    if raw["format"] not in FORMATS:
-        raise ValueError(f"{where}: format {raw['format']!r} is not one of {', '.join(FORMATS)}")
+def _reference_chain(path: str | Path, referenced_from: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The files from the first site to this one; a file already on it is a cycle."""
+    chain = (*referenced_from, resolve_project_path(path).resolve())
+    if chain[-1] in referenced_from:
+        raise ConfigError(f"{path}: reference_sites cycle: {' -> '.join(str(p) for p in chain)}")
+    return chain
+
+
+def _load_site(path: str | Path, data_root: str | Path | None, referenced_from: tuple[Path, ...]) -> SiteSpec:
+    chain = _reference_chain(path, referenced_from)
+    site: SiteFile = validated(SiteFile, read_yaml_mapping(path, "site"), str(path))
     try:
-        labels = {_label_key(k): parse_allowed(v) for k, v in (raw.get("labels") or {}).items()}
-        split = SplitPolicy(**(raw.get("split") or {}))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from None
+        root = resolve_root(site.root, data_root)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return SiteSpec(
-        name=str(raw["name"]),
-        format=raw["format"],
-        root=resolve_root(str(raw["root"]), data_root),
-        labels=labels,
-        split=split,
-        origin=raw.get("origin"),
-        reference_sites=tuple(load_site(ref, data_root) for ref in raw.get("reference_sites") or ()),
+        name=site.name,
+        format=site.format,
+        root=root,
+        labels=site.labels,
+        split=site.split,
+        origin=site.origin,
+        reference_sites=tuple(_load_site(ref, data_root, chain) for ref in site.reference_sites),
     )
+
+
+def load_site(path: str | Path, data_root: str | Path | None) -> SiteSpec:
+    return _load_site(path, data_root, referenced_from=())
 
 
 def load_sites(paths: list[str], data_root: str | Path | None) -> list[SiteSpec]:
     sites = [load_site(p, data_root) for p in paths]
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
-        raise ValueError(f"site names must be unique, got {names}")
+        raise ConfigError(f"site names must be unique, got {names}")
     return sites
