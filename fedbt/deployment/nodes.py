@@ -81,7 +81,7 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float 
 
 def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]:
     return [
-        sys.executable, "-m", "fedbt.deployment.flower_patches", "superlink",
+        sys.executable, "-m", "fedbt.federated.flower_internals", "superlink",
         "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
         "--ssl-keyfile", str(_require_file(layout.server_key, "server key")),
         "--ssl-ca-certfile", str(_require_file(layout.ca_cert, "CA certificate")),
@@ -160,7 +160,7 @@ def supernode_command(settings: SiteSettings) -> list[str]:
     warm = [
         sys.executable,
         "-m",
-        "fedbt.deployment.flower_patches",
+        "fedbt.federated.flower_internals",
         "supernode",
         "--poll-interval",
         str(settings.poll_interval),
@@ -170,7 +170,7 @@ def supernode_command(settings: SiteSettings) -> list[str]:
 
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     return [
-        sys.executable, "-m", "fedbt.deployment.flower_patches", "executor",
+        sys.executable, "-m", "fedbt.federated.flower_internals", "executor",
         "--runtime-api-address", f"127.0.0.1:{settings.runtime_port}",
         "--supernode-pid", str(supernode_pid),
     ]  # fmt: skip

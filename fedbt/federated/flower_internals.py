@@ -6,16 +6,16 @@ process that imports torch and the project again (about 5 s on a 2-core machine)
 SuperNode checks for messages every 3 s and for its ClientApp's reply every 0.5 s.
 `fedbt site` instead starts the SuperNode with `--isolation process` and runs:
 
-- `python -m fedbt.deployment.flower_patches executor ...`: Flower's own SuperExec loop, whose
+- `python -m fedbt.federated.flower_internals executor ...`: Flower's own SuperExec loop, whose
   executor forks each ClientApp task from this process, where torch and the ClientApp are
   already imported. Each task still runs in its own process (as Flower isolates it); only
   the imports are shared. The ClientApp that runs is the one installed at the site.
-- `python -m fedbt.deployment.flower_patches supernode ...`: `flower-supernode` with its idle waits
+- `python -m fedbt.federated.flower_internals supernode ...`: `flower-supernode` with its idle waits
   capped at `--poll-interval` seconds, its first retry of a model part the server is
   still uploading after that long too (Flower's: 1 s, then doubling), and heartbeats every
   few seconds instead of 30 s (so a site that dies is marked offline, and can rejoin, after
   20 s instead of a minute).
-- `python -m fedbt.deployment.flower_patches superlink ...`: `flower-superlink` whose run state
+- `python -m fedbt.federated.flower_internals superlink ...`: `flower-superlink` whose run state
   (registered sites, runs, messages) stays in its SQLite `--database`, so a restarted
   server knows its sites, while the arrays of the messages live in memory. Flower would
   write every 43 MB ResNet18 transfer into that SQLite file: it halved a round's overhead
@@ -168,7 +168,7 @@ def run_executor(runtime_api_address: str, supernode_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedbt.deployment.flower_patches")
+    parser = argparse.ArgumentParser(prog="python -m fedbt.federated.flower_internals")
     sub = parser.add_subparsers(dest="role", required=True)
     node = sub.add_parser("supernode", help="flower-supernode with shorter idle waits")
     node.add_argument("--poll-interval", type=float, required=True)
