@@ -25,7 +25,7 @@ from fedbt.deployment.nodes import (
     supernode_command,
 )
 from fedbt.federated import flower_internals
-from fedbt.federated.flower_internals import ForkExecutor, check_flower_internals
+from fedbt.federated.flower_internals import ForkserverExecutor, check_flower_internals
 
 
 def test_the_guard_finds_nothing_on_the_installed_flower():
@@ -145,8 +145,8 @@ def test_a_different_flower_runs_flower_defaults_with_one_warning(
     )
 
 
-def test_the_fork_executor_takes_what_flowers_executor_protocol_passes():
+def test_the_forkserver_executor_takes_what_flowers_executor_protocol_passes():
     for method in flower_internals.EXECUTOR.expected.methods:
-        ours = inspect.signature(getattr(ForkExecutor, method)).parameters
+        ours = inspect.signature(getattr(ForkserverExecutor, method)).parameters
         flowers = inspect.signature(getattr(executor_types.Executor, method)).parameters
         assert list(ours) == list(flowers), method

@@ -14,9 +14,10 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
 `fedbt site` instead starts the SuperNode with `--isolation process` and runs:
 
 - `python -m fedbt.federated.flower_internals executor ...`: Flower's own SuperExec loop, whose
-  executor forks each ClientApp task from this process, where torch and the ClientApp are
-  already imported. Each task still runs in its own process (as Flower isolates it); only
-  the imports are shared. The ClientApp that runs is the one installed at the site.
+  executor starts each ClientApp task as a child of a forkserver, a fresh interpreter that
+  imported torch and the ClientApp once. Each task still runs in its own process (as Flower
+  isolates it) and inherits none of the loop's threads or connections; only the imports are
+  shared. The ClientApp that runs is the one installed at the site.
 - `python -m fedbt.federated.flower_internals supernode ...`: `flower-supernode` with its idle
   waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
   uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
@@ -37,7 +38,8 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
-import os
+import multiprocessing
+import multiprocessing.forkserver
 import sys
 import time
 from dataclasses import dataclass
@@ -265,7 +267,7 @@ EXECUTOR = declare(
     "flwr.supercore.superexec.executor.types",
     "Executor",
     Class(methods=("get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close")),
-    "implemented by ForkExecutor: what the loop calls on its executor",
+    "implemented by ForkserverExecutor: what the loop calls on its executor",
 )
 EXECUTION_SPEC = declare(
     "flwr.supercore.superexec.executor.types",
@@ -278,12 +280,6 @@ LAUNCH_RESULT = declare(
     "LaunchResult",
     Class(methods=("accepted",)),
     "returned by a launch",
-)
-EXIT_HANDLERS = declare(
-    "flwr.supercore.exit.exit_handler",
-    "registered_exit_handlers",
-    Constant(list),
-    "emptied in each forked task: the loop's handlers would close its connection and stop its tasks",
 )
 RUN_CLIENTAPP = declare(
     "flwr.supernode.runtime.run_clientapp",
@@ -325,12 +321,41 @@ def run_superlink(flower_args: list[str]) -> None:
     FLOWER_SUPERLINK.get()()
 
 
-class ForkExecutor:
-    """A SuperExec executor that forks ClientApp tasks instead of starting `flwr-clientapp`."""
+# Imported once by the forkserver, before any task: what each `flwr-clientapp` would import afresh.
+TASK_PRELOAD = ["fedbt.federated.client_app", RUN_CLIENTAPP.module]
 
-    def __init__(self, run_clientapp):
-        self._run_clientapp = run_clientapp
-        self._children: set[int] = set()
+
+def run_clientapp_task(spec) -> None:
+    """One ClientApp task, in a forkserver child: what `flwr-clientapp` does, without its imports."""
+    certificates = None
+    if not spec.insecure and spec.root_certificates_path:
+        certificates = Path(spec.root_certificates_path).read_bytes()
+    # Ends in sys.exit with the task's exit code, which becomes this process's.
+    RUN_CLIENTAPP.get()(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=certificates,
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+class ForkserverExecutor:
+    """A SuperExec executor that starts each ClientApp task as a forkserver child, not as `flwr-clientapp`.
+
+    A plain fork of the SuperExec process would copy its threads and its open connection to the
+    SuperNode into every task; the forkserver holds neither.
+    """
+
+    def __init__(self):
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(TASK_PRELOAD)
+        self._tasks: set[multiprocessing.process.BaseProcess] = set()
+
+    def start(self) -> None:
+        """Start the forkserver now, so it imports while the site waits for its first message."""
+        multiprocessing.forkserver.ensure_running()
 
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
         return supported_task_types, set()
@@ -339,52 +364,25 @@ class ForkExecutor:
         return None
 
     def launch(self, spec):
-        pid = os.fork()
-        if pid == 0:
-            os._exit(self._run_task(spec))
-        self._children.add(pid)
+        task = self._context.Process(target=run_clientapp_task, args=(spec,), name=f"ClientApp task {spec.task_id}")
+        task.start()
+        self._tasks.add(task)
         return LAUNCH_RESULT.get().accepted()
 
-    def _run_task(self, spec) -> int:
-        # The fork copied this loop's exit handlers (close its Runtime API connection, stop its
-        # tasks); run by the task's own exit, they would break the loop and its other tasks.
-        EXIT_HANDLERS.get().clear()
-        self._children.clear()
-        certificates = None
-        if not spec.insecure and spec.root_certificates_path:
-            certificates = Path(spec.root_certificates_path).read_bytes()
-        try:
-            self._run_clientapp(
-                runtime_api_address=spec.runtime_api_address,
-                token=spec.token,
-                insecure=spec.insecure,
-                certificates=certificates,
-                parent_pid=spec.parent_pid,
-                runtime_dependency_install=False,
-            )
-        except SystemExit as done:  # run_clientapp always ends in sys.exit
-            return done.code if isinstance(done.code, int) else 1
-        return 0
-
     def reconcile(self) -> None:
-        """Reap finished tasks (called once per SuperExec loop)."""
-        for pid in list(self._children):
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                self._children.discard(pid)
+        """Let go of finished tasks (called once per SuperExec loop)."""
+        for task in [task for task in self._tasks if not task.is_alive()]:
+            task.close()  # its pipe from the forkserver
+            self._tasks.discard(task)
 
     def close(self) -> None:
-        for pid in self._children:
-            try:
-                os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
+        for task in self._tasks:
+            task.terminate()
 
 
 def run_executor(runtime_api_address: str, supernode_pid: int) -> None:
-    import fedbt.federated.client_app  # noqa: F401  (torch, the data layer, the engine: once, before the first fork)
-
-    executor = ForkExecutor(RUN_CLIENTAPP.get())
+    executor = ForkserverExecutor()
+    executor.start()
     # Flower's loop picks its executor by type; hand it this one instead of a subprocess launcher.
     GET_EXECUTOR.replace(lambda *args, **kwargs: executor)
     RUN_SUPEREXEC.get()(
@@ -401,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     node = sub.add_parser("supernode", help="flower-supernode with shorter idle waits")
     node.add_argument("--poll-interval", type=float, required=True)
     sub.add_parser("superlink", help="flower-superlink with model weights kept in memory")
-    executor = sub.add_parser("executor", help="SuperExec forking warm ClientApp tasks")
+    executor = sub.add_parser("executor", help="SuperExec starting ClientApp tasks from a warm forkserver")
     executor.add_argument("--runtime-api-address", required=True)
     executor.add_argument("--supernode-pid", type=int, required=True)
     args, rest = parser.parse_known_args(argv)
