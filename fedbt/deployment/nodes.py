@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedbt.deployment.certs import CertLayout, registered_keys
@@ -23,6 +23,12 @@ from fedbt.deployment.processes import (
     wait_forever,
 )
 from fedbt.federated.common import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
+from fedbt.federated.flower_internals import (
+    FLOWER_VERSION,
+    SUPEREXEC_POLL_ENV,
+    check_flower_internals,
+    installed_flower_version,
+)
 
 SERVER_READY = "server ready"
 SITE_READY = "connected to the server"
@@ -30,6 +36,8 @@ SITE_READY = "connected to the server"
 SUPERNODE_JOINED = "SuperNode ID:"
 STARTUP_TIMEOUT = 60.0
 ACTIVATION_RETRY_SECONDS = 2.0
+# `python -m FLOWER_INTERNALS supernode|superlink|executor` runs that Flower process tuned.
+FLOWER_INTERNALS = "fedbt.federated.flower_internals"
 
 
 @dataclass
@@ -39,6 +47,9 @@ class ServerSettings:
     host: str = "127.0.0.1"  # 0.0.0.0: all interfaces
     port: int = 9092
     site_keys: Path | None = None  # folder of <site>.pub to register; default certs/sites
+    # Plain `flower-superlink`, which writes every model transfer into its database: what runs
+    # when the installed Flower is not the one fedbt's tuning was written for.
+    flower_defaults: bool = False
 
 
 @dataclass
@@ -53,7 +64,8 @@ class SiteSettings:
     runtime_port: int = 9094  # the SuperNode's local Runtime API (loopback only); one per site on a machine
     connect_timeout: float = 300.0
     # Seconds between the SuperNode's checks for work; 3 s and a fresh ClientApp process per
-    # message are Flower's defaults (flower_defaults=True), kept for measuring the difference.
+    # message are Flower's defaults (flower_defaults=True), kept for measuring the difference
+    # and run when the installed Flower is not the one fedbt's tuning was written for.
     poll_interval: float = 0.2
     flower_defaults: bool = False
 
@@ -79,9 +91,31 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float 
             time.sleep(0.2)
 
 
+def flower_defaults_if_internals_differ(settings: ServerSettings | SiteSettings):
+    """`settings`, switched to Flower's default processes (with one warning) if the installed Flower's
+    internals differ from those fedbt's tuned processes patch: those would be slower, or fail, not faster.
+    """
+    if settings.flower_defaults:
+        return settings
+    problems = check_flower_internals()
+    if not problems:
+        return settings
+    print(
+        f"fedbt: warning: Flower {installed_flower_version()} differs from the {FLOWER_VERSION} this tuning "
+        f"was written for ({problems[0]}); running Flower's defaults",
+        file=sys.stderr,
+        flush=True,
+    )
+    return replace(settings, flower_defaults=True)
+
+
 def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]:
+    if settings.flower_defaults:
+        superlink = [flower_command("flower-superlink")]
+    else:
+        superlink = [sys.executable, "-m", FLOWER_INTERNALS, "superlink"]
     return [
-        sys.executable, "-m", "fedbt.deployment.flower_patches", "superlink",
+        *superlink,
         "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
         "--ssl-keyfile", str(_require_file(layout.server_key, "server key")),
         "--ssl-ca-certfile", str(_require_file(layout.ca_cert, "CA certificate")),
@@ -103,6 +137,7 @@ def register_sites(control: FlowerControl, site_keys: Path) -> dict[str, str]:
 def run_server(settings: ServerSettings) -> int:
     """Start the SuperLink, register the sites' keys, serve until stopped."""
     layout = CertLayout(settings.certs)
+    settings = flower_defaults_if_internals_differ(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     command = superlink_command(settings, layout)
     install_stop_handlers()
@@ -157,20 +192,13 @@ def supernode_command(settings: SiteSettings) -> list[str]:
     ]  # fmt: skip
     if settings.flower_defaults:
         return [flower_command("flower-supernode"), *flower_args]
-    warm = [
-        sys.executable,
-        "-m",
-        "fedbt.deployment.flower_patches",
-        "supernode",
-        "--poll-interval",
-        str(settings.poll_interval),
-    ]
-    return [*warm, *flower_args, "--isolation", "process"]
+    tuned = [sys.executable, "-m", FLOWER_INTERNALS, "supernode", "--poll-interval", str(settings.poll_interval)]
+    return [*tuned, *flower_args, "--isolation", "process"]
 
 
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     return [
-        sys.executable, "-m", "fedbt.deployment.flower_patches", "executor",
+        sys.executable, "-m", FLOWER_INTERNALS, "executor",
         "--runtime-api-address", f"127.0.0.1:{settings.runtime_port}",
         "--supernode-pid", str(supernode_pid),
     ]  # fmt: skip
@@ -203,9 +231,10 @@ def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> Manag
 def run_site(settings: SiteSettings) -> int:
     """Check the site's data, join the server, run ClientApps until stopped."""
     name = check_site_data(settings.site_file, settings.data_root)
+    settings = flower_defaults_if_internals_differ(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # How often the executor asks the SuperNode for a task (Flower's default: every second).
-    poll = {} if settings.flower_defaults else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(settings.poll_interval)}
+    poll = {} if settings.flower_defaults else {SUPEREXEC_POLL_ENV.get(): str(settings.poll_interval)}
     env = flower_env(settings.state_dir / "flwr-home", poll)
     install_stop_handlers()
     processes: list[ManagedProcess] = []

@@ -1,0 +1,415 @@
+"""Every private Flower name fedbt uses, declared in one registry and checked before use.
+
+Flower's public API does not reach what fedbt tunes, so the tuned processes below call and
+replace names inside flwr. Each such name is declared here (`declare`) with what this code
+relies on: a function's parameters, a constant's type, a class's methods or fields. Code reaches
+a name only through its declaration (`.get()`, `.replace()`), and `check_flower_internals()`
+compares all declarations, and the flwr version they were read from, with the installed flwr
+without changing anything: `fedbt site` and `fedbt server` run Flower's default processes when it
+finds a difference, instead of losing the speed silently or failing at start.
+
+The tuned processes. With Flower's defaults every message a site receives costs a fresh
+`flwr-clientapp` process that imports torch and the project again (about 5 s on a 2-core
+machine), the SuperNode checks for messages every 3 s and for its ClientApp's reply every 0.5 s.
+`fedbt site` instead starts the SuperNode with `--isolation process` and runs:
+
+- `python -m fedbt.federated.flower_internals executor ...`: Flower's own SuperExec loop, whose
+  executor starts each ClientApp task as a child of a forkserver, a fresh interpreter that
+  imported torch and the ClientApp once. Each task still runs in its own process (as Flower
+  isolates it) and inherits none of the loop's threads or connections; only the imports are
+  shared. The ClientApp that runs is the one installed at the site.
+- `python -m fedbt.federated.flower_internals supernode ...`: `flower-supernode` with its idle
+  waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
+  uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
+  interval a SuperLink accepts instead of 30 s (so a site that dies is marked offline, and can
+  rejoin, after 20 s instead of a minute).
+- `python -m fedbt.federated.flower_internals superlink ...`: `flower-superlink` whose run state
+  (registered sites, runs, messages) stays in its SQLite `--database`, so a restarted server
+  knows its sites, while the arrays of the messages live in memory. Flower would write every
+  43 MB ResNet18 transfer into that SQLite file: it halved a round's overhead on loopback (49 s
+  to 24 s). Weights in flight die with the server, as its run does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import importlib.metadata
+import inspect
+import multiprocessing
+import multiprocessing.forkserver
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+# The flwr whose source the declarations below were read from; any other version runs Flower's defaults.
+FLOWER_VERSION = "1.41.0"
+
+
+def parameter_problem(path: str, signature: inspect.Signature, relied_on: tuple[str, ...]) -> str | None:
+    """A call by these parameter names still works if they all exist and no other one is required."""
+    parameters = signature.parameters
+    for name in relied_on:
+        if name not in parameters:
+            return f"{path}() has no parameter {name!r}"
+    for name, parameter in parameters.items():
+        variadic = parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        if name not in relied_on and parameter.default is parameter.empty and not variadic:
+            return f"{path}() requires a parameter {name!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function called, wrapped or replaced: it takes `params` (by these names) and needs no other."""
+
+    params: tuple[str, ...] = ()
+
+    def problem(self, path: str, value: object) -> str | None:
+        if not callable(value):
+            return f"{path} is not a function"
+        return parameter_problem(path, inspect.signature(value), self.params)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A module-level constant read or replaced: a value of this type."""
+
+    kind: type
+
+    def problem(self, path: str, value: object) -> str | None:
+        if not isinstance(value, self.kind):
+            return f"{path} is {type(value).__name__}, not {self.kind.__name__}"
+        return None
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module a Flower module imported, replaced in that module's namespace."""
+
+    name: str
+
+    def problem(self, path: str, value: object) -> str | None:
+        if not isinstance(value, ModuleType) or value.__name__ != self.name:
+            return f"{path} is not the {self.name} module"
+        return None
+
+
+@dataclass(frozen=True)
+class Class:
+    """A class: constructed with `params` (None: fedbt never constructs it), with these methods and dataclass fields."""
+
+    params: tuple[str, ...] | None = None
+    methods: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+
+    def problem(self, path: str, value: object) -> str | None:
+        if not inspect.isclass(value):
+            return f"{path} is not a class"
+        for method in self.methods:
+            if not callable(getattr(value, method, None)):
+                return f"{path} has no method {method!r}"
+        fields = {field.name for field in dataclasses.fields(value)} if dataclasses.is_dataclass(value) else set()
+        for field in self.fields:
+            if field not in fields:
+                return f"{path} has no field {field!r}"
+        if self.params is not None:
+            return parameter_problem(path, inspect.signature(value), self.params)
+        return None
+
+
+@dataclass(frozen=True)
+class FlowerInternal:
+    module: str
+    name: str
+    expected: Function | Constant | Module | Class
+    why: str  # what fedbt does with it
+
+    @property
+    def path(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def get(self):
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def replace(self, value: object) -> None:
+        setattr(importlib.import_module(self.module), self.name, value)
+
+    def problem(self) -> str | None:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError:
+            return f"no module {self.module}"
+        if not hasattr(module, self.name):
+            return f"{self.path} is missing"
+        return self.expected.problem(self.path, getattr(module, self.name))
+
+
+FLOWER_INTERNALS: list[FlowerInternal] = []
+
+
+def declare(module: str, name: str, expected: Function | Constant | Module | Class, why: str) -> FlowerInternal:
+    """Register a private Flower name, so that `check_flower_internals` verifies it before any use."""
+    internal = FlowerInternal(module, name, expected, why)
+    FLOWER_INTERNALS.append(internal)
+    return internal
+
+
+def installed_flower_version() -> str:
+    return importlib.metadata.version("flwr")
+
+
+def check_flower_internals() -> list[str]:
+    """What differs between the installed flwr and the declarations (empty: all match). Patches nothing."""
+    installed = installed_flower_version()
+    problems = [] if installed == FLOWER_VERSION else [f"flwr {installed} is installed"]
+    for internal in FLOWER_INTERNALS:
+        problem = internal.problem()
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+# The SuperNode (`supernode`).
+SUPERNODE_LOOP_TIME = declare(
+    "flwr.supernode.start_client_internal",
+    "time",
+    Module("time"),
+    "replaced by CappedSleep: the loop's only sleeps are its idle waits (3 s between pulls, 0.5 s for a reply)",
+)
+SUPERNODE_PULL_OBJECTS = declare(
+    "flwr.supernode.start_client_internal",
+    "pull_objects",
+    Function(("object_ids", "pull_object_fn", "initial_backoff")),
+    "wrapped with a shorter first retry: a message is pulled before the server has uploaded all its arrays",
+)
+ANNOUNCED_HEARTBEAT = declare(
+    "flwr.supernode.fleet_http_connection",
+    "HEARTBEAT_DEFAULT_INTERVAL",
+    Constant(int),
+    "replaced: the heartbeat interval a SuperNode announces to the SuperLink",
+)
+SENT_HEARTBEAT = declare(
+    "flwr.supercore.heartbeat",
+    "HEARTBEAT_DEFAULT_INTERVAL",
+    Constant(int),
+    "replaced: the interval the SuperNode's heartbeat sender keeps",
+)
+SHORTEST_HEARTBEAT = declare(
+    "flwr.common.constant",
+    "HEARTBEAT_MIN_INTERVAL",
+    Constant(int),
+    "read: the shortest heartbeat interval a SuperLink accepts (a node counts as online for two)",
+)
+FLOWER_SUPERNODE = declare(
+    "flwr.supernode.cli.flower_supernode",
+    "flower_supernode",
+    Function(),
+    "called: `flower-supernode`, run in the patched process",
+)
+
+# The SuperLink (`superlink`).
+SUPERLINK_FACTORIES = declare(
+    "flwr.superlink.main",
+    "get_objectstore_linkstate_factories",
+    Function(("database", "federation_manager")),
+    "replaced: run state in the --database, message arrays in memory",
+)
+OBJECT_STORE_FACTORY = declare(
+    "flwr.supercore.object_store",
+    "ObjectStoreFactory",
+    Class(params=("database",), methods=("store",)),
+    "constructed: the in-memory object store",
+)
+LINK_STATE_FACTORY = declare(
+    "flwr.server.superlink.linkstate",
+    "LinkStateFactory",
+    Class(params=("database", "federation_manager", "objectstore_factory"), methods=("state",)),
+    "constructed: the run state in the --database",
+)
+IN_MEMORY_DATABASE = declare(
+    "flwr.supercore.constant",
+    "FLWR_IN_MEMORY_DB_NAME",
+    Constant(str),
+    "read: the database name of Flower's in-memory object store",
+)
+FLOWER_SUPERLINK = declare(
+    "flwr.superlink.cli",
+    "flower_superlink",
+    Function(),
+    "called: `flower-superlink`, run in the patched process",
+)
+
+# The SuperExec executor (`executor`).
+GET_EXECUTOR = declare(
+    "flwr.supercore.superexec.run_superexec",
+    "get_executor",
+    Function(("executor_type", "executor_config", "insecure", "root_certificates_path")),
+    "replaced: the SuperExec loop takes its executor from it",
+)
+RUN_SUPEREXEC = declare(
+    "flwr.supercore.superexec.run_superexec",
+    "run_superexec",
+    Function(("runtime_api_address", "insecure", "parent_pid", "runtime_dependency_install")),
+    "called: Flower's SuperExec loop",
+)
+SUPEREXEC_POLL_ENV = declare(
+    "flwr.supercore.superexec.run_superexec",
+    "_TASK_POLL_INTERVAL_ENV",
+    Constant(str),
+    "read: the environment variable the SuperExec loop takes its poll interval from",
+)
+EXECUTOR = declare(
+    "flwr.supercore.superexec.executor.types",
+    "Executor",
+    Class(methods=("get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close")),
+    "implemented by ForkserverExecutor: what the loop calls on its executor",
+)
+EXECUTION_SPEC = declare(
+    "flwr.supercore.superexec.executor.types",
+    "ExecutionSpec",
+    Class(fields=("task_id", "runtime_api_address", "token", "insecure", "root_certificates_path", "parent_pid")),
+    "read: the task a launch starts",
+)
+LAUNCH_RESULT = declare(
+    "flwr.supercore.superexec.executor.types",
+    "LaunchResult",
+    Class(methods=("accepted",)),
+    "returned by a launch",
+)
+RUN_CLIENTAPP = declare(
+    "flwr.supernode.runtime.run_clientapp",
+    "run_clientapp",
+    Function(("runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install")),
+    "called in each task: the body of `flwr-clientapp`",
+)
+
+
+class CappedSleep:
+    """Stands in for the `time` module inside Flower's SuperNode loop: waits at most `cap` seconds."""
+
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
+    SUPERNODE_LOOP_TIME.replace(CappedSleep(poll_interval))
+    SUPERNODE_PULL_OBJECTS.replace(functools.partial(SUPERNODE_PULL_OBJECTS.get(), initial_backoff=poll_interval))
+    ANNOUNCED_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
+    SENT_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
+    sys.argv = ["flower-supernode", *flower_args]
+    FLOWER_SUPERNODE.get()()
+
+
+def run_superlink(flower_args: list[str]) -> None:
+    def state_on_disk_objects_in_memory(database: str, federation_manager):
+        objects = OBJECT_STORE_FACTORY.get()(IN_MEMORY_DATABASE.get())
+        return objects, LINK_STATE_FACTORY.get()(database, federation_manager, objects)
+
+    SUPERLINK_FACTORIES.replace(state_on_disk_objects_in_memory)
+    sys.argv = ["flower-superlink", *flower_args]
+    FLOWER_SUPERLINK.get()()
+
+
+# Imported once by the forkserver, before any task: what each `flwr-clientapp` would import afresh.
+TASK_PRELOAD = ["fedbt.federated.client_app", RUN_CLIENTAPP.module]
+
+
+def run_clientapp_task(spec) -> None:
+    """One ClientApp task, in a forkserver child: what `flwr-clientapp` does, without its imports."""
+    certificates = None
+    if not spec.insecure and spec.root_certificates_path:
+        certificates = Path(spec.root_certificates_path).read_bytes()
+    # Ends in sys.exit with the task's exit code, which becomes this process's.
+    RUN_CLIENTAPP.get()(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=certificates,
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+class ForkserverExecutor:
+    """A SuperExec executor that starts each ClientApp task as a forkserver child, not as `flwr-clientapp`.
+
+    A plain fork of the SuperExec process would copy its threads and its open connection to the
+    SuperNode into every task; the forkserver holds neither.
+    """
+
+    def __init__(self):
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(TASK_PRELOAD)
+        self._tasks: set[multiprocessing.process.BaseProcess] = set()
+
+    def start(self) -> None:
+        """Start the forkserver now, so it imports while the site waits for its first message."""
+        multiprocessing.forkserver.ensure_running()
+
+    def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
+        return None
+
+    def launch(self, spec):
+        task = self._context.Process(target=run_clientapp_task, args=(spec,), name=f"ClientApp task {spec.task_id}")
+        task.start()
+        self._tasks.add(task)
+        return LAUNCH_RESULT.get().accepted()
+
+    def reconcile(self) -> None:
+        """Let go of finished tasks (called once per SuperExec loop)."""
+        for task in [task for task in self._tasks if not task.is_alive()]:
+            task.close()  # its pipe from the forkserver
+            self._tasks.discard(task)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.terminate()
+
+
+def run_executor(runtime_api_address: str, supernode_pid: int) -> None:
+    executor = ForkserverExecutor()
+    executor.start()
+    # Flower's loop picks its executor by type; hand it this one instead of a subprocess launcher.
+    GET_EXECUTOR.replace(lambda *args, **kwargs: executor)
+    RUN_SUPEREXEC.get()(
+        runtime_api_address=runtime_api_address,
+        insecure=True,  # the SuperNode's Runtime API listens on this machine's loopback only
+        parent_pid=supernode_pid,
+        runtime_dependency_install=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedbt.federated.flower_internals")
+    sub = parser.add_subparsers(dest="role", required=True)
+    node = sub.add_parser("supernode", help="flower-supernode with shorter idle waits")
+    node.add_argument("--poll-interval", type=float, required=True)
+    sub.add_parser("superlink", help="flower-superlink with model weights kept in memory")
+    executor = sub.add_parser("executor", help="SuperExec starting ClientApp tasks from a warm forkserver")
+    executor.add_argument("--runtime-api-address", required=True)
+    executor.add_argument("--supernode-pid", type=int, required=True)
+    args, rest = parser.parse_known_args(argv)
+    if args.role == "supernode":
+        run_supernode(args.poll_interval, rest)
+    elif args.role == "superlink":
+        run_superlink(rest)
+    else:
+        run_executor(args.runtime_api_address, args.supernode_pid)
+
+
+if __name__ == "__main__":
+    main()
