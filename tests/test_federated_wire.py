@@ -6,14 +6,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fedbt.config import FederatedConfig
+from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import choose_sites, in_site_order
 from fedbt.federated.server_app import evaluation_due
-from fedbt.federated.strategy import (
-    aggregate,
-    make_strategy,
-    restore_server_optimizer_state,
-    server_optimizer_state,
-)
+from fedbt.federated.strategy import aggregate, make_strategy
 from fedbt.federated.task import transport_state
 from fedbt.model.architectures import build_resnet18
 
@@ -85,7 +81,7 @@ def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
     global_state = {"w": torch.zeros(3)}
     first = make_strategy(fc)
     after_one = aggregate(first, 1, global_state, [reply("a", {"w": torch.ones(3)}, 1)])
-    saved = server_optimizer_state(first, list(global_state))
+    saved = strategy_state(first, list(global_state))
     assert set(saved) == {"momentum_vector"}
     assert all(isinstance(t, torch.Tensor) for t in saved["momentum_vector"].values())
     # Loadable with torch.load(weights_only=True): tensors in dicts only.
@@ -93,7 +89,7 @@ def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
     torch.save(saved, buffer)
     buffer.seek(0)
     restored = make_strategy(fc)
-    restore_server_optimizer_state(restored, torch.load(buffer, weights_only=True))
+    restore_strategy_state(restored, torch.load(buffer, weights_only=True))
     second_reply = [reply("a", {"w": 2 * torch.ones(3)}, 1)]
     continued = aggregate(restored, 2, after_one, second_reply)
     uninterrupted = aggregate(first, 2, after_one, second_reply)
@@ -111,7 +107,7 @@ def test_fedadam_steps_from_the_servers_float32_model_not_a_float16_copy():
     assert new["w"].dtype == torch.float32
     assert new["w"][1].item() == torch.tensor(kept).item()
     assert new["w"][0] > 0.5  # the first weight moved towards the site's
-    assert set(server_optimizer_state(strategy, ["w"])) == {"m_t", "v_t"}
+    assert set(strategy_state(strategy, ["w"])) == {"m_t", "v_t"}
 
 
 def test_replies_are_aggregated_in_site_order_whatever_arrives_first():
@@ -127,3 +123,15 @@ def test_site_choice_takes_the_fraction_but_never_fewer_than_the_minimum():
     assert len(choose_sites(nodes, 0.1, 4, rng)) == 4
     assert choose_sites(nodes, 1.0, 1, rng) == nodes
     assert np.all(np.diff(choose_sites(nodes, 0.5, 1, rng)) > 0)  # in node order
+
+
+def test_a_server_optimiser_is_refused_at_start_when_flower_moved_its_state(monkeypatch):
+    from fedbt.federated import flower_internals
+
+    assert flower_internals.InstanceState(("m_t",)).problem("FedAdam", flower_internals.FEDADAM_STATE.get()) is None
+    missing = flower_internals.InstanceState(("moments",)).problem("FedAdam", flower_internals.FEDADAM_STATE.get())
+    assert missing == "FedAdam objects have no attribute 'moments'"
+    monkeypatch.setattr(flower_internals, "installed_flower_version", lambda: "9.9.9")
+    with pytest.raises(ValueError, match="strategy fedadam cannot run on this Flower: flwr 9.9.9 is installed"):
+        make_strategy(FederatedConfig(strategy="fedadam"))
+    make_strategy(FederatedConfig(strategy="fedavg"))  # FedAvg keeps no server state: it still runs

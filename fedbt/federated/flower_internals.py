@@ -123,10 +123,29 @@ class Class:
 
 
 @dataclass(frozen=True)
+class InstanceState:
+    """A class whose instances (made with no arguments) keep their state in these attributes."""
+
+    attributes: tuple[str, ...]
+
+    def problem(self, path: str, value: object) -> str | None:
+        if not inspect.isclass(value):
+            return f"{path} is not a class"
+        instance = value()
+        for attribute in self.attributes:
+            if not hasattr(instance, attribute):
+                return f"{path} objects have no attribute {attribute!r}"
+        return None
+
+
+Expected = Function | Constant | Module | Class | InstanceState
+
+
+@dataclass(frozen=True)
 class FlowerInternal:
     module: str
     name: str
-    expected: Function | Constant | Module | Class
+    expected: Expected
     why: str  # what fedbt does with it
 
     @property
@@ -152,7 +171,7 @@ class FlowerInternal:
 FLOWER_INTERNALS: list[FlowerInternal] = []
 
 
-def declare(module: str, name: str, expected: Function | Constant | Module | Class, why: str) -> FlowerInternal:
+def declare(module: str, name: str, expected: Expected, why: str) -> FlowerInternal:
     """Register a private Flower name, so that `check_flower_internals` verifies it before any use."""
     internal = FlowerInternal(module, name, expected, why)
     FLOWER_INTERNALS.append(internal)
@@ -287,6 +306,85 @@ RUN_CLIENTAPP = declare(
     Function(("runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install")),
     "called in each task: the body of `flwr-clientapp`",
 )
+
+
+# Server-side optimiser state of Flower's strategies (the ServerApp's round, not the processes).
+# Flower keeps it in instance attributes that its own round loop fills in `configure_train`;
+# fedbt's explicit round sets the starting model itself and checkpoints the state as tensors.
+FEDADAM_STATE = declare(
+    "flwr.serverapp.strategy",
+    "FedAdam",
+    InstanceState(("current_arrays", "m_t", "v_t")),
+    "set and read: the model it steps from (dict of numpy arrays) and its moments",
+)
+FEDYOGI_STATE = declare(
+    "flwr.serverapp.strategy",
+    "FedYogi",
+    InstanceState(("current_arrays", "m_t", "v_t")),
+    "set and read: the model it steps from (dict of numpy arrays) and its moments",
+)
+FEDAVGM_STATE = declare(
+    "flwr.serverapp.strategy",
+    "FedAvgM",
+    InstanceState(("current_arrays", "momentum_vector")),
+    "set and read: the model it steps from (an ArrayRecord) and its momentum (list in key order)",
+)
+MOMENT_ATTRIBUTES = ("m_t", "v_t")
+
+
+def _state_declaration(strategy: object) -> FlowerInternal | None:
+    for internal in (FEDADAM_STATE, FEDYOGI_STATE, FEDAVGM_STATE):
+        if type(strategy) is internal.get():
+            return internal
+    return None
+
+
+def strategy_state_problem(strategy: object) -> str | None:
+    """Why this strategy's server state cannot be reached in the installed flwr (None: it can)."""
+    internal = _state_declaration(strategy)
+    if internal is None:
+        return None
+    installed = installed_flower_version()
+    if installed != FLOWER_VERSION:
+        return f"flwr {installed} is installed; {internal.name}'s server state was read from {FLOWER_VERSION}"
+    return internal.problem()
+
+
+def set_strategy_model(strategy: object, state: dict) -> None:
+    """The global model (torch state dict) a server optimiser steps from in its next aggregation."""
+    from flwr.app import ArrayRecord
+
+    internal = _state_declaration(strategy)
+    if internal is FEDAVGM_STATE:
+        strategy.current_arrays = ArrayRecord(torch_state_dict=state)
+    elif internal is not None:
+        strategy.current_arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def strategy_state(strategy: object, keys: list[str]) -> dict:
+    """A server optimiser's moments or momentum as {name: {parameter key: tensor}} (empty without one)."""
+    import numpy as np
+    import torch
+
+    internal = _state_declaration(strategy)
+    saved = {}
+    if internal is FEDAVGM_STATE and strategy.momentum_vector is not None:
+        saved["momentum_vector"] = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, strategy.momentum_vector)}
+    elif internal is not None:
+        for name in MOMENT_ATTRIBUTES:
+            if getattr(strategy, name):
+                saved[name] = {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
+    return saved
+
+
+def restore_strategy_state(strategy: object, saved: dict) -> None:
+    for name, tensors in saved.items():
+        if name == "momentum_vector":
+            strategy.momentum_vector = [t.numpy() for t in tensors.values()]
+        elif name in MOMENT_ATTRIBUTES:
+            setattr(strategy, name, {k: t.numpy() for k, t in tensors.items()})
+        else:
+            raise ValueError(f"unknown server optimiser state {name!r} in the checkpoint")
 
 
 class CappedSleep:

@@ -32,6 +32,7 @@ from fedbt.federated.common import (
     experiment_from_context,
     experiment_record,
 )
+from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import (
     SitesMissingError,
     answered,
@@ -41,7 +42,7 @@ from fedbt.federated.rounds import (
     site_name,
     wait_for_sites,
 )
-from fedbt.federated.strategy import aggregate, make_strategy, restore_server_optimizer_state, server_optimizer_state
+from fedbt.federated.strategy import aggregate, make_strategy
 from fedbt.federated.task import load_catalog, transport_state
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.model.device import configure_threads, prepare_model, select_device
@@ -98,7 +99,7 @@ class FederatedRun:
         self.global_state = saved["model_state"]
         progress = saved["progress"]
         self.history, self.last_round, self.initial = progress["history"], progress["round"], progress["initial"]
-        restore_server_optimizer_state(self.strategy, progress["server_optimizer"])
+        restore_strategy_state(self.strategy, progress["server_optimizer"])
         log(f"[federated] resuming after round {self.last_round} of {self.cfg.federated.rounds}")
 
     def global_model(self) -> torch.nn.Module:
@@ -120,7 +121,7 @@ class FederatedRun:
             "round": self.last_round,
             "history": self.history,
             "initial": self.initial,
-            "server_optimizer": server_optimizer_state(self.strategy, list(self.global_state)),
+            "server_optimizer": strategy_state(self.strategy, list(self.global_state)),
         }
         save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
 

@@ -53,8 +53,6 @@ def transport_state(state: dict[str, torch.Tensor], dtype_name: str) -> dict[str
 
     A tensor with values beyond float16's range stays float32 rather than turning into inf.
     """
-    if dtype_name not in TRANSPORT_DTYPES:
-        raise ValueError(f"unknown transport dtype {dtype_name!r}: choose {' or '.join(TRANSPORT_DTYPES)}")
     dtype = TRANSPORT_DTYPES[dtype_name]
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
