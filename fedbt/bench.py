@@ -15,7 +15,6 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +27,12 @@ from fedbt.data.catalog import Catalog, MRIDataset, build_catalog
 from fedbt.data.loader import make_loader
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import predict_probabilities
-from fedbt.model.architectures import build_model, build_resnet18
+from fedbt.model.architectures import build_resnet18
 from fedbt.model.device import autocast_for, configure_threads, prepare_model, select_device
 from fedbt.progress import log
-from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
+from fedbt.train.engine import seed_everything
 from fedbt.train.schedules import StepSchedule
+from fedbt.train.setup import TrainingSetup, steps_per_epoch, train_epoch, training_setup
 
 # Evaluation batches: large enough to amortise per-batch overhead, small enough for any device.
 EVAL_BATCH_SIZE = 64
@@ -137,33 +137,10 @@ def reference_rate(
     return steps * batch_size / (time.perf_counter() - start)
 
 
-class EngineTrainer:
-    """The engine's model, optimiser and scaler as the central and federated runs set them up."""
-
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, device: torch.device):
-        self.cfg = cfg
-        self.device = device
-        self.model = prepare_model(build_model(cfg.model, num_classes, cfg.data.image_size), device)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.train)
-        self.scaler = make_grad_scaler(device)
-
-    def epoch(self, dataset: MRIDataset, on_step: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
-        """One train_one_epoch pass over a fresh loader (a new loader per epoch, as in training)."""
-        tc = self.cfg.train
-        loader = make_loader(
-            dataset, tc.batch_size, True, self.device, seed=self.cfg.training_seed, workers=tc.num_workers
-        )
-        schedule = StepSchedule(tc.lr, tc.schedule, len(loader))
-        return train_one_epoch(
-            self.model,
-            loader,
-            self.optimizer,
-            self.device,
-            schedule,
-            scaler=self.scaler,
-            on_step=on_step,
-            label_smoothing=tc.label_smoothing,
-        )
+def engine_epoch(setup: TrainingSetup, cfg: ExperimentConfig, dataset: MRIDataset) -> dict[str, float]:
+    """One pass of the real training path (a fresh loader, as every epoch of training gets)."""
+    schedule = StepSchedule(cfg.train.lr, cfg.train.schedule, steps_per_epoch(dataset, cfg, setup.device))
+    return train_epoch(setup, dataset, cfg, schedule, cfg.training_seed, cfg.training_seed)
 
 
 def bench_indices(catalog: Catalog, images: int) -> list[int]:
@@ -174,12 +151,14 @@ def bench_indices(catalog: Catalog, images: int) -> list[int]:
     return indices
 
 
-def engine_rate(trainer: EngineTrainer, catalog: Catalog, indices: list[int], warmup: int) -> dict[str, float]:
+def engine_rate(
+    setup: TrainingSetup, cfg: ExperimentConfig, catalog: Catalog, indices: list[int], warmup: int
+) -> dict[str, float]:
     """train_one_epoch stats over the benchmark images, after `warmup` untimed batches."""
-    augment = augmentation_for(trainer.cfg.train)
+    augment = augmentation_for(cfg.train)
     if warmup > 0:
-        trainer.epoch(catalog.subset(indices[: warmup * trainer.cfg.train.batch_size], augment))
-    return trainer.epoch(catalog.subset(indices, augment))
+        engine_epoch(setup, cfg, catalog.subset(indices[: warmup * cfg.train.batch_size], augment))
+    return engine_epoch(setup, cfg, catalog.subset(indices, augment))
 
 
 def eval_rate(model: nn.Module, dataset: MRIDataset, device: torch.device, warmup: int) -> float:
@@ -274,12 +253,12 @@ def run_bench(
     log(f"[bench] reference: {steps} bare ResNet18 steps on random tensors")
     reference = reference_rate(catalog.task.num_classes, size, batch, device, steps, warmup, cfg.train.lr)
     log(f"[bench] engine: one epoch of {len(indices)} images through the real training path")
-    trainer = EngineTrainer(cfg, catalog.task.num_classes, device)
-    stats = engine_rate(trainer, catalog, indices, warmup)
+    setup = training_setup(cfg, catalog.task.num_classes)
+    stats = engine_rate(setup, cfg, catalog, indices, warmup)
     log("[bench] evaluation rate and batch-1 latency")
     plain = catalog.subset(indices)
-    evaluation = eval_rate(trainer.model, plain, device, warmup)
-    latency = latency_ms(trainer.model, plain, device, steps, warmup)
+    evaluation = eval_rate(setup.model, plain, device, warmup)
+    latency = latency_ms(setup.model, plain, device, steps, warmup)
     log("[bench] decode cache: cold fill vs warm load")
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         cache = cache_timing(catalog, indices, cfg.data.crop_to_content, stats["seconds"], Path(tmp))
@@ -310,20 +289,18 @@ def profile_training(
     """torch.profiler over a few engine training steps: top operators and a Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
-    configure_threads(cfg.train.threads)
-    device = select_device(cfg.train.device)
-    seed_everything(cfg.training_seed)
     batch = cfg.train.batch_size
     indices = bench_indices(catalog, (steps + 1) * batch)
     if len(indices) <= batch:
         raise ValueError(f"profiling needs more than one batch ({batch}) of training images")
     augment = augmentation_for(cfg.train)
-    trainer = EngineTrainer(cfg, catalog.task.num_classes, device)
+    setup = training_setup(cfg, catalog.task.num_classes)
+    device = setup.device
     # One unrecorded step first: the first step pays for kernel selection and allocation.
-    trainer.epoch(catalog.subset(indices[:batch], augment))
+    engine_epoch(setup, cfg, catalog.subset(indices[:batch], augment))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        trainer.epoch(catalog.subset(indices[batch:], augment))
+        engine_epoch(setup, cfg, catalog.subset(indices[batch:], augment))
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "bench-trace.json"
     prof.export_chrome_trace(str(trace))

@@ -43,7 +43,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_config, tmp_p
     data = train_data(cfg)
     train_model(cfg, data, tmp_path / "straight", "test")
 
-    real_epoch = central.train_one_epoch
+    real_epoch = central.train_epoch
     calls = {"n": 0}
 
     def crash_in_second_epoch(*args, **kwargs):
@@ -52,11 +52,11 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_config, tmp_p
             raise KeyboardInterrupt("simulated crash")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(central, "train_one_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(central, "train_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_model(cfg, data, tmp_path / "resumed", "test")
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["progress"]["epoch"] == 0
-    monkeypatch.setattr(central, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(central, "train_epoch", real_epoch)
     train_model(cfg, data, tmp_path / "resumed", "test", resume=True)
 
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
