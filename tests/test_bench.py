@@ -1,4 +1,4 @@
-"""`fedbt bench` on tiny generated data: the structure and sanity of its numbers, not their size."""
+"""`fedbt bench` on tiny generated data, timed by a clock that ticks once per reading, and its overhead reader."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fedbt import bench
 from fedbt.bench import DEPLOYMENT_UNAVAILABLE, federated_overhead, format_table, profile_training, run_bench
 from fedbt.config import ExperimentConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
@@ -25,45 +26,54 @@ def write_metrics(run_dir, history):
 
 @pytest.fixture()
 def sim_run(tmp_path):
-    # Two rounds, two clients: 2+3 and 4+1 s of training in 14 s of rounds -> 1.4 x, 2 s per round.
+    # Two rounds, two clients: 2+3 and 4+3 s of training in 16 s of rounds -> 16/12 x, (16-12)/2 s per round.
+    # The rounds differ, so summing only one round, or only each round's slowest client, gives another answer.
     history = [
         {"round": 1, "elapsed_seconds": 6.0, "train": {"a": {"train_seconds": 2.0}, "b": {"train_seconds": 3.0}}},
-        {"round": 2, "elapsed_seconds": 14.0, "train": {"a": {"train_seconds": 4.0}, "b": {"train_seconds": 1.0}}},
+        {"round": 2, "elapsed_seconds": 16.0, "train": {"a": {"train_seconds": 4.0}, "b": {"train_seconds": 3.0}}},
     ]
     write_metrics(tmp_path / "sim", history)
     return tmp_path / "sim"
 
 
-def test_bench_measures_every_rate_on_the_real_path(tiny, sim_run, tmp_path):
+class TickingClock:
+    """Stands in for the time module in fedbt.bench: every reading is one second after the previous one.
+
+    Every timed stretch then lasts exactly 1 s, so each rate must equal the work its stretch did.
+    """
+
+    def __init__(self):
+        self.readings = 0
+
+    def perf_counter(self) -> float:
+        self.readings += 1
+        return float(self.readings)
+
+
+def test_bench_rates_are_the_images_each_timed_second_processed(tiny, sim_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "time", TickingClock())
     cfg, catalog = tiny
     result = run_bench(cfg, catalog, steps=2, warmup=1, images=16, sim_run=sim_run, scratch=tmp_path)
 
-    assert result.reference_images_per_second > 0 and result.engine_images_per_second > 0
-    assert result.engine_over_reference == pytest.approx(
-        result.engine_images_per_second / result.reference_images_per_second
-    )
-    assert result.engine_images == 16  # two full batches of 8, no partial batch dropped
-    assert result.engine_images_per_second == pytest.approx(result.engine_images / result.engine_seconds)
-    assert result.eval_images_per_second > 0 and result.latency_ms > 0
-
-    cache = result.cache
-    assert cache.images == 16 and cache.decode_seconds > 0 and cache.load_seconds > 0
-    assert cache.epoch_seconds == result.engine_seconds
-    assert cache.cold_over_warm == pytest.approx(
-        (cache.decode_seconds + cache.epoch_seconds) / (cache.load_seconds + cache.epoch_seconds)
-    )
+    assert result.reference_images_per_second == 2 * 8  # two timed steps of batch 8; the warm-up step is not timed
+    assert result.eval_images_per_second == 16  # images, not batches, per second
+    assert result.latency_ms == 1000  # one second per single-image prediction, reported in milliseconds
+    assert (result.cache.decode_seconds, result.cache.load_seconds) == (1.0, 1.0)
+    # The engine epoch (timed by the engine's own clock) saw exactly the requested images: the warm-up
+    # batch before it is not counted, and 16 is two full batches of 8, so none was dropped.
+    assert result.engine_images == result.cache.images == 16
     assert not any(tmp_path.glob("tmp*")), "the cold cache must be removed afterwards"
 
-    assert result.federated.overhead_ratio == pytest.approx(1.4)
+    assert result.federated.overhead_ratio == pytest.approx(16 / 12)
     assert result.deployment_overhead_seconds_per_round is None
     table = format_table(result)
-    assert result.device in table and DEPLOYMENT_UNAVAILABLE in table and "1.40 x" in table
+    assert result.device in table and DEPLOYMENT_UNAVAILABLE in table and "1.33 x" in table
 
 
 def test_federated_overhead_from_a_known_history(sim_run):
     fed = federated_overhead(sim_run)
-    assert (fed.rounds, fed.wall_seconds, fed.train_seconds) == (2, 14.0, 10.0)
-    assert fed.overhead_ratio == pytest.approx(1.4)
+    assert (fed.rounds, fed.wall_seconds, fed.train_seconds) == (2, 16.0, 12.0)
+    assert fed.overhead_ratio == pytest.approx(16 / 12)
     assert fed.overhead_seconds_per_round == pytest.approx(2.0)
 
 

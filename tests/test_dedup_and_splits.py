@@ -1,13 +1,18 @@
 import io
+import shutil
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from fedbt.data.catalog import build_catalog
+from fedbt.config import DataConfig
+from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.dedup import difference_hash, near_duplicate_pairs
+from fedbt.data.inspect import duplicate_report
 from fedbt.data.records import Record
 from fedbt.data.sites import SplitPolicy
 from fedbt.data.splits import assign_splits
@@ -27,29 +32,66 @@ def test_near_duplicates_match_reencodings_but_not_other_images():
     assert pairs == [(0, 1)]
 
 
-def test_duplicates_never_straddle_splits_even_across_sites(data_config):
-    catalog = build_catalog(data_config, progress=False)
-    by_sha = defaultdict(set)
-    for r, split in zip(catalog.records, catalog.splits):
-        by_sha[r.sha256].add(split)
-    copies = Counter(r.sha256 for r in catalog.records)
-    shared = [sha for sha, n in copies.items() if n > 1]
-    assert len(shared) >= 3  # the generator repeats SARTAJ no_tumor files in Br35H and SARTAJ/Testing
-    assert all(len(by_sha[sha]) == 1 for sha in shared)
-    groups = defaultdict(set)
-    for g, split in zip(catalog.group_ids.tolist(), catalog.splits):
-        groups[g].add(split)
-    assert all(len(s) == 1 for s in groups.values())
+@pytest.fixture()
+def copied_across_sites(demo_root, site_files, tmp_path) -> Catalog:
+    """The demo data plus two figshare pictures repeated at other sites: a glioma re-saved as PNG into
+    Br35H's 'yes' (other bytes, the same pixels: a near duplicate, labels consistent) and a meningioma
+    copied byte for byte into SARTAJ's pituitary folder (an exact duplicate whose labels conflict)."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    Image.open(root / "figshare" / "glioma" / "0.jpg").save(root / "br35h" / "yes" / "resaved.png")
+    copied = root / "sartaj" / "Training" / "pituitary_tumor" / "copied.jpg"
+    shutil.copyfile(root / "figshare" / "meningioma" / "0.jpg", copied)
+    config = DataConfig(data_root=str(root), sites=site_files, image_size=32, cache_dir=str(tmp_path / "cache"))
+    return build_catalog(config, progress=False)
+
+
+def index_of(catalog: Catalog, *tail: str) -> int:
+    """The record whose path ends in the given parts."""
+    return next(i for i, r in enumerate(catalog.records) if Path(r.path).parts[-len(tail) :] == tail)
+
+
+def planted_pairs(catalog: Catalog) -> list[tuple[int, int]]:
+    near = (index_of(catalog, "figshare", "glioma", "0.jpg"), index_of(catalog, "br35h", "yes", "resaved.png"))
+    exact = (index_of(catalog, "figshare", "meningioma", "0.jpg"), index_of(catalog, "copied.jpg"))
+    return [near, exact]
+
+
+def test_copies_across_sites_and_labels_share_one_group_and_so_one_split(copied_across_sites):
+    catalog = copied_across_sites
+    copies = defaultdict(list)
+    for i, r in enumerate(catalog.records):
+        copies[r.sha256].append(i)
+    # The generator's SARTAJ no_tumor images repeated in SARTAJ/Testing and Br35H: three places, two sites.
+    repeated = [
+        members for members in copies.values() if {catalog.records[i].site for i in members} == {"sartaj", "br35h"}
+    ]
+    assert [len(members) for members in repeated] == [3, 3, 3]
+    for members in [*repeated, *planted_pairs(catalog)]:
+        paths = [catalog.records[i].path for i in members]
+        assert len({catalog.group_ids[i] for i in members}) == 1, paths
+        assert len({catalog.splits[i] for i in members}) == 1, paths
+    assert duplicate_report(catalog)["label_conflict_groups"] == [["figshare:meningioma", "sartaj:pituitary_tumor"]]
+
+
+def test_the_leakage_check_counts_the_groups_whose_copies_were_split_apart(copied_across_sites):
+    catalog = copied_across_sites
+    splits = list(catalog.splits)
+    for first, second in planted_pairs(catalog):
+        splits[second] = "train" if splits[first] != "train" else "test"
+    # Two of the five duplicate groups now straddle splits; the other three are left as dealt.
+    report = duplicate_report(replace(catalog, splits=splits))
+    assert (report["duplicate_groups"], report["groups_straddling_splits"]) == (5, 2)
 
 
 def test_pooled_split_holds_each_image_once_and_sites_keep_their_own(data_config):
     catalog = build_catalog(data_config, progress=False)
     for split in ("train", "val", "test"):
+        held = [r for r, s in zip(catalog.records, catalog.splits) if s == split]
         pooled = catalog.indices(split=split, pooled=True)
-        shas = [catalog.records[i].sha256 for i in pooled]
-        assert len(shas) == len(set(shas))
+        assert sorted(catalog.records[i].sha256 for i in pooled) == sorted({r.sha256 for r in held})
         per_site = sum(len(catalog.indices(site, split)) for site in catalog.site_names)
-        assert per_site >= len(pooled)
+        assert per_site == len({(r.site, r.sha256) for r in held})  # a picture two sites hold counts at each
     dup = next(r.sha256 for r in catalog.records if Path(r.path).name.startswith("dup"))
     holders = {r.site for r in catalog.records if r.sha256 == dup}
     assert holders == {"sartaj", "br35h"}

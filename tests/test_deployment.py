@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 
 import pytest
 from cryptography import x509
@@ -15,6 +14,7 @@ from fedbt.cli import main
 from fedbt.deployment.certs import make_deployment_certs, registered_keys
 from fedbt.deployment.processes import describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
+from fedbt.federated import grid as grid_module
 from fedbt.federated.grid import PatientGrid, SitesMissingError
 
 
@@ -86,21 +86,57 @@ class FakeGrid:
         return [type("Reply", (), {"metadata": type("Meta", (), {"reply_to_message_id": i})()})() for i in ids]
 
 
-def test_patient_grid_stops_waiting_for_missing_sites_after_the_timeout():
-    grid = PatientGrid(FakeGrid([1]), poll_interval=0.01, min_nodes=2, wait_timeout=0.2)
+class FakeClock:
+    """Stands in for the time module in fedbt.federated.grid: sleeping moves the clock on at once."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture()
+def clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(grid_module, "time", clock)
+    return clock
+
+
+def test_patient_grid_stops_waiting_for_missing_sites_after_the_timeout(clock):
+    # Times in quarters of a second: exact in binary, so the boundaries below are exact too.
+    inner = FakeGrid([1])
+    grid = PatientGrid(inner, poll_interval=0.25, min_nodes=2, wait_timeout=0.5)
     assert grid.get_node_ids() == [1]  # below the minimum, but not for long yet
-    time.sleep(0.3)
+    clock.now = 0.5
+    assert grid.get_node_ids() == [1]  # exactly the allowed wait: still waiting
+    inner.nodes = [1, 2]
+    clock.now = 0.75
+    assert grid.get_node_ids() == [1, 2]
+    inner.nodes = [1]  # a site left again: the wait starts over from now
+    assert grid.get_node_ids() == [1]
+    clock.now = 1.25
+    assert grid.get_node_ids() == [1]
+    clock.now = 1.5
     with pytest.raises(SitesMissingError, match="only 1 of the required 2 sites"):
         grid.get_node_ids()
 
 
-def test_patient_grid_collects_replies_and_gives_up_at_the_round_timeout():
-    grid = PatientGrid(FakeGrid([1, 2], delay=3), poll_interval=0.01, min_nodes=2, wait_timeout=1)
+def test_patient_grid_collects_replies_and_gives_up_at_the_round_timeout(clock):
+    prompt = FakeGrid([1, 2], delay=3)
+    grid = PatientGrid(prompt, poll_interval=0.25, min_nodes=2, wait_timeout=1)
     assert len(list(grid.send_and_receive([object(), object()], timeout=5))) == 2
-    slow = PatientGrid(FakeGrid([1, 2], delay=10**6), poll_interval=0.01, min_nodes=2, wait_timeout=1)
-    started = time.monotonic()
-    assert list(slow.send_and_receive([object()], timeout=0.2)) == []
-    assert time.monotonic() - started < 1
+    assert (prompt.pulls, clock.now) == (3, 0.5)  # polled until the replies came, sleeping between polls
+
+    silent = FakeGrid([1, 2], delay=10**6)
+    slow = PatientGrid(silent, poll_interval=0.25, min_nodes=2, wait_timeout=1)
+    clock.now = 0.0
+    assert list(slow.send_and_receive([object()], timeout=1.0)) == []
+    # Polled at 0, 0.25, 0.5, 0.75 and 1.0 s, then gave up at the deadline.
+    assert (silent.pulls, clock.now) == (5, 1.0)
 
 
 def test_site_without_data_and_run_without_ca_fail_in_one_line(tmp_path, capsys):

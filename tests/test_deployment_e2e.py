@@ -146,22 +146,30 @@ def test_below_the_minimum_of_sites_the_run_fails_with_a_clear_message(federatio
     assert message.startswith("fedbt: error: run") and "failed" in message and "of the required 3 sites" in message
 
 
+def a_site_received_train_messages(federation: LocalFederation, count: int) -> bool:
+    """Whether some site's SuperNode has taken in `count` train messages, counted in its whole log
+    (the process keeps only its last lines in memory)."""
+    logs = (federation.work / f"site-{name}.out" for name in federation.sites)
+    return any(log.read_text().count("Receiving: train message") >= count for log in logs)
+
+
 def test_a_restarted_server_resumes_from_the_last_rounds_checkpoint(federation, tmp_path):
     out = tmp_path / "results"
     args = run_args(federation, out, "--rounds", "2")
     first = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    checkpoint = out / "federated" / "last.pt"
     try:
-        wait_for(checkpoint.is_file, 150, "the round 1 checkpoint")
-        time.sleep(0.5)  # let the file be written completely
-        round_one = torch.load(checkpoint, weights_only=False)["progress"]
-        federation.stop_server()  # kills the SuperLink and the ServerApp in the middle of round 2
+        # The server sends round 2's train messages only after writing round 1's checkpoint (atomically),
+        # and round 2 cannot end before this site has trained and replied: killing now lands inside round 2.
+        wait_for(lambda: a_site_received_train_messages(federation, 2), 150, "a site to receive round 2")
+        federation.stop_server()  # kills the SuperLink and the ServerApp
         first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode != 0 and round_one["round"] == 1
+    assert first.returncode != 0
+    round_one = torch.load(out / "federated" / "last.pt", weights_only=False)["progress"]
+    assert round_one["round"] == 1
     federation.start_server()  # same port, same database: the sites' registrations survive
     for site in federation.sites.values():
         assert site.process.poll() is None, "a site gave up while the server was away"

@@ -96,24 +96,32 @@ def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
     assert bootstrap_ci(accuracy, len(correct), resamples=300, seed=2) != first
 
 
-def test_clinical_metrics_extend_classification_metrics():
-    task = get_task("4class")
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(4), 10)
-    probs = rng.dirichlet(np.ones(4), len(y)) + 2 * np.eye(4)[y]  # mostly right, not always
-    probs /= probs.sum(axis=1, keepdims=True)
-    masks = np.eye(4, dtype=bool)[y]
-    masks[:4] = [True, True, False, True]  # four coarse 'tumour' labels: not scored per class
+def test_clinical_metrics_on_a_known_confusion_matrix():
+    task = get_task("4class")  # glioma, meningioma, no_tumor, pituitary
+    truth = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    called = [0, 0, 2, 1, 0, 2, 2, 3, 2, 3, 3, 2]
+    probs = np.full((14, 4), 0.1)
+    probs[np.arange(12), called] = 0.7
+    probs[12:, 2] = 0.7  # two coarse 'tumour' images called no_tumor: not scored per class
+    masks = np.zeros((14, 4), dtype=bool)
+    masks[np.arange(12), truth] = True
+    masks[12:] = [True, True, False, True]
     m = clinical_metrics(probs, masks, task, resamples=50, seed=0)
-    assert m["n"] == 40 and m["n_fine"] == 36
-    assert m["per_class"]["no_tumor"]["specificity"] == pytest.approx(specificity(np.array(m["confusion_matrix"]))[2])
-    assert 0 < m["macro_average_precision"] <= 1 and 0 <= m["calibration"]["ece"] < 1
-    assert np.allclose(np.array(m["confusion_matrix_normalized"]).sum(axis=1), 1)
+    assert (m["n"], m["n_fine"]) == (14, 12)
+    assert m["confusion_matrix"] == [[2, 0, 1, 0], [1, 1, 0, 0], [0, 0, 3, 1], [0, 0, 1, 2]]
+    # no_tumor: 8 images of other classes, 2 of them called no_tumor (its one miss does not count).
+    assert m["per_class"]["no_tumor"]["specificity"] == pytest.approx(6 / 8)
+    # glioma 8/9 (one meningioma called glioma), meningioma 10/10, pituitary 8/9.
+    assert m["macro_specificity"] == pytest.approx(np.mean([8 / 9, 1, 6 / 8, 8 / 9]))
+    assert m["confusion_matrix_normalized"][2] == [0, 0, 0.75, 0.25]
+    # no_tumor's score is 0.7 for the 5 images called no_tumor (3 of them are), 0.1 for the other 7 (1 is):
+    # AP = recall 3/4 at precision 3/5, then the last 1/4 at precision 4/12.
+    assert m["per_class"]["no_tumor"]["average_precision"] == pytest.approx(3 / 4 * 3 / 5 + 1 / 4 * 4 / 12)
+    assert m["calibration"]["ece"] == pytest.approx(0.7 - 8 / 12)  # every confidence 0.7, 8 of 12 right
     for name in ("accuracy", "macro_f1", "macro_auc"):
         interval = m["confidence_intervals"][name]
         assert interval["low"] <= m[name] <= interval["high"], name
     assert set(m["roc_curves"]) == set(m["pr_curves"]) == set(task.classes)
-    assert "tumour_vs_none" in m and "sensitivity" in m["tumour_vs_none"]
 
 
 # --- `fedbt evaluate` end to end ---------------------------------------------------------
@@ -129,12 +137,13 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(demo_root, site_files, tmp_path_factory) -> Trained:
-    """A small CNN trained for four epochs on the generated data at 32 px."""
+    """A small CNN trained on the generated data at 32 px until it separates the classes (4 epochs
+    at the default rate leave a constant predictor)."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("evaluate")
     data = DataConfig(data_root=str(demo_root), sites=site_files, image_size=32, cache_dir=str(work / "cache"))
     cfg = ExperimentConfig(data=data, model=ModelConfig(name="cnn"))
-    cfg.train = TrainConfig(epochs=4, batch_size=16, threads=1, log_every=0)
+    cfg.train = TrainConfig(epochs=10, lr=3e-3, batch_size=16, threads=1, log_every=0)
     catalog = build_catalog(cfg.data, progress=False)
     splits = TrainData(catalog.dataset(split="train", pooled=True), catalog.dataset(split="val", pooled=True))
     train_model(cfg, splits, work / "run", "test")
@@ -195,8 +204,14 @@ def test_evaluate_pooled_with_comparison_writes_json_plots_and_report(eval_env, 
     assert m["confidence_intervals"]["resamples"] == 50
     assert result["data"]["description"] == "pooled test split" and result["data"]["n"] == m["n"] > 0
     assert result["latency"]["ms_per_image_batch1"] > 0 and result["latency"]["images_per_second_batched"] > 0
+    # The trained model beats always answering the commonest class of the same images.
+    supports = [m["per_class"][name]["support"] for name in m["classes"]]
+    assert m["accuracy"] > max(supports) / m["n_fine"]
+    # McNemar's discordant counts, taken image by image, explain the accuracy gap to the untrained model.
     mc = result["comparison"]["mcnemar"]
-    assert mc["n"] == m["n_fine"] and 0 <= mc["p_value"] <= 1
+    gap = m["accuracy"] - result["comparison"]["metrics"]["accuracy"]
+    assert mc["n"] == m["n_fine"] and (mc["a_right_b_wrong"] - mc["a_wrong_b_right"]) / mc["n"] == pytest.approx(gap)
+    assert gap > 0
     for name in ("roc.png", "pr.png", "reliability.png", "confusion.png", "samples.png", "report.md", "report.html"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()

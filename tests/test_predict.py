@@ -67,9 +67,10 @@ def test_predict_files_folders_and_a_corrupt_file_to_json(setup, tmp_path, capsy
     good = [r for r in rows if "error" not in r]
     assert len(good) == len(rows) - 2
     for r in good:
-        assert r["label"] in CLASSES and set(r["probabilities"]) == set(CLASSES)
-        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-        assert r["confidence"] == pytest.approx(max(r["probabilities"].values()))
+        probabilities = r["probabilities"]
+        assert set(probabilities) == set(CLASSES) and sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
+        assert r["label"] == max(probabilities, key=probabilities.get)  # the most probable class, by name
+        assert r["confidence"] == pytest.approx(probabilities[r["label"]])
     errors = {r["path"]: r["error"] for r in rows if "error" in r}
     assert "cannot decode image" in errors[str(corrupt)] and "no such file" in errors[str(missing)]
     stderr = capsys.readouterr().err.splitlines()
@@ -101,7 +102,8 @@ def test_predict_csv_on_stdout_with_gradcam_overlays(setup, tmp_path, capsys):
     broken = rows[-1]
     assert broken["error"] and not broken["prediction"] and not broken["gradcam"]
     for r in rows[:-1]:
-        assert r["prediction"] in CLASSES and not r["error"]
+        probabilities = {c: float(r[f"p_{c}"]) for c in CLASSES}
+        assert r["prediction"] == max(probabilities, key=probabilities.get) and not r["error"]
         overlay = Image.open(r["gradcam"])
         assert overlay.size == (32, 32) and overlay.mode == "RGB"
     assert len(list(cams.glob("*.png"))) == len(rows) - 1
