@@ -10,12 +10,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
-from fedbt.cli import main
 from fedbt.deployment.certs import make_deployment_certs, registered_keys
 from fedbt.deployment.processes import describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
-from fedbt.federated import grid as grid_module
-from fedbt.federated.grid import PatientGrid, SitesMissingError
+from fedbt.federated import rounds
+from fedbt.federated.rounds import SitesMissingError
 
 
 def test_certs_name_the_server_and_give_each_site_a_flower_readable_key_pair(tmp_path):
@@ -87,7 +86,7 @@ class FakeGrid:
 
 
 class FakeClock:
-    """Stands in for the time module in fedbt.federated.grid: sleeping moves the clock on at once."""
+    """Stands in for the time module in fedbt.federated.rounds: sleeping moves the clock on at once."""
 
     def __init__(self):
         self.now = 0.0
@@ -102,49 +101,28 @@ class FakeClock:
 @pytest.fixture()
 def clock(monkeypatch) -> FakeClock:
     clock = FakeClock()
-    monkeypatch.setattr(grid_module, "time", clock)
+    monkeypatch.setattr(rounds, "time", clock)
     return clock
 
 
-def test_patient_grid_stops_waiting_for_missing_sites_after_the_timeout(clock):
+def test_the_server_waits_for_missing_sites_only_until_the_timeout(clock):
     # Times in quarters of a second: exact in binary, so the boundaries below are exact too.
-    inner = FakeGrid([1])
-    grid = PatientGrid(inner, poll_interval=0.25, min_nodes=2, wait_timeout=0.5)
-    assert grid.get_node_ids() == [1]  # below the minimum, but not for long yet
-    clock.now = 0.5
-    assert grid.get_node_ids() == [1]  # exactly the allowed wait: still waiting
-    inner.nodes = [1, 2]
-    clock.now = 0.75
-    assert grid.get_node_ids() == [1, 2]
-    inner.nodes = [1]  # a site left again: the wait starts over from now
-    assert grid.get_node_ids() == [1]
-    clock.now = 1.25
-    assert grid.get_node_ids() == [1]
-    clock.now = 1.5
-    with pytest.raises(SitesMissingError, match="only 1 of the required 2 sites"):
-        grid.get_node_ids()
+    grid = FakeGrid([2, 1])
+    assert rounds.wait_for_sites(grid, minimum=2, timeout=0.5, poll=0.25) == [1, 2]
+    assert clock.now == 0.0  # enough sites: no wait at all
+    grid.nodes = [1]
+    with pytest.raises(SitesMissingError, match="only 1 of the required 2 sites connected for 0.5 s"):
+        rounds.wait_for_sites(grid, minimum=2, timeout=0.5, poll=0.25)
+    assert clock.now == 0.5  # polled at 0, 0.25 and 0.5 s, then gave up
 
 
-def test_patient_grid_collects_replies_and_gives_up_at_the_round_timeout(clock):
+def test_the_server_collects_replies_and_gives_up_at_the_round_timeout(clock):
     prompt = FakeGrid([1, 2], delay=3)
-    grid = PatientGrid(prompt, poll_interval=0.25, min_nodes=2, wait_timeout=1)
-    assert len(list(grid.send_and_receive([object(), object()], timeout=5))) == 2
+    assert len(rounds.send_and_collect(prompt, [object(), object()], timeout=5, poll=0.25)) == 2
     assert (prompt.pulls, clock.now) == (3, 0.5)  # polled until the replies came, sleeping between polls
 
     silent = FakeGrid([1, 2], delay=10**6)
-    slow = PatientGrid(silent, poll_interval=0.25, min_nodes=2, wait_timeout=1)
     clock.now = 0.0
-    assert list(slow.send_and_receive([object()], timeout=1.0)) == []
+    assert rounds.send_and_collect(silent, [object()], timeout=1.0, poll=0.25) == []
     # Polled at 0, 0.25, 0.5, 0.75 and 1.0 s, then gave up at the deadline.
     assert (silent.pulls, clock.now) == (5, 1.0)
-
-
-def test_site_without_data_and_run_without_ca_fail_in_one_line(tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    code = main(["site", "--site", "sites/figshare.yaml", "--server", "127.0.0.1:1", "--data-root", str(empty)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("fedbt: error:") and "figshare" in err and "\n" not in err
-    code = main(["run", "--server", "127.0.0.1:1", "--ca", str(tmp_path / "missing.pem"), "--out", str(tmp_path)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "CA certificate not found" in err and "\n" not in err

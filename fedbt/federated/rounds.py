@@ -26,7 +26,7 @@ def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float) -> lis
     while len(nodes := sorted(grid.get_node_ids())) < minimum:
         if time.monotonic() >= deadline:
             raise SitesMissingError(
-                f"only {len(nodes)} of the required {minimum} sites connected for {timeout:.0f} s; stopping the run"
+                f"only {len(nodes)} of the required {minimum} sites connected for {timeout:g} s; stopping the run"
             )
         time.sleep(poll)
     return nodes
