@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbt.config import ExperimentConfig, describe_validation_error, load_config
+from fedbt.config import STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.model.checkpoint import CheckpointError
 
@@ -266,7 +266,7 @@ def add_deployment_parsers(sub) -> None:
     run.add_argument("--sites", type=int, help="number of sites taking part (default 3)")
     run.add_argument("--min-sites", type=int, help="fewest sites a round may go on with (default: all)")
     run.add_argument("--round-timeout", type=float, help="seconds a round (or the wait for sites) may take")
-    run.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"])
+    run.add_argument("--strategy", choices=STRATEGY_NAMES)
     run.add_argument("--out", default="results/deployment", help="results folder, written by the server")
     run.add_argument("--resume", action="store_true", help="continue from the last round's checkpoint in --out")
     run.set_defaults(func=cmd_run)
@@ -277,7 +277,7 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, help="number of virtual clients (default 3: one per site)")
     parser.add_argument("--rounds", type=int, help="federated rounds")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round")
-    parser.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"])
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES)
     parser.add_argument(
         "--partition",
         choices=["origin", "iid", "dirichlet"],

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -30,6 +30,10 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
+STRATEGY_NAMES = list(get_args(StrategyName))
 
 
 class ConfigError(ValueError):
@@ -97,7 +101,15 @@ class FederatedConfig:
     num_clients: PositiveInt = 3
     rounds: PositiveInt = 12
     local_epochs: PositiveInt = 1
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
+    # fedmedian, fedtrimmedavg and krum resist a site sending outsized or crafted weights (docs/robustness.md).
+    strategy: StrategyName = "fedavg"
+    # fedtrimmedavg: share of the sites' values cut at each end of every weight before averaging.
+    # Flower's default 0.2 cuts nothing with 3 sites (int(0.2 * 3) = 0); 0.34 cuts one at each end.
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.34
+    # krum: how many of the sites may be malicious (Krum needs more than 2 * this + 2 sites).
+    krum_malicious: NonNegativeInt = 0
+    # Drop a site's update that is more than this many times the median of the others' (None: no bound).
+    max_update_ratio: Annotated[float, Field(gt=1)] | None = None
     proximal_mu: NonNegativeFloat = 0.0
     fedbn: bool = False
     server_lr: PositiveFloat = 1.0

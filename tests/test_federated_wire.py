@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flower_messages import reply
 
 from fedbt.config import FederatedConfig
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
@@ -16,29 +16,6 @@ from fedbt.model.architectures import build_resnet18
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def reply(site: str, state: dict[str, torch.Tensor], examples: int) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(torch_state_dict=state),
-            "metrics": MetricRecord({"num-examples": examples}),
-            "site": ConfigRecord({"name": site}),
-        }
-    )
-    # A reply as the server receives it (explicit metadata: no Flower run needed to build it).
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=1,
-        dst_node_id=0,
-        reply_to_message_id="sent",
-        group_id="1",
-        created_at=0.0,
-        ttl=60,
-        message_type="train",
-    )
-    return Message(content, metadata=metadata)
 
 
 def test_float16_transport_halves_the_bytes_and_keeps_integer_buffers():

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedbt.config import ExperimentConfig, FederatedConfig
 from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
-from fedbt.data.partition import make_partitions
+from fedbt.data.partition import Partition, make_partitions
 from fedbt.eval.inference import evaluate
 from fedbt.eval.metrics import classification_metrics
 from fedbt.federated.common import (
@@ -34,12 +34,17 @@ from fedbt.federated.common import (
 )
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import (
+    SiteRegistry,
     SitesMissingError,
     answered,
     choose_sites,
+    claimed_site,
     in_site_order,
+    outsized_updates,
     send_and_collect,
     site_name,
+    train_reply_problem,
+    update_norms,
     wait_for_sites,
 )
 from fedbt.federated.strategy import aggregate, make_strategy
@@ -82,18 +87,19 @@ class FederatedRun:
         self.initial: dict = {}  # the untrained global model's pooled validation metrics
         self.last_round = 0
         self.rng = random.Random(cfg.training_seed)
+        partitions = self._partitions() if server_has_data else []
         # Replies are aggregated in the sites' order (partition order when the server knows the partitions).
-        self.site_order = self._partition_names() if server_has_data else []
+        self.site_order = [p.name for p in partitions]
+        self.sites = SiteRegistry(sizes={p.name: len(p.indices["train"]) for p in partitions})
         if fc.resume and (self.out / "last.pt").is_file():
             self._resume(load_checkpoint(self.out / "last.pt"))
         self.started = time.perf_counter()
 
-    def _partition_names(self) -> list[str]:
+    def _partitions(self) -> list[Partition]:
         fc = self.cfg.federated
-        partitions = make_partitions(
+        return make_partitions(
             load_catalog(self.cfg), fc.num_clients, fc.partition, fc.dirichlet_alpha, self.cfg.data.seed
         )
-        return [p.name for p in partitions]
 
     def _resume(self, saved: dict) -> None:
         self.global_state = saved["model_state"]
@@ -142,23 +148,23 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
     chosen = choose_sites(nodes, fc.fraction_train, run.min_train, run.rng)
     messages = [run.message(node, MessageType.TRAIN, server_round) for node in chosen]
-    replies = in_site_order(
-        answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval)), run.site_order
-    )
-    if len(replies) < run.min_train:
-        # A site dropped or timed out: averaging fewer sites than agreed would silently change the experiment.
+    replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
+    accepted, dropped = screen_train_replies(run, replies)
+    for who, reason in dropped.items():
+        log(f"[federated] round {server_round}: dropped the reply of {who}: {reason}")
+    if len(accepted) < run.min_train:
+        # A site dropped, timed out or sent what cannot be used: averaging fewer sites than agreed
+        # would silently change the experiment.
         raise SitesMissingError(
-            f"round {server_round}: only {len(replies)} of the required {run.min_train} sites "
-            "returned a model within the round timeout; stopping the run"
+            f"round {server_round}: only {len(accepted)} of the required {run.min_train} sites "
+            "returned a usable model within the round timeout; stopping the run"
         )
-    for reply in replies:  # the server aggregates in float32 whatever crossed the wire
-        state = transport_state(reply.content["arrays"].to_torch_state_dict(), "float32")
-        reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
-    run.global_state = aggregate(run.strategy, server_round, run.global_state, replies)
+    update_global_model(run, server_round, in_site_order(accepted, run.site_order))
     entry = {
         "round": server_round,
         "server": {},
-        "train": {site_name(m): dict(m.content["metrics"]) for m in replies},
+        "train": {site_name(m): dict(m.content["metrics"]) for m in accepted},
+        "dropped": dropped,
         "sites": {},
     }
     if evaluation_due(server_round, fc):
@@ -171,13 +177,68 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     log_round(entry, fc.rounds)
 
 
+def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
+    """The replies that can be aggregated (in float32), and why each other one was dropped."""
+    accepted, dropped = [], {}
+    for reply in replies:
+        if problem := train_reply_problem(reply, run.global_state, run.sites):
+            dropped[reply_author(reply, run.sites)] = problem
+            continue
+        node, name = claimed_site(reply)
+        run.sites.accept(node, name, int(reply.content["metrics"]["num-examples"]))
+        # The server aggregates in float32 whatever precision crossed the wire.
+        state = transport_state(reply.content["arrays"].to_torch_state_dict(), "float32")
+        reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
+        accepted.append(reply)
+    ratio = run.cfg.federated.max_update_ratio
+    if ratio is not None:
+        norms = update_norms(accepted, run.global_state)
+        for i in reversed(outsized_updates(norms, ratio)):
+            reason = f"its update ({norms[i]:.3g}) is more than {ratio:g} times the median of the others'"
+            dropped[site_name(accepted.pop(i))] = reason
+    return accepted, dropped
+
+
+def reply_author(reply: Message, sites: SiteRegistry) -> str:
+    """Who sent a reply, for the log: the site its node is bound to, else the node and the name it claims."""
+    node = reply.metadata.src_node_id
+    if node in sites.names:
+        return sites.names[node]
+    try:
+        return f"node {node} ({site_name(reply)!r})"
+    except (KeyError, TypeError):
+        return f"node {node}"
+
+
+def update_global_model(run: FederatedRun, server_round: int, replies: list[Message]) -> None:
+    """Aggregate with the strategy; a non-finite result is never kept, saved or sent."""
+    new_state = aggregate(run.strategy, server_round, run.global_state, replies)
+    if all(torch.isfinite(v).all() for v in new_state.values() if v.is_floating_point()):
+        run.global_state = new_state
+    else:
+        log(f"[federated] round {server_round}: aggregation gave non-finite weights; keeping the previous model")
+
+
 def score_at_sites(grid: Grid, run: FederatedRun, server_round: int) -> dict[str, dict]:
     """Each connected site's metrics of the global model on its own validation split."""
     fc = run.cfg.federated
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
     messages = [run.message(node, MessageType.EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes]
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
-    return {site_name(m): json.loads(str(m.content["site"]["metrics-json"])) for m in replies}
+    scored = {}
+    for reply in replies:
+        try:
+            node, name = claimed_site(reply)
+            metrics = json.loads(str(reply.content["site"]["metrics-json"]))
+        except (KeyError, TypeError, ValueError) as err:
+            node = reply.metadata.src_node_id
+            log(f"[federated] round {server_round}: dropped a malformed score from node {node}: {err}")
+            continue
+        if problem := run.sites.identity_problem(node, name):
+            log(f"[federated] round {server_round}: dropped the score of node {node}: {problem}")
+            continue
+        scored[name] = metrics
+    return scored
 
 
 def score_on_server(run: FederatedRun) -> dict:

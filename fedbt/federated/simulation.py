@@ -39,12 +39,17 @@ def backend_config(cfg: ExperimentConfig) -> dict:
     return {"client_resources": resources, "init_args": init_args}
 
 
-def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict:
-    """Run the ServerApp and N ClientApps on Flower's Ray-backed simulation engine."""
+def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> dict:
+    """Run the ServerApp and N ClientApps on Flower's Ray-backed simulation engine.
+
+    `client_app` stands in for the sites' own ClientApp (the tests pass a faulty site's).
+    """
     from flwr.simulation import run_simulation
 
-    from fedbt.federated.client_app import app as client_app
+    from fedbt.federated.client_app import app as sites_app
     from fedbt.federated.server_app import app as server_app
+
+    client_app = client_app or sites_app
 
     # Absolute paths: Ray workers (of a joined cluster, too) need not share our working directory.
     cfg = replace(cfg, output_dir=str(out.resolve()))

@@ -11,12 +11,21 @@ and restores as plain tensors for checkpoints.
 from __future__ import annotations
 
 from flwr.app import Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from fedbt.config import FederatedConfig
 from fedbt.federated.flower_internals import set_strategy_model, strategy_state_problem
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedavgm": FedAvgM}
+STRATEGIES = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
 # The metric each reply carries for weighting the average (Flower's default key).
 WEIGHT_KEY = "num-examples"
 
@@ -30,6 +39,10 @@ def make_strategy(fc: FederatedConfig) -> FedAvg:
         kwargs.update(eta=fc.server_lr, eta_l=0.0)
     elif base is FedAvgM:
         kwargs.update(server_learning_rate=fc.server_lr, server_momentum=fc.server_momentum)
+    elif base is FedTrimmedAvg:
+        kwargs["beta"] = fc.trim_fraction
+    elif base is Krum:
+        kwargs["num_malicious_nodes"] = fc.krum_malicious
     strategy = base(**kwargs)
     # A server optimiser's state lives in Flower internals: refuse at start, not mid-run, if they moved.
     if problem := strategy_state_problem(strategy):

@@ -1,0 +1,26 @@
+"""Site replies as the server receives them, built without a Flower run (explicit metadata)."""
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+
+def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 1) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=state),
+            "metrics": MetricRecord({"num-examples": examples}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="sent",
+        group_id="1",
+        created_at=0.0,
+        ttl=60,
+        message_type="train",
+    )
+    return Message(content, metadata=metadata)
