@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from fedbt.data.catalog import Catalog, MRIDataset, build_catalog
 from fedbt.data.loader import make_loader
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import predict_probabilities
+from fedbt.eval.timing import latency_ms
 from fedbt.model.architectures import build_resnet18
 from fedbt.model.device import autocast_for, configure_threads, prepare_model, select_device
 from fedbt.progress import log
@@ -170,20 +170,6 @@ def eval_rate(model: nn.Module, dataset: MRIDataset, device: torch.device, warmu
     start = time.perf_counter()
     predict_probabilities(model, loader, device)  # returns numpy arrays: the device has finished
     return len(dataset) / (time.perf_counter() - start)
-
-
-def latency_ms(model: nn.Module, dataset: MRIDataset, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median ms to predict one image, input on the host to probabilities on the host."""
-    # A one-batch list stands in for a loader: what a single request costs, without DataLoader startup.
-    one = [(dataset.pixels[:1], dataset.masks[:1])]
-    for _ in range(warmup):
-        predict_probabilities(model, one, device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predict_probabilities(model, one, device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def cache_timing(catalog: Catalog, indices: list[int], crop: bool, epoch_seconds: float, scratch: Path) -> CacheTiming:

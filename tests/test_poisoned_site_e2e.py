@@ -36,14 +36,15 @@ poisoned_app = ClientApp()
 
 def spoil(reply: Message, attack: str, global_state: dict) -> None:
     state = reply.content["arrays"].to_torch_state_dict()
+    head = [k for k, v in state.items() if v.dim() == 2][-1]  # the classifier's weight matrix
     if attack == "nan":
-        state["fc.weight"] = torch.full_like(state["fc.weight"], math.nan)
+        state[head] = torch.full_like(state[head], math.nan)
     elif attack == "huge-count":
         reply.content["metrics"]["num-examples"] = 10**9
     elif attack == "wrong-shape":
-        state["fc.weight"] = state["fc.weight"].T.contiguous()
+        state[head] = state[head].T.contiguous()
     elif attack == "missing-key":
-        state.pop("fc.bias")
+        state.pop(head)
     elif attack == "other-name":
         reply.content["site"] = ConfigRecord({"name": "figshare"})
     elif attack == "scaled":
@@ -70,7 +71,8 @@ def evaluate(msg: Message, context) -> Message:
 
 def run(demo_args, out, client_app=None) -> dict:
     args = ["--out", str(out), "--set", "federated.strategy=fedmedian", "--set", "federated.rounds=6",
-            "--set", "federated.max_update_ratio=10", "--set", "model.name=cnn"]  # fmt: skip
+            "--set", "federated.max_update_ratio=10", "--set", "federated.min_clients=2",
+            "--set", "model.name=cnn"]  # fmt: skip
     from fedbt.cli import build_parser
 
     cfg = config_from_args(build_parser().parse_args(["simulate", *demo_args, *args]))

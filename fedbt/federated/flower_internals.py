@@ -311,17 +311,14 @@ RUN_CLIENTAPP = declare(
 # Server-side optimiser state of Flower's strategies (the ServerApp's round, not the processes).
 # Flower keeps it in instance attributes that its own round loop fills in `configure_train`;
 # fedbt's explicit round sets the starting model itself and checkpoints the state as tensors.
-FEDADAM_STATE = declare(
-    "flwr.serverapp.strategy",
-    "FedAdam",
-    InstanceState(("current_arrays", "m_t", "v_t")),
-    "set and read: the model it steps from (dict of numpy arrays) and its moments",
-)
-FEDYOGI_STATE = declare(
-    "flwr.serverapp.strategy",
-    "FedYogi",
-    InstanceState(("current_arrays", "m_t", "v_t")),
-    "set and read: the model it steps from (dict of numpy arrays) and its moments",
+FEDADAM_STATE, FEDYOGI_STATE = (
+    declare(
+        "flwr.serverapp.strategy",
+        name,
+        InstanceState(("current_arrays", "m_t", "v_t")),
+        "set and read: the model it steps from (dict of numpy arrays) and its moments",
+    )
+    for name in ("FedAdam", "FedYogi")
 )
 FEDAVGM_STATE = declare(
     "flwr.serverapp.strategy",
