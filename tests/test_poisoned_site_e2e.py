@@ -89,7 +89,9 @@ def test_one_poisoned_site_cannot_break_the_federation(demo_args, tmp_path):
         attack, reason = ATTACKS[entry["round"]]
         assert set(entry["train"]) == {"figshare", "sartaj"}, attack  # the poisoned reply was not aggregated
         ((who, why),) = entry["dropped"].items()
-        assert reason in why and POISONED in who, (attack, entry["dropped"])
+        # Logged with its reason, and never blamed on an honest site (a node not yet bound to a name
+        # is named by its id and the name it claimed).
+        assert reason in why and who not in ("figshare", "sartaj"), (attack, entry["dropped"])
     for name in ("last.pt", "final.pt"):
         state = load_checkpoint(tmp_path / "poisoned" / "federated" / name)["model_state"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
