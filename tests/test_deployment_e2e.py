@@ -168,7 +168,7 @@ def test_a_restarted_server_resumes_from_the_last_rounds_checkpoint(federation, 
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode != 0
-    round_one = torch.load(out / "federated" / "last.pt", weights_only=False)["progress"]
+    round_one = torch.load(out / "federated" / "last.pt", weights_only=True)["progress"]
     assert round_one["round"] == 1
     federation.start_server()  # same port, same database: the sites' registrations survive
     for site in federation.sites.values():

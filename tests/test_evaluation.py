@@ -237,7 +237,7 @@ def test_evaluate_a_site_and_a_folder_of_class_folders(eval_env, tmp_path, capsy
 
 
 def test_a_checkpoint_of_another_version_or_task_is_a_clear_error(eval_env, tmp_path, capsys):
-    payload = torch.load(eval_env.checkpoint, weights_only=False)
+    payload = torch.load(eval_env.checkpoint, weights_only=True)
     payload["version"] = 2
     torch.save(payload, tmp_path / "future.pt")
     args = ["--data-root", str(eval_env.data_root), "--out", str(tmp_path / "out")]

@@ -43,7 +43,7 @@ def test_a_stopped_federated_run_resumes_from_its_last_round(demo_args, tmp_path
     common = ["simulate", *demo_args, "--out", str(out), "--strategy", "fedavgm",
               "--set", "federated.server_momentum=0.9", "--skip-central", "--skip-local"]  # fmt: skip
     assert main([*common, "--rounds", "1"]) == 0
-    first = torch.load(out / "federated" / "last.pt", weights_only=False)["progress"]
+    first = torch.load(out / "federated" / "last.pt", weights_only=True)["progress"]
     assert first["round"] == 1 and "momentum_vector" in first["server_optimizer"]
     assert main([*common, "--rounds", "2", "--resume"]) == 0
     fed = json.loads((out / "federated" / "metrics.json").read_text())
