@@ -153,7 +153,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedbt.deployment.certs import make_deployment_certs
 
-    layout = make_deployment_certs(args.out, args.host, args.sites)
+    layout = make_deployment_certs(args.out, args.host, args.sites, force=args.force)
     print(f"deployment certificates in {layout.root}:")
     print(f"  server machine: {layout.ca_cert}, {layout.server_cert}, {layout.server_key}, {layout.sites_dir}/*.pub")
     for site in args.sites:
@@ -230,6 +230,9 @@ def add_deployment_parsers(sub) -> None:
         "--host", action="append", default=[], help="server host name or IP address sites connect to (repeatable)"
     )
     certs.add_argument("--sites", nargs="+", default=["figshare", "sartaj", "br35h"], help="site names")
+    certs.add_argument(
+        "--force", action="store_true", help="replace keys that exist (each holder must get the new one)"
+    )
     certs.set_defaults(func=cmd_certs)
 
     server = sub.add_parser("server", help="start the Flower SuperLink: TLS, registered sites only")

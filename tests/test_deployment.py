@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import pytest
 from cryptography import x509
@@ -33,6 +34,23 @@ def test_certs_name_the_server_and_give_each_site_a_flower_readable_key_pair(tmp
     # A second call for a new site keeps the CA, so earlier sites stay trusted.
     make_deployment_certs(tmp_path / "certs", [], ["sartaj"])
     assert x509.load_pem_x509_certificate(layout.ca_cert.read_bytes()) == ca
+
+
+def test_private_keys_are_owner_only_from_the_start_and_never_silently_replaced(tmp_path):
+    old_umask = os.umask(0o000)  # a careless umask: files would be world-readable unless created private
+    try:
+        layout = make_deployment_certs(tmp_path / "certs", ["127.0.0.1"], ["figshare"])
+    finally:
+        os.umask(old_umask)
+    for key in (layout.ca_key, layout.server_key, layout.site_private_key("figshare")):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    assert layout.sites_dir.stat().st_mode & 0o077 == 0
+    before = layout.site_private_key("figshare").read_bytes()
+    with pytest.raises(ValueError, match="figshare.key exists: refusing to overwrite a key"):
+        make_deployment_certs(tmp_path / "certs", [], ["figshare"])
+    assert layout.site_private_key("figshare").read_bytes() == before
+    make_deployment_certs(tmp_path / "certs", [], ["figshare"], force=True)
+    assert layout.site_private_key("figshare").read_bytes() != before
 
 
 @pytest.mark.parametrize(

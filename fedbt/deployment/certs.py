@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,17 @@ class CertLayout:
         return self.sites_dir / f"{site}.pub"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
+def _write_private(path: Path, data: bytes, force: bool = False) -> None:
+    """A private key, readable by its owner only from its first byte; an existing key is never overwritten
+    unless `force` (a replaced key locks out every machine still holding the old one)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists: refusing to overwrite a key (pass --force to replace it)")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    os.replace(tmp, path)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -89,7 +97,7 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def make_ca(layout: CertLayout) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(layout: CertLayout, force: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     start, end = _validity()
     cert = (
@@ -108,7 +116,7 @@ def make_ca(layout: CertLayout) -> tuple[x509.Certificate, ec.EllipticCurvePriva
     )
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(layout.ca_key, _pem_private(key))
+    _write_private(layout.ca_key, _pem_private(key), force)
     return cert, key
 
 
@@ -124,7 +132,11 @@ def subject_alternative_names(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def make_server_cert(
-    layout: CertLayout, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, hosts: list[str]
+    layout: CertLayout,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    hosts: list[str],
+    force: bool = False,
 ) -> None:
     if not hosts:
         raise ValueError("the server certificate needs at least one host name or address (--host)")
@@ -148,17 +160,17 @@ def make_server_cert(
     )
     layout.server_cert.parent.mkdir(parents=True, exist_ok=True)
     layout.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(layout.server_key, _pem_private(key))
+    _write_private(layout.server_key, _pem_private(key), force)
 
 
-def make_site_keys(layout: CertLayout, site: str) -> None:
+def make_site_keys(layout: CertLayout, site: str, force: bool = False) -> None:
     if not SITE_NAME.match(site):
         raise ValueError(f"site name {site!r}: use letters, digits, '-' and '_' only")
     key = ec.generate_private_key(SITE_KEY_CURVE)
     openssh = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    _write_private(layout.site_private_key(site), openssh)
+    _write_private(layout.site_private_key(site), openssh, force)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     layout.site_public_key(site).write_bytes(public + f" fedbt-site-{site}\n".encode())
 
@@ -171,7 +183,7 @@ def _load_ca(layout: CertLayout) -> tuple[x509.Certificate, ec.EllipticCurvePriv
     return cert, key
 
 
-def make_deployment_certs(out: str | Path, hosts: list[str], sites: list[str]) -> CertLayout:
+def make_deployment_certs(out: str | Path, hosts: list[str], sites: list[str], force: bool = False) -> CertLayout:
     """A CA (reused when the folder has one), a server certificate for `hosts`, a key pair per site.
 
     Reusing the CA lets a site be added later without re-issuing everyone's trust anchor.
@@ -180,11 +192,11 @@ def make_deployment_certs(out: str | Path, hosts: list[str], sites: list[str]) -
     if layout.ca_cert.is_file() and layout.ca_key.is_file():
         ca_cert, ca_key = _load_ca(layout)
     else:
-        ca_cert, ca_key = make_ca(layout)
+        ca_cert, ca_key = make_ca(layout, force)
     if hosts:
-        make_server_cert(layout, ca_cert, ca_key, hosts)
+        make_server_cert(layout, ca_cert, ca_key, hosts, force)
     for site in sites:
-        make_site_keys(layout, site)
+        make_site_keys(layout, site, force)
     return layout
 
 
