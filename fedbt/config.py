@@ -195,6 +195,11 @@ class ExperimentConfig:
                 "privacy.enabled cannot use train.class_weights: the loss divides by the batch's total weight, "
                 "so one image's gradient would depend on the others"
             )
+        if self.federated.restricted_softmax:
+            raise ValueError(
+                "privacy.enabled cannot use federated.restricted_softmax: which classes a site has is read "
+                "from its records without noise, and one record can decide it"
+            )
         if self.federated.strategy == "fedprox" and self.federated.proximal_mu > 0:
             raise ValueError(
                 "privacy.enabled cannot use FedProx's proximal term: Opacus noises per-sample gradients "

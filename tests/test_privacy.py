@@ -137,6 +137,7 @@ def test_privacy_refuses_what_would_mix_the_images_of_a_batch_after_all_layers()
         (["privacy.enabled=true", "model.norm=group", "train.class_weights=true"], "train.class_weights"),
         (["privacy.enabled=true", "model.norm=group", "federated.strategy=fedprox", "federated.proximal_mu=0.1"],
          "proximal term"),
+        (["privacy.enabled=true", "model.norm=group", "federated.restricted_softmax=true"], "restricted_softmax"),
         (["model.name=cnn", "model.norm=group"], "norm 'group' is for resnet18 only"),
         (["privacy.delta=1"], "privacy.delta"),
     ]:  # fmt: skip
