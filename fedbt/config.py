@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,10 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# Validation context while settings are applied layer by layer: rules between sections wait
+# for the last layer, since a later layer may complete what an earlier one started
+# (privacy.enabled in a file, model.norm=group in --set).
+PARTIAL = {"partial": True}
 
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
@@ -66,6 +70,15 @@ class ModelConfig:
     # Local file of ImageNet weights (resnet50 transfer learning only); never downloaded.
     pretrained_path: str | None = None
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    # ResNet18's normalisation layers. GroupNorm normalises each image on its own, which
+    # per-sample gradients (differential privacy) need; BatchNorm mixes the images of a batch.
+    norm: Literal["batch", "group"] = "batch"
+
+    @model_validator(mode="after")
+    def _norm_for_resnet18_only(self) -> ModelConfig:
+        if self.norm == "group" and self.name != "resnet18":
+            raise ValueError(f"norm 'group' is for resnet18 only (the {self.name} model has its own layers)")
+        return self
 
 
 @dataclass(config=STRICT_FIELDS)
@@ -151,6 +164,24 @@ class FederatedConfig:
 
 
 @dataclass(config=STRICT_FIELDS)
+class PrivacyConfig:
+    """Record-level differential privacy (DP-SGD) at every trainer: each site, or the central run."""
+
+    enabled: bool = False
+    # The (epsilon, delta) each site may spend over the whole run; a site stops training
+    # when one more step would spend more.
+    target_epsilon: PositiveFloat = 8.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # Each image's gradient is clipped to this L2 norm before the batch's are summed and noised.
+    max_grad_norm: PositiveFloat = 1.0
+    # None: the noise that spends exactly the target over the planned run (rounds x local
+    # epochs, or the central epochs). A number: this noise, and training stops when spent.
+    noise_multiplier: PositiveFloat | None = None
+    # Opacus's accountant: Renyi DP (conservative, fast) or PRV (tighter, slower).
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+@dataclass(config=STRICT_FIELDS)
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "results"
@@ -158,6 +189,35 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _private_training_is_per_sample(self, info: ValidationInfo) -> ExperimentConfig:
+        """DP-SGD bounds each image's own gradient: nothing may mix the images of a batch."""
+        if not self.privacy.enabled or info.context == PARTIAL:
+            return self
+        has_batchnorm = self.model.name == "resnet50" or (self.model.name == "resnet18" and self.model.norm == "batch")
+        if has_batchnorm:
+            raise ValueError(
+                "privacy.enabled needs a model without BatchNorm, which mixes the images of a batch: "
+                "model.name=resnet18 with model.norm=group, or model.name=cnn"
+            )
+        if self.train.class_weights:
+            raise ValueError(
+                "privacy.enabled cannot use train.class_weights: the loss divides by the batch's total weight, "
+                "so one image's gradient would depend on the others"
+            )
+        if self.federated.restricted_softmax:
+            raise ValueError(
+                "privacy.enabled cannot use federated.restricted_softmax: which classes a site has is read "
+                "from its records without noise, and one record can decide it"
+            )
+        if self.federated.strategy == "fedprox" and self.federated.proximal_mu > 0:
+            raise ValueError(
+                "privacy.enabled cannot use FedProx's proximal term: Opacus noises per-sample gradients "
+                "and would drop the term's gradient"
+            )
+        return self
 
     @property
     def training_seed(self) -> int:
@@ -189,10 +249,10 @@ def describe_validation_error(err: ValidationError, where: str, schema: Any = No
     return f"{where}: " + "; ".join(_describe(error, schema) for error in err.errors())
 
 
-def validated(schema: Any, values: Any, where: str) -> Any:
+def validated(schema: Any, values: Any, where: str, context: dict | None = None) -> Any:
     """`values` as an instance of the pydantic class `schema`; ConfigError naming `where` otherwise."""
     try:
-        return TypeAdapter(schema).validate_python(values)
+        return TypeAdapter(schema).validate_python(values, context=context)
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, where, schema)) from None
 
@@ -250,11 +310,11 @@ def load_config(paths: list[str | Path] | None = None, overrides: list[str] | No
     cfg = ExperimentConfig()
     for path in paths or []:
         values = _merged(values, read_yaml_mapping(path, "config"))
-        cfg = validated(ExperimentConfig, values, str(path))
+        cfg = validated(ExperimentConfig, values, str(path), PARTIAL)
     for text in overrides or []:
         values = _merged(values, _parse_override(text))
-        cfg = validated(ExperimentConfig, values, f"--set {text}")
-    return cfg
+        cfg = validated(ExperimentConfig, values, f"--set {text}", PARTIAL)
+    return validated(ExperimentConfig, values, "settings") if values else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

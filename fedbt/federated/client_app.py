@@ -46,6 +46,19 @@ def _save_local(context: Context, local: LocalState) -> None:
     context.state[LOCAL_STATE_KEY] = ConfigRecord({"blob": buffer.getvalue()})
 
 
+def training_summary(metrics: dict, target_epsilon: float) -> str:
+    """Loss and speed, the privacy spent so far; or that the privacy budget stopped the training."""
+    if metrics.get("dp_budget_spent"):
+        return (
+            f"privacy budget spent (epsilon {metrics['dp_epsilon']:.2f} of {target_epsilon:g}): "
+            "not training, returning the global model unchanged"
+        )
+    summary = f"loss {metrics['train_loss']:.4f}, {metrics['images_per_second']:.1f} img/s"
+    if "dp_epsilon" in metrics:
+        summary += f", epsilon {metrics['dp_epsilon']:.2f} of {target_epsilon:g} spent"
+    return summary
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = client_experiment(msg, context)
@@ -61,10 +74,7 @@ def train(msg: Message, context: Context) -> Message:
     state, examples, metrics, local = train_partition(
         cfg, catalog, partition, global_state, server_round, _load_local(context)
     )
-    log(
-        f"[client {partition.name}] round {server_round}: loss {metrics['train_loss']:.4f}, "
-        f"{metrics['images_per_second']:.1f} img/s"
-    )
+    log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
     _save_local(context, local)
     content = RecordDict(
         {

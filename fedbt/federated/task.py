@@ -23,8 +23,9 @@ from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import predict_probabilities
 from fedbt.eval.metrics import classification_metrics
 from fedbt.model.device import prepare_model, select_device
+from fedbt.train.privacy import PrivacyAccount
 from fedbt.train.schedules import StepSchedule
-from fedbt.train.setup import new_model, steps_per_epoch, train_epoch, training_setup
+from fedbt.train.setup import make_private, new_model, steps_per_epoch, train_epoch, training_setup
 
 
 @lru_cache(maxsize=2)
@@ -76,14 +77,25 @@ def local_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LocalState:
-    """What a client keeps between rounds: its BatchNorm layers (FedBN), its optimiser."""
+    """What a client keeps between rounds: its BatchNorm layers (FedBN), its optimiser, its privacy account."""
 
     batchnorm: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
+    privacy: dict | None = None
 
     def as_tensors(self) -> dict:
         """Tensors, numbers and strings only, so it loads with torch.load(weights_only=True)."""
-        return {"batchnorm": self.batchnorm, "optimizer": self.optimizer}
+        return {"batchnorm": self.batchnorm, "optimizer": self.optimizer, "privacy": self.privacy}
+
+
+def privacy_metrics(account: PrivacyAccount, trained: bool) -> dict[str, float]:
+    """What a site reports of its privacy each round. dp_budget_spent=1: the budget was spent
+    before this round, the site did not train, and its model is the global model unchanged."""
+    return {
+        "dp_epsilon": account.epsilon(),
+        "dp_budget_spent": 0 if trained else 1,
+        "dp_noise_multiplier": account.noise_multiplier,
+    }
 
 
 def starting_state(cfg: ExperimentConfig, global_state: dict[str, torch.Tensor], local: LocalState) -> dict:
@@ -105,6 +117,12 @@ def train_partition(
     tc, fc = cfg.train, cfg.federated
     dataset = catalog.subset(partition.indices["train"], augment=augmentation_for(tc))
     setup = training_setup(cfg, catalog.task.num_classes, dataset.masks, starting_state(cfg, global_state, local))
+    if cfg.privacy.enabled:
+        # The noise is fixed for the whole run (rounds x local epochs) when the first round opens the account.
+        setup = make_private(setup, dataset, cfg, fc.rounds * fc.local_epochs, local.privacy)
+        if setup.privacy.budget_spent():
+            # Nothing more may be learnt from this site's records: the global model goes back as it came.
+            return global_state, len(dataset), privacy_metrics(setup.privacy, trained=False), local
     if fc.keep_optimizer_state and local.optimizer is not None:
         setup.optimizer.load_state_dict(local.optimizer)
     present = dataset.masks.any(dim=0) if fc.restricted_softmax else None
@@ -116,6 +134,8 @@ def train_partition(
     total_steps = fc.rounds * fc.local_epochs * steps
     epochs = []
     for epoch in range(fc.local_epochs):
+        if setup.privacy is not None and setup.privacy.budget_spent():
+            break
         global_epoch = (server_round - 1) * fc.local_epochs + epoch
         # Seeds differ per client (crc32 of its name: stable across processes, unlike hash()).
         seed = cfg.training_seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000
@@ -134,6 +154,7 @@ def train_partition(
     new_local = LocalState(
         batchnorm=local_batchnorm(setup.model) if fc.fedbn else None,
         optimizer=setup.optimizer.state_dict() if fc.keep_optimizer_state else None,
+        privacy=setup.privacy.as_plain() if setup.privacy is not None else None,
     )
     state = {k: v.detach().cpu() for k, v in setup.model.state_dict().items()}
     seconds = sum(e["seconds"] for e in epochs)
@@ -144,6 +165,8 @@ def train_partition(
         "train_seconds": seconds,
         "images_per_second": images / max(seconds, 1e-9),
     }
+    if setup.privacy is not None:
+        metrics.update(privacy_metrics(setup.privacy, trained=True))
     return state, len(dataset), metrics, new_local
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedbt.config import ExperimentConfig
+from fedbt.config import ExperimentConfig, to_dict
 from fedbt.data.catalog import Catalog, MRIDataset
 from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
@@ -22,7 +22,7 @@ from fedbt.model.device import select_device
 from fedbt.progress import headline, log, step_logger
 from fedbt.reports.plots import plot_training_curves
 from fedbt.train.schedules import StepSchedule
-from fedbt.train.setup import steps_per_epoch, train_epoch, training_setup
+from fedbt.train.setup import make_private, steps_per_epoch, train_epoch, training_setup
 
 
 @dataclass
@@ -55,7 +55,12 @@ def train_model(
 ) -> tuple[nn.Module, list[dict]]:
     """Train for cfg.train.epochs with checkpoints in out_dir; returns the best model and history."""
     tc = cfg.train
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    saved = load_checkpoint(last_path) if resume and last_path.is_file() else None
     setup = training_setup(cfg, data.train.masks.shape[1], data.train.masks)
+    if cfg.privacy.enabled:
+        saved_account = saved["optimizer_state"].get("privacy") if saved is not None else None
+        setup = make_private(setup, data.train, cfg, tc.epochs, saved_account)
     model, optimizer = setup.model, setup.optimizer
     plateau = None
     if tc.schedule == "plateau":
@@ -66,19 +71,20 @@ def train_model(
 
     history: list[dict] = []
     start_epoch, best_loss, stale = 0, float("inf"), 0
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"]["optimizer"])
+    if saved is not None:
+        model.load_state_dict(saved["model_state"])
+        optimizer.load_state_dict(saved["optimizer_state"]["optimizer"])
         if plateau is not None:
-            plateau.load_state_dict(state["optimizer_state"]["plateau"])
-        history = state["progress"]["history"]
-        start_epoch = state["progress"]["epoch"] + 1
-        best_loss, stale = state["progress"]["best_val_loss"], state["progress"]["stale_epochs"]
+            plateau.load_state_dict(saved["optimizer_state"]["plateau"])
+        history = saved["progress"]["history"]
+        start_epoch = saved["progress"]["epoch"] + 1
+        best_loss, stale = saved["progress"]["best_val_loss"], saved["progress"]["stale_epochs"]
         log(f"[{kind}] resuming after epoch {start_epoch} of {tc.epochs}")
 
     for epoch in range(start_epoch, tc.epochs):
+        if setup.privacy is not None and setup.privacy.budget_spent():
+            log(f"[{kind}] privacy budget spent (epsilon {setup.privacy.epsilon():.2f}): training stops")
+            break
         _apply_freezing(model, cfg, epoch)
         # ReduceLROnPlateau owns the LR under 'plateau'; a per-step schedule would overwrite it.
         schedule = None if plateau else StepSchedule(tc.lr, tc.schedule, tc.epochs * steps, epoch * steps)
@@ -90,15 +96,21 @@ def train_model(
         if plateau is not None:
             plateau.step(val["loss"])
         history.append({"epoch": epoch + 1, "train": stats, "val": headline(val)})
+        target = cfg.privacy.target_epsilon
+        spent = f", epsilon {stats['epsilon']:.2f} of {target:g} spent" if "epsilon" in stats else ""
         log(
             f"[{kind}] epoch {epoch + 1}/{tc.epochs} train loss {stats['loss']:.4f} "
-            f"({stats['images_per_second']:.1f} img/s) val loss {val['loss']:.4f} "
+            f"({stats['images_per_second']:.1f} img/s{spent}) val loss {val['loss']:.4f} "
             f"val acc {val.get('accuracy', float('nan')):.4f}"
         )
         improved = val["loss"] < best_loss
         best_loss, stale = (val["loss"], 0) if improved else (best_loss, stale + 1)
         progress = {"epoch": epoch, "history": history, "best_val_loss": best_loss, "stale_epochs": stale}
-        opt_state = {"optimizer": optimizer.state_dict(), "plateau": plateau.state_dict() if plateau else None}
+        opt_state = {
+            "optimizer": optimizer.state_dict(),
+            "plateau": plateau.state_dict() if plateau else None,
+            "privacy": setup.privacy.as_plain() if setup.privacy is not None else None,
+        }
         save_checkpoint(last_path, model, cfg, progress, kind, opt_state)
         if improved:
             save_checkpoint(best_path, model, cfg, progress, kind)
@@ -108,6 +120,11 @@ def train_model(
 
     model.load_state_dict(load_checkpoint(best_path)["model_state"])
     return model, history
+
+
+def privacy_summary(cfg: ExperimentConfig, history: list[dict]) -> dict:
+    """The (epsilon, delta) the training spent: what its last epoch reports."""
+    return {"epsilon_spent": history[-1]["train"]["epsilon"], **to_dict(cfg.privacy)}
 
 
 def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: bool = False) -> dict:
@@ -130,6 +147,8 @@ def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: 
         "history": history,
         "test": evaluate_everywhere(model, catalog, device, cfg.train.batch_size),
     }
+    if cfg.privacy.enabled:
+        result["privacy"] = privacy_summary(cfg, history)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     plot_training_curves(history, out_dir / "curves.png", title=f"central {cfg.model.name}")
     return result

@@ -2,18 +2,19 @@
 
 Each builds its model, optimiser, gradient scaler and class weights here, in the same order
 (threads, device, seed, model, optimiser), so the same seed gives the same weights whichever
-of them trains, and a change to how training is set up lands in one place.
+of them trains, and a change to how training is set up lands in one place. Under
+`privacy.enabled` a trainer makes its set-up private (`make_private`) before it trains.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedbt.config import ExperimentConfig
 from fedbt.data.loader import make_loader
@@ -21,6 +22,7 @@ from fedbt.model.architectures import build_model
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
 from fedbt.train.losses import class_weights_from_masks
+from fedbt.train.privacy import PrivacyAccount, open_account, poisson_batches, private_optimizer, restore_account
 from fedbt.train.schedules import StepSchedule
 
 
@@ -31,6 +33,7 @@ class TrainingSetup:
     scaler: torch.amp.GradScaler | None
     device: torch.device
     class_weights: torch.Tensor | None
+    privacy: PrivacyAccount | None = None
 
 
 def param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]]:
@@ -73,8 +76,43 @@ def training_setup(
     )
 
 
+def epoch_loader(dataset: Dataset, cfg: ExperimentConfig, device: torch.device, seed: int = 0) -> DataLoader:
+    """An epoch's shuffled batches. Under privacy, the loader whose length sets the Poisson
+    sample rate: it keeps its last, smaller batch, since Poisson batches have no last one to drop."""
+    shuffled = not cfg.privacy.enabled
+    return make_loader(dataset, cfg.train.batch_size, shuffled, device, seed=seed, workers=cfg.train.num_workers)
+
+
 def steps_per_epoch(dataset: Dataset, cfg: ExperimentConfig, device: torch.device) -> int:
-    return len(make_loader(dataset, cfg.train.batch_size, True, device))
+    return len(epoch_loader(dataset, cfg, device))
+
+
+def make_private(
+    setup: TrainingSetup, dataset: Dataset, cfg: ExperimentConfig, planned_epochs: int, saved: dict | None
+) -> TrainingSetup:
+    """The set-up training with DP-SGD on `dataset`, its account open (or `saved` carried on).
+
+    A fresh account fixes the noise that spends the target over `planned_epochs`; a saved one
+    (an earlier round's, a checkpoint's) keeps its noise and what it spent.
+    """
+    loader = epoch_loader(dataset, cfg, setup.device)
+    sample_rate = 1 / len(loader)
+    if saved is None:
+        account = open_account(cfg.privacy, sample_rate, planned_epochs * len(loader))
+    else:
+        account = restore_account(cfg.privacy, saved)
+        if account.sample_rate != sample_rate:
+            raise ValueError(
+                f"privacy: the training data changed since the privacy account was opened "
+                f"(sample rate {sample_rate:.6g}, was {account.sample_rate:.6g})"
+            )
+    return replace(
+        setup,
+        optimizer=private_optimizer(setup.model, setup.optimizer, loader, account),
+        # A GradScaler unscales .grad; DP-SGD clips per-sample gradients before .grad exists.
+        scaler=None,
+        privacy=account,
+    )
 
 
 def train_epoch(
@@ -88,12 +126,17 @@ def train_epoch(
     present_classes: torch.Tensor | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over the dataset, seeded so that a resumed or repeated run draws the same batches."""
+    """One pass over the dataset, seeded so that a resumed or repeated run draws the same batches.
+
+    Under privacy: Poisson batches, as many as the budget allows, and the epsilon spent after.
+    """
     seed_everything(seed)
-    loader = make_loader(
-        dataset, cfg.train.batch_size, True, setup.device, seed=loader_seed, workers=cfg.train.num_workers
-    )
-    return train_one_epoch(
+    loader = epoch_loader(dataset, cfg, setup.device, seed=loader_seed)
+    if cfg.privacy.enabled:
+        if setup.privacy is None:
+            raise ValueError("privacy.enabled, but this trainer does not train with differential privacy")
+        loader = poisson_batches(loader, setup.privacy.steps_within_budget(len(loader)))
+    stats = train_one_epoch(
         setup.model,
         loader,
         setup.optimizer,
@@ -107,3 +150,6 @@ def train_epoch(
         present_classes=present_classes,
         label_smoothing=cfg.train.label_smoothing,
     )
+    if setup.privacy is not None:
+        stats["epsilon"] = setup.privacy.epsilon()
+    return stats
