@@ -11,7 +11,6 @@ Format ``fedbt-checkpoint`` version 1, a dict saved with ``torch.save``:
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 from fedbt.config import ExperimentConfig, ModelConfig, from_dict, to_dict
 from fedbt.data.labels import get_task
 from fedbt.data.transforms import PIXEL_MEAN, PIXEL_STD
+from fedbt.fileio import atomic_write
 from fedbt.model.architectures import build_model
 
 FORMAT = "fedbt-checkpoint"
@@ -49,8 +49,6 @@ def save_checkpoint(
     kind: str,
     optimizer_state: dict | None = None,
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.data.task)
     payload = {
         "format": FORMAT,
@@ -66,11 +64,8 @@ def save_checkpoint(
         "progress": progress,
         "optimizer_state": optimizer_state,
     }
-    # Write then rename, so an interrupted save never leaves a broken 'last' checkpoint.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    # All at once, so an interrupted save never leaves a broken 'last' checkpoint.
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: str | Path, expect_task: str | None = None) -> dict[str, Any]:
