@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedbt.config import ExperimentConfig
+from fedbt.config import DataConfig, ExperimentConfig
 from fedbt.data.cache import ImageCache, fill_cache, load_pixels
 from fedbt.data.catalog import Catalog, MRIDataset, build_catalog
+from fedbt.data.images import ImageLimits
 from fedbt.data.loader import make_loader
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import predict_probabilities
 from fedbt.eval.timing import latency_ms
+from fedbt.fileio import write_json
 from fedbt.model.architectures import build_resnet18
 from fedbt.model.device import autocast_for, configure_threads, prepare_model, select_device
 from fedbt.progress import log
@@ -172,14 +174,16 @@ def eval_rate(model: nn.Module, dataset: MRIDataset, device: torch.device, warmu
     return len(dataset) / (time.perf_counter() - start)
 
 
-def cache_timing(catalog: Catalog, indices: list[int], crop: bool, epoch_seconds: float, scratch: Path) -> CacheTiming:
+def cache_timing(
+    catalog: Catalog, indices: list[int], data: DataConfig, epoch_seconds: float, scratch: Path
+) -> CacheTiming:
     """Decode the epoch's images into an empty cache under `scratch`, then read them back.
 
     The source files were just read (and hashed) by build_catalog, so they sit in the OS page
     cache: this measures decoding and resizing, not the disk.
     """
     records = [catalog.records[i] for i in indices]
-    cache = ImageCache(scratch, catalog.image_size, crop)
+    cache = ImageCache(scratch, catalog.image_size, data.crop_to_content, ImageLimits.of(data))
     start = time.perf_counter()
     errors = fill_cache(records, cache, progress=False)
     decode_seconds = time.perf_counter() - start
@@ -247,7 +251,7 @@ def run_bench(
     latency = latency_ms(setup.model, plain, device, steps, warmup)
     log("[bench] decode cache: cold fill vs warm load")
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        cache = cache_timing(catalog, indices, cfg.data.crop_to_content, stats["seconds"], Path(tmp))
+        cache = cache_timing(catalog, indices, cfg.data, stats["seconds"], Path(tmp))
 
     return BenchResult(
         device=describe_device(device),
@@ -381,5 +385,5 @@ def run_and_print(
         print(f"\ntop operators over {PROFILE_STEPS} engine training steps:\n{table}\nChrome trace: {trace}")
         numbers["profile_trace"] = str(trace)
     if json_path:
-        Path(json_path).write_text(json.dumps(numbers, indent=2))
+        write_json(json_path, numbers)
     return 0

@@ -4,7 +4,7 @@ evaluation, prediction, benchmark, and deployment across hospitals (certs, serve
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import sys
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from fedbt.config import STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config
 from fedbt.data.synthetic import ensure_demo_data
+from fedbt.fileio import write_json
 from fedbt.model.checkpoint import CheckpointError
 
 DEMO_ROOT = Path("demo-data")
@@ -63,7 +64,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = inspect_report(build_catalog(cfg.data))
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     return 0
 
 
@@ -357,7 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keep_output_writable() -> None:
+    """Print any file name: one that is not valid UTF-8 reaches Python as lone surrogates, which a
+    strict stdout cannot encode; they are written as \\u.. escapes instead of failing all output."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_output_writable()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

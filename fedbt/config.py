@@ -58,6 +58,12 @@ class DataConfig:
     # Two images whose 256-bit difference hashes differ in at most this many bits
     # are treated as the same picture (re-encoded, resized, re-saved); -1 turns it off.
     near_duplicate_bits: Annotated[int, Field(ge=-1, le=256)] = 10
+    # Files are checked before they are decoded: a header claiming more pixels (width x height)
+    # than this is refused unread (20000 x 20000 would take ~3 GB to decode), and so is an image
+    # smaller than min_image_side on a side (scaled up from a few pixels, it shows nothing).
+    # The real sites' images are 150 to 1365 px a side.
+    max_image_pixels: PositiveInt = 4096 * 4096
+    min_image_side: PositiveInt = 32
     # Keep at most this many images per site (per source label): small real-data slices.
     max_per_label: PositiveInt | None = None
     seed: NonNegativeInt = 0
@@ -276,7 +282,11 @@ def read_yaml_mapping(path: str | Path, kind: str) -> dict[str, Any]:
     resolved = resolve_project_path(path)
     if not resolved.is_file():
         raise ConfigError(f"{path}: {kind} file not found")
-    values = parse_yaml(resolved.read_text(), str(path))
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    values = parse_yaml(text, str(path))
     if values is None:
         return {}
     if not isinstance(values, dict):

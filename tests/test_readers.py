@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbt.config import ConfigError
+from fedbt.config import ConfigError, DataConfig
 from fedbt.data.catalog import build_catalog
-from fedbt.data.images import decode_file
+from fedbt.data.images import ImageLimits, decode_file
 from fedbt.data.labels import TUMOUR_CLASSES
 from fedbt.data.readers import scan_site
 from fedbt.data.sites import load_site
@@ -49,7 +49,7 @@ def test_figshare_mat_v73_reader_keeps_patient_and_orientation(tmp_path):
     by_name = {Path(r.path).name: r for r in scan.records}
     assert by_name["1.mat"].source_label == "pituitary" and by_name["1.mat"].patient == "MRN-123"
     assert by_name["2.mat"].allowed == {"meningioma"}
-    decoded = decode_file(by_name["1.mat"].path)[0].numpy()
+    decoded = decode_file(by_name["1.mat"].path, ImageLimits.of(DataConfig()))[0].numpy()
     assert decoded.shape == (40, 40)
     assert decoded[0].min() == 255 and decoded[:, 0].min() < 255
 
@@ -68,8 +68,6 @@ def test_bad_inputs_are_reported_by_name_and_skipped(demo_root, tmp_path):
     (root / "yes_empty").mkdir()
     extra = "labels:\n  'yes': tumor\n  'no': no_tumor\n  yes_empty: tumor\n"
     site_yaml = write_site_yaml(tmp_path, "broken", "class_folders", root, extra)
-    from fedbt.config import DataConfig
-
     catalog = build_catalog(
         DataConfig(sites=[str(site_yaml)], image_size=32, cache_dir=str(tmp_path / "c")), progress=False
     )

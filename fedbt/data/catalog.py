@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from fedbt.config import DataConfig
 from fedbt.data.cache import ImageCache, fill_cache, load_pixels
 from fedbt.data.dedup import UnionFind, difference_hash, near_duplicate_pairs, union_equal
+from fedbt.data.images import ImageLimits
 from fedbt.data.labels import Task, get_task
 from fedbt.data.readers import scan_site
 from fedbt.data.records import Problem, Record
@@ -135,7 +136,7 @@ def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path 
         records.extend(_limit_per_label(scan.records, cfg.max_per_label))
         problems.extend(scan.problems)
 
-    cache = ImageCache(cfg.cache_dir, cfg.image_size, cfg.crop_to_content)
+    cache = ImageCache(cfg.cache_dir, cfg.image_size, cfg.crop_to_content, ImageLimits.of(cfg))
     errors = fill_cache(records, cache, progress=progress)
     problems.extend(Problem(r.site, r.path, errors[r.sha256]) for r in records if r.sha256 in errors)
     records = [r for r in records if r.sha256 not in errors]

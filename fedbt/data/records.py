@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,44 @@ def file_sha256(path: Path) -> str:
 
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
+
+
+def _link_problem(path: Path) -> str:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "broken symbolic link, skipped"
+    except OSError as err:
+        return f"symbolic link cannot be followed ({err.strerror}), skipped"  # a loop: ELOOP
+    return "symbolic link to a folder, not followed"
+
+
+def list_files(folder: Path, site: str, problems: list[Problem]) -> list[Path]:
+    """Every visible file under `folder`, sorted. What cannot be read is added to `problems`:
+    folders that cannot be listed, symbolic-link loops, broken links, links to folders (not
+    followed: a link may lead out of the site, or back into it for ever) and special files."""
+
+    def unreadable(err: OSError) -> None:
+        problems.append(Problem(site, str(err.filename), f"folder cannot be read ({err.strerror}), skipped"))
+
+    files = []
+    for here, folders, names in os.walk(folder, onerror=unreadable):
+        folders.sort()  # os.walk descends in this order: problems come out in a stable order
+        for name in folders:
+            path = Path(here, name)
+            if path.is_symlink() and _visible(path):
+                problems.append(Problem(site, str(path), _link_problem(path)))
+        for name in sorted(names):
+            path = Path(here, name)
+            if not _visible(path):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink():
+                problems.append(Problem(site, str(path), _link_problem(path)))
+            else:
+                problems.append(Problem(site, str(path), "not a regular file, skipped"))
+    return sorted(files)
 
 
 def _require_root(spec: SiteSpec) -> None:

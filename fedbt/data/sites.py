@@ -99,13 +99,19 @@ class SiteFile(BaseModel):
 
 
 def resolve_root(root: str, data_root: str | Path | None) -> Path:
+    """An absolute root as it is; a relative one inside the data root (`..` may not leave it)."""
     path = Path(root).expanduser()
     if path.is_absolute():
         return path
     base = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV)
     if base is None:
         raise ValueError(f"site root {root!r} is relative: give a data root (--data-root or ${DATA_ROOT_ENV})")
-    return Path(base).expanduser() / path
+    base = Path(base).expanduser()
+    # Judged on the names alone: a data root's own symbolic links (to a data disk) stay allowed.
+    resolved = Path(os.path.normpath(base / path))
+    if not resolved.is_relative_to(os.path.normpath(base)):
+        raise ValueError(f"site root {root!r} leads out of the data root {base}: give an absolute path to leave it")
+    return resolved
 
 
 def _reference_chain(path: str | Path, referenced_from: tuple[Path, ...]) -> tuple[Path, ...]:

@@ -12,6 +12,7 @@ import torch
 from fedbt.config import DataConfig
 from fedbt.data.cache import ImageCache, fill_cache, load_pixels
 from fedbt.data.catalog import build_catalog
+from fedbt.data.images import ImageLimits
 from fedbt.data.readers.class_folders import scan_class_folders
 from fedbt.data.records import Problem, Record
 from fedbt.data.sites import SiteSpec
@@ -70,7 +71,7 @@ def eval_set(request: EvalRequest, model: LoadedModel) -> EvalSet:
 
 def decode_for(model: LoadedModel, records: list[Record]) -> tuple[list[int], torch.Tensor, list[Problem]]:
     """The records' pixels as the model's training saw them: kept indices, pixels, unreadable files."""
-    cache = ImageCache(_cache_dir(), model.image_size, model.crop)
+    cache = ImageCache(_cache_dir(), model.image_size, model.crop, ImageLimits.of(model.config.data))
     errors = fill_cache(records, cache, progress=False)
     kept = [i for i, r in enumerate(records) if r.sha256 not in errors]
     problems = [Problem(r.site, r.path, errors[r.sha256]) for r in records if r.sha256 in errors]

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbt.config import ExperimentConfig
+from fedbt.config import DataConfig, ExperimentConfig
 from fedbt.data.catalog import MRIDataset
-from fedbt.data.images import decode_file, preprocess
+from fedbt.data.images import ImageLimits, UnusableImage, decode_file, preprocess
 from fedbt.data.labels import Task, get_task
 from fedbt.data.loader import make_loader
-from fedbt.data.records import IMAGE_SUFFIXES
+from fedbt.data.records import IMAGE_SUFFIXES, Problem, list_files
 from fedbt.data.transforms import PIXEL_MEAN, PIXEL_STD, to_device_batch
 from fedbt.eval.gradcam import grad_cam, save_overlay
 from fedbt.eval.inference import predict_probabilities
+from fedbt.fileio import write_text
 from fedbt.model.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 from fedbt.model.device import prepare_model, select_device
 
@@ -110,11 +111,9 @@ def collect_inputs(paths: list[str]) -> list[Path | Prediction]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            files = sorted(
-                f
-                for f in path.rglob("*")
-                if f.is_file() and f.suffix.lower() in PREDICT_SUFFIXES and not f.name.startswith(".")
-            )
+            problems: list[Problem] = []
+            files = [f for f in list_files(path, name, problems) if f.suffix.lower() in PREDICT_SUFFIXES]
+            found.extend(Prediction(p.path, error=p.message) for p in problems)
             found.extend(files or [Prediction(name, error="no image files in this folder")])
         elif path.exists():
             found.append(path)  # named explicitly: try to decode whatever its suffix
@@ -123,13 +122,14 @@ def collect_inputs(paths: list[str]) -> list[Path | Prediction]:
     return found
 
 
-def read_input(path: Path, size: int, crop: bool) -> torch.Tensor:
-    """(1, size, size) uint8 as training saw it; ValueError with the reason when unreadable."""
+def read_input(path: Path, data: DataConfig) -> torch.Tensor:
+    """(1, size, size) uint8 as training saw it; ValueError with the reason when it cannot be used."""
     try:
-        return preprocess(decode_file(str(path)), size, crop)
+        return preprocess(decode_file(str(path), ImageLimits.of(data)), data.image_size, data.crop_to_content)
+    except UnusableImage as err:
+        raise ValueError(err.reason) from None  # the row names the file
     except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
-        # decode_file names the file; the row already does, so keep the reason only.
-        raise ValueError(str(err).removeprefix(f"{path}: ") or type(err).__name__) from None
+        raise ValueError(f"cannot decode image ({type(err).__name__}: {err})") from None
 
 
 def predict_files(paths: list[str], model: LoadedModel, gradcam_dir: Path | None = None) -> list[Prediction]:
@@ -142,7 +142,7 @@ def predict_files(paths: list[str], model: LoadedModel, gradcam_dir: Path | None
             rows.append(item)
             continue
         try:
-            pixels.append(read_input(item, model.image_size, model.crop))
+            pixels.append(read_input(item, model.config.data))
         except ValueError as err:
             rows.append(Prediction(str(item), error=str(err)))
             continue
@@ -222,8 +222,7 @@ def run_predict(
             print(f"fedbt: error: {r.path}: {r.error}", file=sys.stderr)
     text = format_predictions(rows, model.task.classes, fmt)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text)
+        write_text(output, text)
     else:
         sys.stdout.write(text)
     return 0 if any(r.label for r in rows) else 1

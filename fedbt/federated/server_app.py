@@ -49,6 +49,7 @@ from fedbt.federated.rounds import (
 )
 from fedbt.federated.strategy import aggregate, make_strategy
 from fedbt.federated.task import load_catalog, transport_state
+from fedbt.fileio import write_json
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.progress import headline, log
@@ -272,7 +273,7 @@ def finish(grid: Grid, run: FederatedRun) -> dict:
     else:
         result["test"] = site_test_results(grid, run)
     result["wall_seconds"] = time.perf_counter() - run.started
-    (run.out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(run.out / "metrics.json", result)
     log(f"[federated] results in {run.out}")
     return result
 

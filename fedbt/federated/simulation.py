@@ -16,6 +16,7 @@ from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.data.transforms import augmentation_for
 from fedbt.federated.common import EXPERIMENT_ENV
+from fedbt.fileio import read_json, write_json, write_text
 from fedbt.model.device import select_device
 from fedbt.progress import log
 from fedbt.reports.comparison import write_report
@@ -59,10 +60,12 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
         cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()),
     )
     experiment_file = out / "experiment.json"
-    experiment_file.write_text(json.dumps(to_dict(cfg), indent=2))
+    write_json(experiment_file, to_dict(cfg))
     # The ServerApp (in this process) reads it; it sends it on to the clients in its messages.
     os.environ[EXPERIMENT_ENV] = str(experiment_file.resolve())
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # Ray would report usage statistics from the driver and every worker it starts.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     backend = backend_config(cfg)
     fc = cfg.federated
     log(f"[federated] {fc.num_clients} clients, {fc.rounds} rounds, strategy {fc.strategy}")
@@ -72,10 +75,10 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
         num_supernodes=cfg.federated.num_clients,
         backend_config=backend,
     )
-    metrics_file = out / "federated" / "metrics.json"
-    if not metrics_file.is_file():
+    metrics = read_json(out / "federated" / "metrics.json")
+    if metrics is None:
         raise RuntimeError("the federated run ended without results; see the log above")
-    return json.loads(metrics_file.read_text())
+    return metrics
 
 
 def _fingerprint(cfg: ExperimentConfig) -> str:
@@ -86,10 +89,12 @@ def _fingerprint(cfg: ExperimentConfig) -> str:
 
 
 def _reusable(out: Path, cfg: ExperimentConfig) -> dict | None:
-    metrics, stamp = out / "metrics.json", out / "fingerprint.json"
-    if metrics.is_file() and stamp.is_file() and stamp.read_text() == _fingerprint(cfg):
-        return json.loads(metrics.read_text())
-    return None
+    """An earlier run's results with the same settings; None (train again) when there is none,
+    or its files are missing, cut short by a killed run or not JSON."""
+    if read_json(out / "fingerprint.json") != json.loads(_fingerprint(cfg)):
+        return None
+    metrics = read_json(out / "metrics.json")
+    return metrics if isinstance(metrics, dict) else None
 
 
 def central_baseline(cfg: ExperimentConfig, catalog: Catalog, out: Path, reuse: bool) -> dict:
@@ -99,7 +104,7 @@ def central_baseline(cfg: ExperimentConfig, catalog: Catalog, out: Path, reuse: 
         log("[central] reusing the earlier central run with the same settings")
         return earlier
     result = run_central(central_cfg, catalog, target)
-    (target / "fingerprint.json").write_text(_fingerprint(central_cfg))
+    write_text(target / "fingerprint.json", _fingerprint(central_cfg))
     return result
 
 
@@ -126,8 +131,8 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
         "history": history,
         "test": evaluate_everywhere(model, catalog, select_device(cfg.train.device), cfg.train.batch_size),
     }
-    (target / "metrics.json").write_text(json.dumps(result, indent=2))
-    (target / "fingerprint.json").write_text(_fingerprint(local_cfg))
+    write_json(target / "metrics.json", result)
+    write_text(target / "fingerprint.json", _fingerprint(local_cfg))
     return result
 
 

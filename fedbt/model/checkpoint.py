@@ -16,7 +16,6 @@ converted once, by whoever trusts its origin, with ``python -m fedbt.model.check
 from __future__ import annotations
 
 import datetime as dt
-import os
 import pickle
 import platform
 import sys
@@ -29,6 +28,7 @@ from torch import nn
 from fedbt.config import ExperimentConfig, ModelConfig, from_dict, to_dict
 from fedbt.data.labels import get_task
 from fedbt.data.transforms import PIXEL_MEAN, PIXEL_STD
+from fedbt.fileio import atomic_write
 from fedbt.model.architectures import build_model
 
 FORMAT = "fedbt-checkpoint"
@@ -56,8 +56,6 @@ def save_checkpoint(
     kind: str,
     optimizer_state: dict | None = None,
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.data.task)
     payload = {
         "format": FORMAT,
@@ -73,11 +71,8 @@ def save_checkpoint(
         "progress": progress,
         "optimizer_state": optimizer_state,
     }
-    # Write then rename, so an interrupted save never leaves a broken 'last' checkpoint.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    # All at once, so an interrupted save never leaves a broken 'last' checkpoint.
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: str | Path, expect_task: str | None = None) -> dict[str, Any]:
@@ -137,9 +132,8 @@ def upgrade(path: Path) -> None:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedbt checkpoint")
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(plain(payload), tmp)
-    os.replace(tmp, path)
+    converted = plain(payload)
+    atomic_write(path, lambda fh: torch.save(converted, fh))
     load_checkpoint(path)  # readable safely now
 
 

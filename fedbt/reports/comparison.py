@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fedbt.config import ExperimentConfig, to_dict
+from fedbt.fileio import write_json
 from fedbt.reports.plots import plot_confusion_matrices, plot_learning_curves, plot_roc_curves
 from fedbt.reports.render import Block, format_table, pct, write_pages
 
@@ -82,7 +82,7 @@ def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: 
         ).name,
         "ROC curves": plot_roc_curves(models, out / "roc.png").name,
     }
-    (out / "comparison.json").write_text(json.dumps({"config": to_dict(cfg), "results": results}, indent=2))
+    write_json(out / "comparison.json", {"config": to_dict(cfg), "results": results})
     blocks: list[Block] = [
         ("h1", f"fedbt comparison: {cfg.name}"),
         ("p", _setup(cfg)),

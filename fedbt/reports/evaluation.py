@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from fedbt.fileio import write_json
 from fedbt.reports.plots import (
     GridItem,
     plot_class_roc_curves,
@@ -135,7 +135,7 @@ def write_evaluation_report(result: dict, samples: list[GridItem], out: Path) ->
     if samples:
         grid = plot_prediction_grid(samples, out / "samples.png")
         figures["Sample predictions with Grad-CAM (mistakes first)"] = grid.name
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "evaluation.json", result)
     blocks = _blocks(result, figures)
     page = write_pages(blocks, out, "fedbt evaluation")
     print(format_table(SUMMARY_HEADER, summary_rows(m)))

@@ -10,6 +10,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from fedbt.fileio import write_text
+
 Block = tuple[str, Any]
 STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
@@ -67,6 +69,6 @@ def to_html(blocks: list[Block], title: str) -> str:
 
 def write_pages(blocks: list[Block], out: Path, title: str) -> Path:
     """report.md and report.html in out; returns the Markdown page."""
-    (out / "report.md").write_text(to_markdown(blocks))
-    (out / "report.html").write_text(to_html(blocks, title))
+    write_text(out / "report.md", to_markdown(blocks))
+    write_text(out / "report.html", to_html(blocks, title))
     return out / "report.md"

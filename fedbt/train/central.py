@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import evaluate
+from fedbt.fileio import write_json
 from fedbt.model.architectures import set_backbone_trainable
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.model.device import select_device
@@ -149,6 +149,6 @@ def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: 
     }
     if cfg.privacy.enabled:
         result["privacy"] = privacy_summary(cfg, history)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(out_dir / "metrics.json", result)
     plot_training_curves(history, out_dir / "curves.png", title=f"central {cfg.model.name}")
     return result

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedbt.data.records import IMAGE_SUFFIXES, Problem, Record, SiteScan, _require_root, _visible, file_sha256
+from fedbt.data.records import (
+    IMAGE_SUFFIXES,
+    Problem,
+    Record,
+    SiteScan,
+    _link_problem,
+    _require_root,
+    _visible,
+    file_sha256,
+    list_files,
+)
 from fedbt.data.sites import SiteSpec
 
 SOURCE_SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test"}
@@ -28,13 +38,17 @@ def scan_class_folders(spec: SiteSpec) -> SiteScan:
     for split_root, source_split in _split_roots(spec.root):
         for label_dir in sorted(d for d in split_root.iterdir() if _visible(d)):
             if not label_dir.is_dir():
-                problems.append(Problem(spec.name, str(label_dir), "stray file outside a class folder"))
+                dangling = label_dir.is_symlink() and not label_dir.exists()
+                stray = _link_problem(label_dir) if dangling else "stray file outside a class folder"
+                problems.append(Problem(spec.name, str(label_dir), stray))
                 continue
             allowed = spec.allowed_for(label_dir.name)
-            files = sorted(f for f in label_dir.rglob("*") if f.is_file() and _visible(f))
+            walk_problems: list[Problem] = []
+            files = list_files(label_dir, spec.name, walk_problems)
             if allowed is None:
                 problems.append(Problem(spec.name, str(label_dir), f"unknown class folder, {len(files)} files skipped"))
                 continue
+            problems.extend(walk_problems)
             if not files:
                 problems.append(Problem(spec.name, str(label_dir), "empty class folder"))
             for f in files:

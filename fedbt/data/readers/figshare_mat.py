@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from fedbt.data.labels import FIGSHARE_MAT_LABELS
-from fedbt.data.records import Problem, Record, SiteScan, _require_root, _visible, file_sha256
+from fedbt.data.records import Problem, Record, SiteScan, _require_root, file_sha256, list_files
 from fedbt.data.sites import SiteSpec
 
 
@@ -33,11 +33,23 @@ def read_mat_header(path: Path) -> tuple[int, str]:
     return label, patient
 
 
-def read_mat_image(path: Path) -> np.ndarray:
-    """The image of a figshare .mat file as a 2-D array (rows, columns)."""
+def mat_image_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape (rows, columns, ...) and type of a figshare .mat file's image, without its pixels."""
     try:
         with h5py.File(path, "r") as f:
+            image = f["cjdata"]["image"]
+            if not isinstance(image, h5py.Dataset):
+                raise ValueError("cjdata/image is a group, not an array")
             # h5py sees MATLAB's column-major arrays transposed.
+            return tuple(reversed(image.shape)), image.dtype
+    except (OSError, KeyError) as err:
+        raise ValueError(f"cannot read cjdata/image: {err}") from None
+
+
+def read_mat_image(path: Path) -> np.ndarray:
+    """The image of a figshare .mat file, as MATLAB holds it: (rows, columns) for a 2-D one."""
+    try:
+        with h5py.File(path, "r") as f:
             return np.asarray(f["cjdata"]["image"]).T
     except (OSError, KeyError) as err:
         raise ValueError(f"cannot read cjdata/image: {err}") from None
@@ -47,7 +59,7 @@ def scan_figshare_mat(spec: SiteSpec) -> SiteScan:
     _require_root(spec)
     records: list[Record] = []
     problems: list[Problem] = []
-    for f in sorted(p for p in spec.root.rglob("*") if p.is_file() and _visible(p)):
+    for f in list_files(spec.root, spec.name, problems):
         if f.suffix.lower() != ".mat":
             problems.append(Problem(spec.name, str(f), "not a .mat file, skipped"))
             continue
