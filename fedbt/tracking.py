@@ -92,10 +92,26 @@ def metrics_on_test(test: dict) -> dict[str, float]:
 
 
 class Tracker:
-    """One MLflow run. Without a client (tracking off) nothing is logged."""
+    """One MLflow run. Without a client (tracking off) nothing is logged.
+
+    A log that fails (a tracking server gone, a full disk) is reported once and ends the
+    tracking of this run, never the run: a federation does not stop for its dashboard.
+    """
 
     def __init__(self, client: Any = None, run_id: str | None = None):
         self.client, self.run_id = client, run_id
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> None:
+        """client.method(run_id, *args, **kwargs), unless tracking is off or has failed."""
+        if self.client is None:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            getattr(self.client, method)(self.run_id, *args, **kwargs)
+        except (MlflowException, OSError) as err:
+            log(f"[tracking] could not log {what} ({err}); run {self.run_id} is not tracked further")
+            self.client = None
 
     def log_params(self, params: dict) -> None:
         if self.client is None:
@@ -104,7 +120,7 @@ class Tracker:
 
         items = [Param(key, str(value)) for key, value in flatten(params).items()]
         for start in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+            self._call("the settings", "log_batch", params=items[start : start + PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         if self.client is None:
@@ -112,15 +128,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        self._call(f"step {step}", "log_batch", metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
-    def log_files(self, *paths: Path, folder: str | None = None) -> None:
-        """Files (those that exist) as the run's artifacts, under `folder` when given."""
-        if self.client is None:
-            return
+    def log_files(self, *paths: Path) -> None:
+        """The files that exist, as the run's artifacts."""
         for path in paths:
             if path.is_file():
-                self.client.log_artifact(self.run_id, str(path), folder)
+                self._call(path.name, "log_artifact", str(path))
 
     def log_epoch(self, entry: dict) -> None:
         self.log_metrics(epoch_metrics(entry), step=entry["epoch"])
@@ -128,8 +142,7 @@ class Tracker:
     def log_round(self, entry: dict) -> None:
         """A round's metrics, and its whole record (which sites answered, why any was dropped) as a file."""
         self.log_metrics(round_metrics(entry), step=entry["round"])
-        if self.client is not None:
-            self.client.log_dict(self.run_id, entry, f"rounds/round-{entry['round']:03d}.json")
+        self._call(f"round {entry['round']}", "log_dict", entry, f"rounds/round-{entry['round']:03d}.json")
 
     def log_result(self, result: dict, *files: Path) -> None:
         """A finished training run: its test scores, wall time and output files."""
@@ -137,8 +150,7 @@ class Tracker:
         self.log_files(*files)
 
     def end(self, status: str) -> None:
-        if self.client is not None:
-            self.client.set_terminated(self.run_id, status)
+        self._call("the end of the run", "set_terminated", status)
 
 
 def client_for(uri: str) -> Any:
@@ -172,9 +184,9 @@ def start_run(tc: TrackingConfig, experiment: str, name: str) -> Tracker:
 
     uri = store_uri(tc)
     client = client_for(uri)
-    experiment = experiment_id(client, experiment, uri)
-    parent = tc.parent_run_id or (group_run_id(client, experiment, tc.parent) if tc.parent else None)
-    run = client.create_run(experiment, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent} if parent else {})
+    experiment_key = experiment_id(client, experiment, uri)
+    parent = tc.parent_run_id or (group_run_id(client, experiment_key, tc.parent) if tc.parent else None)
+    run = client.create_run(experiment_key, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent} if parent else {})
     log(f"[tracking] run '{name}' {run.info.run_id} in {uri}")
     return Tracker(client, run.info.run_id)
 

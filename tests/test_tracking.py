@@ -98,3 +98,12 @@ def test_a_run_whose_work_fails_ends_failed():
         raise RuntimeError("the work broke")
     run = MlflowClient().get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.metrics["loss"] == 1.0
+
+
+def test_a_tracking_failure_ends_the_tracking_not_the_work():
+    with tracked_run(TrackingConfig(), "refusing", "central", {"train": {"epochs": 1}}) as tracker:
+        MlflowClient().delete_run(tracker.run_id)  # from here on the store refuses every log to this run
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_round({"round": 1, "train": {}, "dropped": {}, "sites": {}, "server": {}, "elapsed_seconds": 1.0})
+    # The block ran to its end without an error from the tracker, which gave up on the run.
+    assert tracker.client is None
