@@ -188,6 +188,18 @@ class PrivacyConfig:
 
 
 @dataclass(config=STRICT_FIELDS)
+class TrackingConfig:
+    # Log the run to MLflow (docs/tracking.md); FEDBT_TRACKING=off switches it off as well.
+    enabled: bool = True
+    # Tracking server or store; None: $MLFLOW_TRACKING_URI, else the embedded store results/mlflow.db.
+    uri: str | None = None
+    # A run to log this one under (a seed study, a sweep): created by its name on first use, then found by it.
+    parent: Annotated[str, Field(pattern=r"^[^'\"]+$")] | None = None
+    # The run this one is logged under: fedbt simulate sets it for its federated, central and local-only runs.
+    parent_run_id: str | None = None
+
+
+@dataclass(config=STRICT_FIELDS)
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "results"
@@ -196,6 +208,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _private_training_is_per_sample(self, info: ValidationInfo) -> ExperimentConfig:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from fedbt.cli import main
 from fedbt.config import DataConfig
 from fedbt.data.synthetic import generate_demo_data
 
@@ -20,6 +22,14 @@ def _quiet_flower(tmp_path_factory):
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     os.environ["FLWR_HOME"] = str(tmp_path_factory.mktemp("flwr-home"))
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_tracking_store(tmp_path_factory):
+    """Every run the tests start is tracked, into a store of the session's own: never the
+    project's results/mlflow.db, nor a tracking server the environment may name."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+    os.environ.pop("FEDBT_TRACKING", None)
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +63,28 @@ def demo_args(demo_root, tmp_path) -> list[str]:
     """Command-line options every CLI test shares: demo profile and data, a private cache, 32 px."""
     return ["--config", "configs/demo.yaml", "--data-root", str(demo_root),
             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=32"]  # fmt: skip
+
+
+@dataclass
+class FinishedRun:
+    out: Path  # the simulation's results folder (report.html, federated/, central/)
+    evaluation: Path  # `fedbt evaluate` of its central model
+    store: str  # the MLflow store both were tracked in (experiment "finished")
+
+
+@pytest.fixture(scope="session")
+def finished_run(demo_root, tmp_path_factory) -> FinishedRun:
+    """A 2-round simulation on generated data (federated and central, no local-only), then an
+    evaluation of its central model, both tracked in a store of their own."""
+    work = tmp_path_factory.mktemp("finished")
+    run = FinishedRun(work / "results", work / "evaluation", f"sqlite:///{work / 'mlflow.db'}")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", run.store)  # evaluate has no --set: it tracks where this machine does
+        env.setenv("FEDBT_CACHE", str(work / "cache"))  # the checkpoint's cache, where evaluate decodes
+        settings = ["--set", "data.image_size=32", "--set", f"data.cache_dir={work / 'cache'}"]
+        simulate = ["simulate", "--config", "configs/demo.yaml", "--data-root", str(demo_root), *settings]
+        simulate += ["--set", "name=finished"]
+        assert main([*simulate, "--rounds", "2", "--skip-local", "--out", str(run.out)]) == 0
+        evaluate = ["evaluate", "--checkpoint", str(run.out / "central" / "best.pt"), "--bootstrap", "20"]
+        assert main([*evaluate, "--device", "cpu", "--out", str(run.evaluation)]) == 0
+    return run

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fedbt"
 # Lowest first: a module may import its own layer and the layers before it, never a later one.
 LAYERS = (
     ("fedbt.config", "fedbt.progress", "fedbt.fileio"),
-    ("fedbt.reports",),
+    ("fedbt.reports", "fedbt.tracking"),
     ("fedbt.data",),
     ("fedbt.model",),
     ("fedbt.eval",),

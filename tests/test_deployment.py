@@ -71,17 +71,20 @@ def test_flower_failures_become_one_line_with_their_meaning(lines, expected):
     assert message.startswith("site figshare stopped (exit code 1)")
 
 
-def test_run_config_carries_profile_overrides_and_deployment_flag(tmp_path):
+def test_run_config_carries_profile_overrides_deployment_flag_and_tracking_store(tmp_path, monkeypatch):
     request = RunRequest("127.0.0.1:1", tmp_path / "ca.pem", tmp_path / "out", overrides=["federated.rounds=2"])
     request.resume = True
     values = parse_config_args([run_config_arg(request)])
+    # The ServerApp's process tracks into the store this machine uses (here the tests' MLFLOW_TRACKING_URI).
     assert values == {
         "config": "configs/demo.yaml",
-        "overrides": "federated.rounds=2; federated.resume=true",
+        "overrides": f"federated.rounds=2; federated.resume=true; tracking.uri={os.environ['MLFLOW_TRACKING_URI']}",
         "out": str(tmp_path / "out"),
         "deployment": True,
     }
     assert request.experiment().federated.rounds == 2 and request.experiment().federated.resume
+    monkeypatch.setenv("FEDBT_TRACKING", "off")
+    assert parse_config_args([run_config_arg(request)])["overrides"].endswith("; tracking.enabled=false")
 
 
 class FakeGrid:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from fedbt.deployment.certs import CertLayout, make_site_keys
 from fedbt.deployment.local import LocalFederation, free_port
@@ -36,15 +37,15 @@ def federation(tmp_path, demo_root, site_files):
         federation.close()
 
 
-def fedbt(args: list[str], timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """`fedbt ARGS` in its own process group, killed with all its children when it overruns."""
+def fedbt(args: list[str], timeout: float = RUN_TIMEOUT, **env: str) -> subprocess.CompletedProcess:
+    """`fedbt ARGS` in its own process group, `env` added to ours; killed with all its children when it overruns."""
     process = subprocess.Popen(
         [sys.executable, "-m", "fedbt.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -67,7 +68,9 @@ def last_line(text: str) -> str:
 
 def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(federation, tmp_path):
     out = tmp_path / "results"
-    done = fedbt(run_args(federation, out, "--rounds", "2"))
+    # `fedbt run` sees another store than the server's processes do: the run must take it along.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = fedbt(run_args(federation, out, "--rounds", "2"), MLFLOW_TRACKING_URI=store)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "federated" / "metrics.json").read_text())
     assert [h["round"] for h in metrics["history"]] == [1, 2]
@@ -80,6 +83,24 @@ def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(federat
     for name in ("report.md", "report.html", "curves.png", "confusion.png", "federated/final.pt"):
         assert (out / name).is_file(), name
     assert "completed" in done.stdout
+    assert_tracked_on_the_server(store)
+
+
+def assert_tracked_on_the_server(store: str) -> None:
+    """`fedbt run` tracks a "deployment" run; the ServerApp, in the server's process, logs its
+    "federated" run under it round by round, into the store `fedbt run` was given."""
+    client = MlflowClient(store)
+    runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("demo").experiment_id])}
+    assert set(runs) == {"deployment", "federated"}
+    federated = runs["federated"].info.run_id
+    assert runs["federated"].data.tags["mlflow.parentRunId"] == runs["deployment"].info.run_id
+    for site in ("figshare", "sartaj", "br35h"):
+        assert [m.step for m in client.get_metric_history(federated, f"val/{site}/set_accuracy")] == [1, 2]
+    answered = client.get_metric_history(federated, "sites/answered")
+    assert [m.value for m in answered] == [3, 3]
+    # Each round was logged when it ended, not all at once after the run.
+    assert answered[0].timestamp < answered[1].timestamp < runs["federated"].info.end_time
+    assert "report.html" in {artifact.path for artifact in client.list_artifacts(runs["deployment"].info.run_id)}
 
 
 def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_line(federation, tmp_path):

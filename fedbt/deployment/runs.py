@@ -15,6 +15,7 @@ from fedbt.config import PROJECT_ROOT, ExperimentConfig, load_config
 from fedbt.data.labels import get_task
 from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.processes import DeploymentError
+from fedbt.tracking import experiment_run, is_enabled, store_uri
 
 COMPLETED = "finished:completed"
 
@@ -38,14 +39,24 @@ class RunRequest:
         return cfg
 
 
+def server_tracking(cfg: ExperimentConfig) -> list[str]:
+    """The ServerApp runs in the server's own process, which knows neither this command's environment
+    nor its working folder: it is told to track where this machine would (run on the server machine,
+    that is its store), or not at all."""
+    if not is_enabled(cfg.tracking):
+        return ["tracking.enabled=false"]
+    return [f"tracking.uri={store_uri(cfg.tracking)}"]
+
+
 def run_config_arg(request: RunRequest) -> str:
     """`--run-config` for flwr: TOML values, the overrides joined as the ServerApp splits them."""
-    for text in request.all_overrides():
+    overrides = [*request.all_overrides(), *server_tracking(request.experiment())]
+    for text in overrides:
         if ";" in text or '"' in text:
             raise ValueError(f"override {text!r}: ';' and '\"' cannot travel in the run config")
     values = {
         "config": request.config,
-        "overrides": "; ".join(request.all_overrides()),
+        "overrides": "; ".join(overrides),
         "out": str(request.out),
         "deployment": True,
     }
@@ -90,12 +101,23 @@ def report(request: RunRequest, outcome: RunOutcome) -> Path | None:
 
 
 def run_deployment(request: RunRequest) -> RunOutcome:
-    """Submit, follow, check, report; a DeploymentError when the run did not complete."""
-    outcome = submit_and_follow(request)
-    if outcome.status != COMPLETED:
-        reason = outcome.details or "no reason given; see the log above"
-        raise DeploymentError(f"run {outcome.run_id} ended as {outcome.status}: {reason}")
-    path = report(request, outcome)
+    """Submit, follow, check, report; a DeploymentError when the run did not complete.
+
+    Tracked as a run that holds the ServerApp's federated run (logged round by round on the
+    server as the sites' replies arrive) and the report.
+    """
+    cfg = request.experiment()
+    with experiment_run(cfg, "deployment") as tracker:
+        if tracker.run_id:
+            request.overrides.append(f"tracking.parent_run_id={tracker.run_id}")
+        outcome = submit_and_follow(request)
+        if outcome.status != COMPLETED:
+            reason = outcome.details or "no reason given; see the log above"
+            raise DeploymentError(f"run {outcome.run_id} ended as {outcome.status}: {reason}")
+        path = report(request, outcome)
+        tracker.log_metrics({"wall_seconds": outcome.wall_seconds})
+        if path:
+            tracker.log_files(*sorted(path.parent.iterdir()))
     where = f"report: {path}" if path else f"results are on the server in {request.out}"
     print(f"fedbt: run {outcome.run_id} completed in {outcome.wall_seconds:.0f} s; {where}", flush=True)
     return outcome

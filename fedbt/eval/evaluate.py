@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbt.config import DataConfig
+from fedbt.config import DataConfig, TrackingConfig, to_dict
 from fedbt.data.cache import ImageCache, fill_cache, load_pixels
 from fedbt.data.catalog import build_catalog
 from fedbt.data.images import ImageLimits
@@ -24,6 +24,7 @@ from fedbt.eval.predict import LoadedModel, load_model
 from fedbt.eval.timing import measure_latency
 from fedbt.reports.evaluation import write_evaluation_report
 from fedbt.reports.plots import GridItem
+from fedbt.tracking import numbers, tracked_run
 
 
 @dataclass
@@ -141,4 +142,13 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
     if other is not None:
         result["comparison"] = compare(other, records, masks, probs)
     write_evaluation_report(result, sample_grid(model, pixels, probs, masks, request.samples), out)
+    log_evaluation(request, model, result, out)
     return result
+
+
+def log_evaluation(request: EvalRequest, model: LoadedModel, result: dict, out: Path) -> None:
+    """The evaluation as a run of the checkpoint's experiment, tracked as this machine tracks (no --set here)."""
+    params = {"request": vars(request), "images": result["data"]["description"], "trained": to_dict(model.config)}
+    with tracked_run(TrackingConfig(), model.config.name, "evaluate", params) as tracker:
+        tracker.log_metrics({**numbers(result["metrics"], "test"), **numbers(result["latency"], "latency")})
+        tracker.log_files(*sorted(out.iterdir()))

@@ -53,6 +53,7 @@ from fedbt.fileio import write_json
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.progress import headline, log
+from fedbt.tracking import Tracker, experiment_run
 from fedbt.train.central import evaluate_everywhere
 from fedbt.train.setup import new_model
 
@@ -71,9 +72,10 @@ def evaluation_due(server_round: int, fc: FederatedConfig) -> bool:
 class FederatedRun:
     """What the server keeps across rounds: the global model, the strategy, the history."""
 
-    def __init__(self, cfg: ExperimentConfig, server_has_data: bool):
+    def __init__(self, cfg: ExperimentConfig, server_has_data: bool, tracker: Tracker | None = None):
         fc = cfg.federated
         self.cfg = cfg
+        self.tracker = tracker or Tracker()
         self.out = federated_dir(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
         self.task = get_task(cfg.data.task)
@@ -135,13 +137,14 @@ class FederatedRun:
 
 def run_federated(grid: Grid, cfg: ExperimentConfig, server_has_data: bool = True) -> dict:
     configure_threads(cfg.train.threads)
-    run = FederatedRun(cfg, server_has_data)
-    if run.last_round == 0 and server_has_data:
-        run.initial = headline(score_on_server(run))
-        log(f"[federated] initial global model: pooled val {run.initial}")
-    for server_round in range(run.last_round + 1, cfg.federated.rounds + 1):
-        play_round(grid, run, server_round)
-    return finish(grid, run)
+    with experiment_run(cfg, "federated") as tracker:
+        run = FederatedRun(cfg, server_has_data, tracker)
+        if run.last_round == 0 and server_has_data:
+            run.initial = headline(score_on_server(run))
+            log(f"[federated] initial global model: pooled val {run.initial}")
+        for server_round in range(run.last_round + 1, cfg.federated.rounds + 1):
+            play_round(grid, run, server_round)
+        return finish(grid, run)
 
 
 def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
@@ -176,6 +179,7 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     run.last_round = server_round
     run.checkpoint("last.pt")
     log_round(entry, fc.rounds)
+    run.tracker.log_round(entry)
 
 
 def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
@@ -274,6 +278,7 @@ def finish(grid: Grid, run: FederatedRun) -> dict:
         result["test"] = site_test_results(grid, run)
     result["wall_seconds"] = time.perf_counter() - run.started
     write_json(run.out / "metrics.json", result)
+    run.tracker.log_result(result, run.out / "metrics.json", run.out / "final.pt")
     log(f"[federated] results in {run.out}")
     return result
 

@@ -20,6 +20,7 @@ from fedbt.fileio import read_json, write_json, write_text
 from fedbt.model.device import select_device
 from fedbt.progress import log
 from fedbt.reports.comparison import write_report
+from fedbt.tracking import experiment_run
 from fedbt.train.central import TrainData, evaluate_everywhere, run_central, train_model
 
 
@@ -121,18 +122,21 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
         val=catalog.subset(partition.indices["val"]),
     )
     log(f"[local {partition.name}] {len(data.train)} training images")
-    start = time.perf_counter()
-    model, history = train_model(local_cfg, data, target, f"local {partition.name}")
-    result = {
-        "kind": "local",
-        "partition": partition.name,
-        "train_images": len(data.train),
-        "wall_seconds": time.perf_counter() - start,
-        "history": history,
-        "test": evaluate_everywhere(model, catalog, select_device(cfg.train.device), cfg.train.batch_size),
-    }
-    write_json(target / "metrics.json", result)
-    write_text(target / "fingerprint.json", _fingerprint(local_cfg))
+    kind = f"local {partition.name}"
+    with experiment_run(local_cfg, kind) as tracker:
+        start = time.perf_counter()
+        model, history = train_model(local_cfg, data, target, kind, tracker=tracker)
+        result = {
+            "kind": "local",
+            "partition": partition.name,
+            "train_images": len(data.train),
+            "wall_seconds": time.perf_counter() - start,
+            "history": history,
+            "test": evaluate_everywhere(model, catalog, select_device(cfg.train.device), cfg.train.batch_size),
+        }
+        write_json(target / "metrics.json", result)
+        write_text(target / "fingerprint.json", _fingerprint(local_cfg))
+        tracker.log_result(result, target / "metrics.json", target / "best.pt")
     return result
 
 
@@ -141,19 +145,24 @@ def run_experiment(
 ) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    # Decode into the cache here, once, before Ray's workers start and all want it.
-    catalog = build_catalog(cfg.data)
-    partitions = make_partitions(
-        catalog, cfg.federated.num_clients, cfg.federated.partition, cfg.federated.dirichlet_alpha, cfg.data.seed
-    )
-    for p in partitions:
-        log(f"[data] client {p.name}: " + ", ".join(f"{s} {len(p.indices[s])}" for s in ("train", "val", "test")))
-    results: dict = {"federated": run_flower_simulation(cfg, out)}
-    if not skip_central:
-        results["central"] = central_baseline(cfg, catalog, out, reuse)
-    if not skip_local:
-        results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
-    results["wall_seconds_total"] = time.perf_counter() - started
-    write_report(results, cfg, list(catalog.task.classes), out)
+    with experiment_run(cfg, "simulate") as tracker:
+        # The federated, central and local-only runs are logged under this one.
+        cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=tracker.run_id))
+        started = time.perf_counter()
+        # Decode into the cache here, once, before Ray's workers start and all want it.
+        catalog = build_catalog(cfg.data)
+        partitions = make_partitions(
+            catalog, cfg.federated.num_clients, cfg.federated.partition, cfg.federated.dirichlet_alpha, cfg.data.seed
+        )
+        for p in partitions:
+            log(f"[data] client {p.name}: " + ", ".join(f"{s} {len(p.indices[s])}" for s in ("train", "val", "test")))
+        results: dict = {"federated": run_flower_simulation(cfg, out)}
+        if not skip_central:
+            results["central"] = central_baseline(cfg, catalog, out, reuse)
+        if not skip_local:
+            results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
+        results["wall_seconds_total"] = time.perf_counter() - started
+        write_report(results, cfg, list(catalog.task.classes), out)
+        tracker.log_metrics({"wall_seconds": results["wall_seconds_total"]})
+        tracker.log_files(*sorted(out.iterdir()))  # the report, its figures and the resolved experiment.json
     return results

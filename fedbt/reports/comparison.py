@@ -69,6 +69,12 @@ def _setup(cfg: ExperimentConfig) -> str:
     )
 
 
+def _number_files(out: Path) -> list[tuple[str, str]]:
+    """Links to the JSON behind the page: comparison.json and each run's own metrics.json here."""
+    runs = sorted(path.relative_to(out).as_posix() for path in out.glob("**/metrics.json"))
+    return [("every number on this page", "comparison.json"), *[(f"{run} (per epoch or round)", run) for run in runs]]
+
+
 def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: Path) -> Path:
     """comparison.json, report.md, report.html and the figures, in out/; prints the summary table."""
     models = test_results(results)
@@ -94,6 +100,7 @@ def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: 
     ]
     for title, name in figures.items():
         blocks += [("h2", title), ("img", (title, name))]
+    blocks += [("h2", "Numbers"), ("links", _number_files(out))]
     page = write_pages(blocks, out, "fedbt report")
     print_summary_table(models)
     return page

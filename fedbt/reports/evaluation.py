@@ -78,6 +78,7 @@ def _blocks(result: dict, figures: dict[str, str]) -> list[Block]:
         blocks += [("h2", "Files not scored"), ("p", note)]
     for title, name in figures.items():
         blocks += [("h2", title), ("img", (title, name))]
+    blocks += [("h2", "Numbers"), ("links", [("every number on this page, and the curves", "evaluation.json")])]
     return blocks
 
 

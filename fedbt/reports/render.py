@@ -1,7 +1,8 @@
 """One renderer for every report: a page is a list of blocks, written once as Markdown and
 once as HTML beside the figures it names.
 
-A block is ("h1" | "h2" | "p", text), ("table", (header, rows)) or ("img", (title, file name)).
+A block is ("h1" | "h2" | "p", text), ("table", (header, rows)), ("img", (title, file name)) or
+("links", [(title, path relative to the page), ...]).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def to_markdown(blocks: list[Block]) -> str:
         "p": lambda text: text,
         "table": lambda table: markdown_table(*table),
         "img": lambda fig: f"![{fig[0]}]({fig[1]})",
+        "links": lambda links: "\n".join(f"- [{title}]({href})" for title, href in links),
     }
     return "\n\n".join(render[kind](content) for kind, content in blocks) + "\n"
 
@@ -62,6 +64,11 @@ def to_html(blocks: list[Block], title: str) -> str:
         "p": lambda text: f"<p>{html.escape(text)}</p>",
         "table": lambda table: html_table(*table),
         "img": lambda fig: f"<img src='{html.escape(fig[1])}' alt='{html.escape(fig[0])}'>",
+        "links": lambda links: (
+            "<ul>"
+            + "".join(f"<li><a href='{html.escape(href)}'>{html.escape(title)}</a></li>" for title, href in links)
+            + "</ul>"
+        ),
     }
     body = "".join(render[kind](content) for kind, content in blocks)
     return f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>{body}"

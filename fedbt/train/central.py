@@ -21,6 +21,7 @@ from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
 from fedbt.model.device import select_device
 from fedbt.progress import headline, log, step_logger
 from fedbt.reports.plots import plot_training_curves
+from fedbt.tracking import Tracker, experiment_run
 from fedbt.train.schedules import StepSchedule
 from fedbt.train.setup import make_private, steps_per_epoch, train_epoch, training_setup
 
@@ -51,9 +52,16 @@ def _apply_freezing(model: nn.Module, cfg: ExperimentConfig, epoch: int) -> None
 
 
 def train_model(
-    cfg: ExperimentConfig, data: TrainData, out_dir: Path, kind: str, resume: bool = False
+    cfg: ExperimentConfig,
+    data: TrainData,
+    out_dir: Path,
+    kind: str,
+    resume: bool = False,
+    tracker: Tracker | None = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """Train for cfg.train.epochs with checkpoints in out_dir; returns the best model and history."""
+    """Train for cfg.train.epochs with checkpoints in out_dir; returns the best model and history.
+    A tracker gets each epoch's numbers as the epoch ends."""
+    tracker = tracker or Tracker()
     tc = cfg.train
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     saved = load_checkpoint(last_path) if resume and last_path.is_file() else None
@@ -98,6 +106,7 @@ def train_model(
         history.append({"epoch": epoch + 1, "train": stats, "val": headline(val)})
         target = cfg.privacy.target_epsilon
         spent = f", epsilon {stats['epsilon']:.2f} of {target:g} spent" if "epsilon" in stats else ""
+        tracker.log_epoch(history[-1])
         log(
             f"[{kind}] epoch {epoch + 1}/{tc.epochs} train loss {stats['loss']:.4f} "
             f"({stats['images_per_second']:.1f} img/s{spent}) val loss {val['loss']:.4f} "
@@ -135,20 +144,22 @@ def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: 
         val=catalog.dataset(split="val", pooled=True),
     )
     log(f"[central] {len(data.train)} training images, {len(data.val)} validation images (pooled, each once)")
-    start = time.perf_counter()
-    model, history = train_model(cfg, data, out_dir, "central", resume)
-    wall = time.perf_counter() - start
-    device = select_device(cfg.train.device)
-    result = {
-        "kind": "central",
-        "train_images": len(data.train),
-        "epochs": cfg.train.epochs,
-        "wall_seconds": wall,
-        "history": history,
-        "test": evaluate_everywhere(model, catalog, device, cfg.train.batch_size),
-    }
-    if cfg.privacy.enabled:
-        result["privacy"] = privacy_summary(cfg, history)
-    write_json(out_dir / "metrics.json", result)
-    plot_training_curves(history, out_dir / "curves.png", title=f"central {cfg.model.name}")
+    with experiment_run(cfg, "central") as tracker:
+        start = time.perf_counter()
+        model, history = train_model(cfg, data, out_dir, "central", resume, tracker)
+        wall = time.perf_counter() - start
+        device = select_device(cfg.train.device)
+        result = {
+            "kind": "central",
+            "train_images": len(data.train),
+            "epochs": cfg.train.epochs,
+            "wall_seconds": wall,
+            "history": history,
+            "test": evaluate_everywhere(model, catalog, device, cfg.train.batch_size),
+        }
+        if cfg.privacy.enabled:
+            result["privacy"] = privacy_summary(cfg, history)
+        write_json(out_dir / "metrics.json", result)
+        plot_training_curves(history, out_dir / "curves.png", title=f"central {cfg.model.name}")
+        tracker.log_result(result, out_dir / "metrics.json", out_dir / "curves.png", out_dir / "best.pt")
     return result
