@@ -59,34 +59,38 @@ class Site:
         return build_catalog(cfg, progress=False)
 
 
-@pytest.fixture()
-def jpeg_site(tmp_path) -> Site:
-    """A class-folder site with three good 40 px JPEGs per class."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "jpeg-site"
+def generated_site(tmp_path: Path, name: str, fmt: str, seed: int, suffix: str, write) -> Site:
+    """A site with three good 40 px images per class, each written by `write(pixels, path, label, stem)`."""
+    rng = np.random.default_rng(seed)
+    root = tmp_path / f"{name}-site"
     good = []
     for label in LABELS:
         for i in range(3):
-            save_jpeg(make_image(label, rng, 40).pixels, root / label / f"{label}{i}.jpg", rgb=False)
-            good.append(f"{label}{i}.jpg")
-    yaml = tmp_path / "jpeg-site.yaml"
-    yaml.write_text(f"name: jpegs\nformat: class_folders\nroot: {root}\n")
+            write(make_image(label, rng, 40).pixels, root, label, f"{label}{i}")
+            good.append(f"{label}{i}{suffix}")
+    yaml = tmp_path / f"{name}-site.yaml"
+    yaml.write_text(f"name: {name}s\nformat: {fmt}\nroot: {root}\n")
     return Site(root, yaml, sorted(good))
+
+
+@pytest.fixture()
+def jpeg_site(tmp_path) -> Site:
+    """A class-folder site with three good 40 px JPEGs per class."""
+
+    def write(pixels, root, label, stem):
+        save_jpeg(pixels, root / label / f"{stem}.jpg", rgb=False)
+
+    return generated_site(tmp_path, "jpeg", "class_folders", 0, ".jpg", write)
 
 
 @pytest.fixture()
 def mat_site(tmp_path) -> Site:
     """A figshare .mat site with three good 40 px slices per class."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "mat-site"
-    good = []
-    for label in LABELS:
-        for i in range(3):
-            write_figshare_mat(root / f"{label}{i}.mat", make_image(label, rng, 40).pixels, label, f"P-{label}{i}")
-            good.append(f"{label}{i}.mat")
-    yaml = tmp_path / "mat-site.yaml"
-    yaml.write_text(f"name: mats\nformat: figshare_mat\nroot: {root}\n")
-    return Site(root, yaml, sorted(good))
+
+    def write(pixels, root, label, stem):
+        write_figshare_mat(root / f"{stem}.mat", pixels, label, f"P-{stem}")
+
+    return generated_site(tmp_path, "mat", "figshare_mat", 1, ".mat", write)
 
 
 def problems_by_name(catalog: Catalog) -> dict[str, str]:
