@@ -14,12 +14,13 @@ import torch
 from fedbt.config import ExperimentConfig, to_dict
 from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.partition import Partition, make_partitions
+from fedbt.data.synthetic import is_generated_data
 from fedbt.data.transforms import augmentation_for
 from fedbt.federated.common import EXPERIMENT_ENV
 from fedbt.fileio import read_json, write_json, write_text
 from fedbt.model.device import select_device
 from fedbt.progress import log
-from fedbt.reports.comparison import write_report
+from fedbt.reports.comparison import GENERATED_DATA_NOTE, write_report
 from fedbt.tracking import experiment_run
 from fedbt.train.central import TrainData, evaluate_everywhere, run_central, train_model
 
@@ -149,6 +150,9 @@ def run_experiment(
         # The federated, central and local-only runs are logged under this one.
         cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=tracker.run_id))
         started = time.perf_counter()
+        generated = is_generated_data(cfg.data.data_root)
+        if generated:
+            log(GENERATED_DATA_NOTE)
         # Decode into the cache here, once, before Ray's workers start and all want it.
         catalog = build_catalog(cfg.data)
         partitions = make_partitions(
@@ -162,7 +166,7 @@ def run_experiment(
         if not skip_local:
             results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
         results["wall_seconds_total"] = time.perf_counter() - started
-        write_report(results, cfg, list(catalog.task.classes), out)
+        write_report(results, cfg, list(catalog.task.classes), out, generated)
         tracker.log_metrics({"wall_seconds": results["wall_seconds_total"]})
         tracker.log_files(*sorted(out.iterdir()))  # the report, its figures and the resolved experiment.json
     return results

@@ -13,6 +13,10 @@ SITE_NOTE = (
     "Per site: share of test images whose prediction is a class the label allows "
     "(4-class accuracy for fine labels; for a Br35H 'yes' any tumour type counts)."
 )
+GENERATED_DATA_NOTE = (
+    "Generated demo data (synthetic MRI-like images), not patient data: "
+    "the numbers show the mechanics, not clinical accuracy."
+)
 
 
 def summary_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
@@ -34,9 +38,11 @@ def summary_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def print_summary_table(results: dict[str, dict]) -> None:
+def print_summary_table(results: dict[str, dict], generated_data: bool = False) -> None:
     print(format_table(*summary_rows(results)))
     print(SITE_NOTE)
+    if generated_data:
+        print(GENERATED_DATA_NOTE)
 
 
 def test_results(results: dict) -> dict[str, dict]:
@@ -75,8 +81,13 @@ def _number_files(out: Path) -> list[tuple[str, str]]:
     return [("every number on this page", "comparison.json"), *[(f"{run} (per epoch or round)", run) for run in runs]]
 
 
-def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: Path) -> Path:
-    """comparison.json, report.md, report.html and the figures, in out/; prints the summary table."""
+def write_report(
+    results: dict, cfg: ExperimentConfig, classes: list[str], out: Path, generated_data: bool = False
+) -> Path:
+    """comparison.json, report.md, report.html and the figures, in out/; prints the summary table.
+
+    generated_data: the run's images are generated, which the report and table then say.
+    """
     models = test_results(results)
     header, rows = summary_rows(models)
     figures = {
@@ -91,6 +102,7 @@ def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: 
     write_json(out / "comparison.json", {"config": to_dict(cfg), "results": results})
     blocks: list[Block] = [
         ("h1", f"fedbt comparison: {cfg.name}"),
+        *([("p", GENERATED_DATA_NOTE)] if generated_data else []),
         ("p", _setup(cfg)),
         ("h2", "Test results"),
         ("table", (header, rows)),
@@ -102,5 +114,5 @@ def write_report(results: dict, cfg: ExperimentConfig, classes: list[str], out: 
         blocks += [("h2", title), ("img", (title, name))]
     blocks += [("h2", "Numbers"), ("links", _number_files(out))]
     page = write_pages(blocks, out, "fedbt report")
-    print_summary_table(models)
+    print_summary_table(models, generated_data)
     return page
