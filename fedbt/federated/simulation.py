@@ -68,6 +68,10 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # Ray would report usage statistics from the driver and every worker it starts.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at niceness 15 (its RayConfig worker_niceness, read from this variable
+    # by every worker; Ray's job server sets it to 0 the same way): the clients would otherwise
+    # crawl behind any other work on the machine while the driver waits for them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     backend = backend_config(cfg)
     fc = cfg.federated
     log(f"[federated] {fc.num_clients} clients, {fc.rounds} rounds, strategy {fc.strategy}")
