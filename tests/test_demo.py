@@ -1,9 +1,9 @@
 """The demo's generated data: the real sites' label spaces, proportions and looks; written once, marked as generated."""
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fedbt.data import synthetic
@@ -19,12 +19,17 @@ def images_per_label(*folders: Path) -> dict[str, int]:
     return counts
 
 
-def test_sites_have_the_real_label_spaces_and_proportions(demo_root):
-    # The fixture's per_class is 12; duplicates 3 (SARTAJ healthy scans copied into Testing and Br35H).
-    assert images_per_label(demo_root / "figshare") == {"glioma": 18, "meningioma": 9, "pituitary": 12}
-    sartaj = images_per_label(demo_root / "sartaj" / "Training", demo_root / "sartaj" / "Testing")
+@pytest.fixture(scope="module")
+def real_sites_root(tmp_path_factory) -> Path:
+    return generate_demo_data(tmp_path_factory.mktemp("real"), per_class=12, duplicates=3, real_sites=True)
+
+
+def test_sites_have_the_real_label_spaces_and_proportions(real_sites_root):
+    # Three SARTAJ healthy scans are copied into SARTAJ's Testing folder and into Br35H.
+    assert images_per_label(real_sites_root / "figshare") == {"glioma": 18, "meningioma": 9, "pituitary": 12}
+    sartaj = images_per_label(real_sites_root / "sartaj" / "Training", real_sites_root / "sartaj" / "Testing")
     assert sartaj == {"glioma_tumor": 12, "meningioma_tumor": 12, "no_tumor": 6 + 3, "pituitary_tumor": 12}
-    assert images_per_label(demo_root / "br35h") == {"yes": 12, "no": 24 + 3}
+    assert images_per_label(real_sites_root / "br35h") == {"yes": 12, "no": 24 + 3}
 
 
 def mean_head_intensity(folder: Path) -> float:
@@ -33,15 +38,16 @@ def mean_head_intensity(folder: Path) -> float:
     return float(pixels[pixels > 25].mean())
 
 
-def test_sites_differ_in_look_as_the_real_releases_do(demo_root):
-    figshare, sartaj, br35h = (mean_head_intensity(demo_root / site) for site in ("figshare", "sartaj", "br35h"))
+def test_sites_differ_in_look_as_the_real_releases_do(real_sites_root):
+    sites = ("figshare", "sartaj", "br35h")
+    figshare, sartaj, br35h = (mean_head_intensity(real_sites_root / site) for site in sites)
     assert figshare < sartaj < br35h
-    assert Image.open(next((demo_root / "figshare").rglob("*.jpg"))).mode == "L"
-    assert Image.open(next((demo_root / "br35h").rglob("*.jpg"))).mode == "RGB"
+    assert Image.open(next((real_sites_root / "figshare").rglob("*.jpg"))).mode == "L"
+    assert Image.open(next((real_sites_root / "br35h").rglob("*.jpg"))).mode == "RGB"
 
 
 def test_demo_data_is_written_once_and_rewritten_when_older(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "generate_demo_data", partial(generate_demo_data, per_class=2))
+    monkeypatch.setitem(synthetic.DEMO_DATA, "per_class", 2)
     root = tmp_path / "demo-data"
     (root / "br35h" / "no").mkdir(parents=True)
     (root / "br35h" / "no" / "older.jpg").write_bytes(b"from a generator without a stamp")

@@ -2,11 +2,11 @@
 
 A brain-shaped ellipse with smooth texture inside a bright skull ring; a lesion
 whose place and look depend on the class: glioma deep inside a hemisphere,
-meningioma against the skull, pituitary small and low on the midline.  Each source
-is written in its real release's label space and class proportions and with its own
-look (framing, brightness, contrast), so that a model trained at one site meets the
-same kinds of surprise at the others as on the real data.  Used by the tests and by
-the demo when no data path is given; a stamp file marks a folder as generated.
+meningioma against the skull, pituitary small and low on the midline.  Every source
+keeps its real release's label space; the demo's data also takes each release's class
+proportions and look (framing, brightness, contrast), so that a model trained at one
+site meets the same kinds of surprise at the others as on the real data.  Used by the
+tests and by the demo when no data path is given; a stamp file marks a folder as generated.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ SARTAJ_FOLDERS = {
     "pituitary": "pituitary_tumor",
 }
 MAT_LABEL = {"meningioma": 1, "glioma": 2, "pituitary": 3}
-# Images per label in units of per_class, in the real releases' proportions: figshare is mostly
-# glioma (1,426 / 708 / 930), SARTAJ has few healthy scans (926 / 937 / 500 / 901).
-FIGSHARE_SHARES = {"glioma": 1.5, "meningioma": 0.75, "pituitary": 1.0}
-SARTAJ_SHARES = {"glioma": 1.0, "meningioma": 1.0, "no_tumor": 0.5, "pituitary": 1.0}
+BR35H_YES_LABELS = ("glioma", "meningioma", "pituitary")  # drawn in turn for its coarse 'yes'
 STAMP_FILE = "generated-demo-data.json"
 # Raise whenever generate_demo_data writes different images: demo folders from before are then rewritten.
 GENERATOR_VERSION = 2
@@ -83,15 +80,46 @@ class SiteLook:
 
 NEUTRAL_LOOK = SiteLook()
 HEAD_MEAN = 0.5  # mean intensity of a generated head before a site's look
-SITE_LOOKS = {
-    "figshare": SiteLook(sides=(256, 256), gain=(0.5, 0.6), contrast=(1.1, 1.3)),
-    "sartaj": SiteLook(
-        sides=(180, 320), aspect=(0.85, 1.15), head=1.03, gain=(0.5, 0.72), contrast=(0.9, 1.3), lesion=(0.3, 1.0)
+
+
+@dataclass(frozen=True)
+class SiteStyle:
+    """How one source is written: its look, and its images per source label in units of per_class."""
+
+    look: SiteLook
+    shares: dict[str, float]
+
+
+# Every source in one look with per_class images per label (two per class for Br35H's 'no'):
+# small, balanced sets for tests.
+PLAIN_SITES = {
+    "figshare": SiteStyle(NEUTRAL_LOOK, {"glioma": 1.0, "meningioma": 1.0, "pituitary": 1.0}),
+    "sartaj": SiteStyle(NEUTRAL_LOOK, dict.fromkeys(SARTAJ_FOLDERS, 1.0)),
+    "br35h": SiteStyle(NEUTRAL_LOOK, {"yes": 1.0, "no": 2.0}),
+}
+# Every source in its real release's look and class proportions: figshare is mostly glioma
+# (1,426 / 708 / 930), SARTAJ has few healthy scans (926 / 937 / 500 / 901). Br35H keeps the
+# plain sites' two healthy scans per tumour scan (the release has as many of each).
+REAL_SITES = {
+    "figshare": SiteStyle(
+        SiteLook(sides=(256, 256), gain=(0.5, 0.6), contrast=(1.1, 1.3)),
+        {"glioma": 1.5, "meningioma": 0.75, "pituitary": 1.0},
     ),
-    "br35h": SiteLook(
-        sides=(150, 300), aspect=(0.75, 1.1), head=1.1, gain=(0.75, 0.9), contrast=(1.3, 1.6), lesion=(0.3, 1.0)
+    "sartaj": SiteStyle(
+        SiteLook(
+            sides=(180, 320), aspect=(0.85, 1.15), head=1.03, gain=(0.5, 0.72), contrast=(0.9, 1.3), lesion=(0.3, 1.0)
+        ),
+        {"glioma": 1.0, "meningioma": 1.0, "no_tumor": 0.5, "pituitary": 1.0},
+    ),
+    "br35h": SiteStyle(
+        SiteLook(
+            sides=(150, 300), aspect=(0.75, 1.1), head=1.1, gain=(0.75, 0.9), contrast=(1.3, 1.6), lesion=(0.3, 1.0)
+        ),
+        PLAIN_SITES["br35h"].shares,
     ),
 }
+# What ensure_demo_data writes: about 1,000 images, two minutes of demo on 2 CPU cores.
+DEMO_DATA = {"per_class": 100, "seed": 0, "duplicates": 4, "real_sites": True}
 
 
 def _setting(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
@@ -151,35 +179,53 @@ def write_figshare_mat(path: Path, pixels: np.ndarray, label: str, patient: str)
         g.create_dataset("tumorMask", data=np.zeros(pixels.shape, dtype=np.uint8).T)
 
 
-def generate_demo_data(root: str | Path, per_class: int = 100, seed: int = 0, duplicates: int = 4) -> Path:
-    """Write figshare/, sartaj/ and br35h/ in the shared data's layout under root, each in its site's look.
+def generate_demo_data(
+    root: str | Path, per_class: int = 40, seed: int = 0, duplicates: int = 4, real_sites: bool = False
+) -> Path:
+    """Write figshare/, sartaj/ and br35h/ in the shared data's layout under root.
 
-    SARTAJ's no_tumor images are partly repeated byte-for-byte in Br35H's no/ and
-    across SARTAJ's own Training/Testing folders, as in the real releases. The stamp,
-    written last, marks the folder as generated (and complete).
+    real_sites: each source in its real release's look and class proportions (the demo's
+    data); otherwise every source plain and balanced (PLAIN_SITES). SARTAJ's no_tumor images
+    are partly repeated byte-for-byte in Br35H's no/ and across SARTAJ's own Training/Testing
+    folders, as in the real releases. The stamp, written last, marks the folder as generated.
     """
     root = Path(root)
+    sites = REAL_SITES if real_sites else PLAIN_SITES
     rng = np.random.default_rng(seed)
-    for label, share in FIGSHARE_SHARES.items():
-        for i in range(round(share * per_class)):
-            image = make_image(label, rng, look=SITE_LOOKS["figshare"])
+
+    def count(site: str, label: str) -> int:
+        return round(sites[site].shares[label] * per_class)
+
+    for label in sites["figshare"].shares:
+        for i in range(count("figshare", label)):
+            image = make_image(label, rng, look=sites["figshare"].look)
             save_jpeg(image.pixels, root / "figshare" / label / f"{i}.jpg", rgb=False)
     for label, folder in SARTAJ_FOLDERS.items():
-        for i in range(round(SARTAJ_SHARES[label] * per_class)):
+        for i in range(count("sartaj", label)):
             split = "Testing" if i % 5 == 0 else "Training"
-            image = make_image(label, rng, look=SITE_LOOKS["sartaj"])
+            image = make_image(label, rng, look=sites["sartaj"].look)
             save_jpeg(image.pixels, root / "sartaj" / split / folder / f"{i}.jpg", rgb=True)
-    for folder, labels in (("yes", ("glioma", "meningioma", "pituitary")), ("no", ("no_tumor",))):
-        for i in range(per_class * (1 if folder == "yes" else 2)):
-            image = make_image(labels[i % len(labels)], rng, look=SITE_LOOKS["br35h"])
+    for folder, labels in (("yes", BR35H_YES_LABELS), ("no", ("no_tumor",))):
+        for i in range(count("br35h", folder)):
+            image = make_image(labels[i % len(labels)], rng, look=sites["br35h"].look)
             save_jpeg(image.pixels, root / "br35h" / folder / f"{folder[0]}{i}.jpg", rgb=True)
     sartaj_no = sorted((root / "sartaj" / "Training" / "no_tumor").glob("*.jpg"))
     for i, src in enumerate(sartaj_no[:duplicates]):
         shutil.copyfile(src, root / "br35h" / "no" / f"dup{i}.jpg")
         shutil.copyfile(src, root / "sartaj" / "Testing" / "no_tumor" / f"dup{i}.jpg")
-    stamp = {"generator": GENERATOR_VERSION, "per_class": per_class, "seed": seed, "duplicates": duplicates}
+    stamp = _stamp(per_class, seed, duplicates, real_sites)
     (root / STAMP_FILE).write_text(json.dumps(stamp) + "\n")
     return root
+
+
+def _stamp(per_class: int, seed: int, duplicates: int, real_sites: bool) -> dict:
+    return {
+        "generator": GENERATOR_VERSION,
+        "per_class": per_class,
+        "seed": seed,
+        "duplicates": duplicates,
+        "real_sites": real_sites,
+    }
 
 
 def is_generated_data(root: str | Path) -> bool:
@@ -193,12 +239,12 @@ def ensure_demo_data(root: str | Path) -> Path:
 
     root = Path(root)
     stamp = root / STAMP_FILE
-    if stamp.is_file() and json.loads(stamp.read_text()).get("generator") == GENERATOR_VERSION:
+    if stamp.is_file() and json.loads(stamp.read_text()) == _stamp(**DEMO_DATA):
         return root
     if (root / "br35h").is_dir():
-        log(f"{root}/ holds demo data from an older fedbt: writing it anew")
-        for site in SITE_LOOKS:
+        log(f"{root}/ holds other or older generated data: writing the demo data anew")
+        for site in REAL_SITES:
             shutil.rmtree(root / site, ignore_errors=True)
     log(f"no data root given: generating demo data in {root}/")
-    generate_demo_data(root)
+    generate_demo_data(root, **DEMO_DATA)
     return root
