@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from fedbt.config import DataConfig
 from fedbt.data.cache import ImageCache, fill_cache, load_pixels
@@ -26,26 +25,32 @@ from fedbt.data.readers import scan_site
 from fedbt.data.records import Problem, Record
 from fedbt.data.sites import SiteSpec, load_sites
 from fedbt.data.splits import assign_splits
+from fedbt.data.transforms import Augmentation
 
 
 class MRIDataset(Dataset):
     """uint8 images (N, 1, S, S) in memory with their target masks (N, C).
 
-    Items stay uint8: the engine converts and normalises a whole batch on the device.
+    Items stay uint8: the engine converts and normalises a whole batch on the device. A
+    training set carries its augmentation, applied per item here unless the trainer applies
+    it to whole batches on the device (`without_augmentation`).
     """
 
-    def __init__(self, pixels: torch.Tensor, masks: torch.Tensor, transform: v2.Transform | None = None):
+    def __init__(self, pixels: torch.Tensor, masks: torch.Tensor, augmentation: Augmentation | None = None):
         self.pixels = pixels
         self.masks = masks
-        self.transform = transform
+        self.augmentation = augmentation
+
+    def without_augmentation(self) -> MRIDataset:
+        return MRIDataset(self.pixels, self.masks)
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.pixels[i]
-        if self.transform is not None:
-            image = self.transform(image)
+        if self.augmentation is not None:
+            image = self.augmentation(image)
         return image, self.masks[i]
 
 
@@ -84,12 +89,12 @@ class Catalog:
         return chosen
 
     def dataset(
-        self, site: str | None = None, split: str = "train", pooled: bool = False, augment: v2.Transform | None = None
+        self, site: str | None = None, split: str = "train", pooled: bool = False, augment: Augmentation | None = None
     ) -> MRIDataset:
         """One site's split, or the pooled split; `augment` is applied to training items."""
         return self.subset(self.indices(site, split, pooled), augment)
 
-    def subset(self, indices: list[int], augment: v2.Transform | None = None) -> MRIDataset:
+    def subset(self, indices: list[int], augment: Augmentation | None = None) -> MRIDataset:
         idx = torch.tensor(indices, dtype=torch.long)
         return MRIDataset(self.pixels[idx], self.masks[idx], augment)
 

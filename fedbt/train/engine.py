@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedbt.config import TrainConfig
-from fedbt.data.transforms import to_device_batch
+from fedbt.data.transforms import Augmentation, to_device_batch
 from fedbt.model.device import autocast_for
 from fedbt.train.losses import coarse_label_loss
 from fedbt.train.schedules import StepSchedule
@@ -62,8 +62,12 @@ def train_one_epoch(
     on_step: Callable[[int, int, float], None] | None = None,
     present_classes: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    batch_augmentation: Augmentation | None = None,
 ) -> dict[str, float]:
-    """One pass over the loader. Returns mean loss, images seen, seconds and images/second."""
+    """One pass over the loader. Returns mean loss, images seen, seconds and images/second.
+
+    batch_augmentation: applied to each whole batch on the device (else the loader's items
+    arrive augmented, or not at all)."""
     model.train()
     weights = class_weights.to(device) if class_weights is not None else None
     total_loss, seen, start = 0.0, 0, time.perf_counter()
@@ -71,7 +75,7 @@ def train_one_epoch(
         if schedule is not None:
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr(step) * group.get("lr_scale", 1.0)
-        images = to_device_batch(images, device)
+        images = to_device_batch(images, device, batch_augmentation)
         masks = masks.to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(images)

@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedbt.config import ExperimentConfig
+from fedbt.data.catalog import MRIDataset
 from fedbt.data.loader import make_loader
+from fedbt.data.transforms import Augmentation
 from fedbt.model.architectures import build_model
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
@@ -115,6 +117,17 @@ def make_private(
     )
 
 
+def place_augmentation(
+    dataset: Dataset, cfg: ExperimentConfig, device: torch.device
+) -> tuple[Dataset, Augmentation | None]:
+    """The dataset the loader reads and the augmentation left for whole batches on the device:
+    moved there under train.augment_on=device, or auto on CUDA."""
+    on_device = cfg.train.augment_on == "device" or (cfg.train.augment_on == "auto" and device.type == "cuda")
+    if on_device and isinstance(dataset, MRIDataset) and dataset.augmentation is not None:
+        return dataset.without_augmentation(), dataset.augmentation
+    return dataset, None
+
+
 def train_epoch(
     setup: TrainingSetup,
     dataset: Dataset,
@@ -131,6 +144,7 @@ def train_epoch(
     Under privacy: Poisson batches, as many as the budget allows, and the epsilon spent after.
     """
     seed_everything(seed)
+    dataset, batch_augmentation = place_augmentation(dataset, cfg, setup.device)
     loader = epoch_loader(dataset, cfg, setup.device, seed=loader_seed)
     if cfg.privacy.enabled:
         if setup.privacy is None:
@@ -149,6 +163,7 @@ def train_epoch(
         on_step=on_step,
         present_classes=present_classes,
         label_smoothing=cfg.train.label_smoothing,
+        batch_augmentation=batch_augmentation,
     )
     if setup.privacy is not None:
         stats["epsilon"] = setup.privacy.epsilon()
