@@ -14,8 +14,10 @@ def test_data_inspect_reports_sites_duplicates_and_leakage(demo_args, tmp_path, 
     # The generated data copies 3 SARTAJ no-tumour images into Br35H and into SARTAJ's Testing folder.
     assert report["duplicates"]["exact_duplicate_copies"] == {"br35h + sartaj/test + sartaj/train": 6}
     # The printed report and the JSON tell the same story (the check itself is tested in test_dedup_and_splits).
-    straddling = report["duplicates"]["groups_straddling_splits"]
-    assert f"Leakage check: {straddling} duplicate groups straddle splits" in text
+    leaked = report["duplicates"]["test_images_also_trained_on"]
+    assert f"Leakage check: {leaked} reported test images share a picture with a training image" in text
+    held_out = report["duplicates"]["test_held_out"]
+    assert f"Test images held out (another site trains on the same picture): {len(held_out)}" in text
 
 
 def test_central_writes_metrics_curves_and_checkpoints(demo_args, tmp_path, capsys):

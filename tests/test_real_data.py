@@ -2,6 +2,7 @@
 
 import csv
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 import pytest
 
@@ -37,11 +38,32 @@ def test_inspect_finds_the_known_duplicates_and_no_leakage(real_root, tmp_path):
     # ... and SARTAJ repeats images inside itself, across its own Training/Testing too.
     assert exact.get("sartaj/test + sartaj/train", 0) > 0
     assert sum(v for k, v in exact.items() if k in ("sartaj/train", "sartaj/test")) > 0
-    # No picture sits on both sides of a split: every byte-identical copy, and both files of every
-    # near-duplicate pair (re-encodings across the releases), are in one split.
-    splits_of_picture = defaultdict(set)
-    for record, split in zip(catalog.records, catalog.splits):
-        splits_of_picture[record.sha256].add(split)
-    assert [sha for sha, splits in splits_of_picture.items() if len(splits) > 1] == []
     assert sum(report["duplicates"]["near_duplicate_pairs"].values()) > 0
-    assert [(i, j) for i, j in catalog.near_pairs if catalog.splits[i] != catalog.splits[j]] == []
+    # No test image that is scored shares a picture (a byte-identical copy, or a re-encoding
+    # across the releases) with a training image: within a site copies share a split, and a
+    # test image whose picture another site trains on is held out of every test set.
+    trained = {catalog.picture_ids[i] for i in catalog.indices(split="train", pooled=True)}
+    for site in [None, *catalog.site_names]:
+        scored = catalog.indices(site, "test", pooled=site is None)
+        assert [i for i in scored if catalog.picture_ids[i] in trained] == []
+    assert report["duplicates"]["test_images_also_trained_on"] == 0
+    # A byte-identical copy at two sites is in one split at both, unless a site groups it with
+    # other pictures (a near duplicate of its own), whose smallest hash then draws the split.
+    group_shas, copies = defaultdict(set), defaultdict(list)
+    for i, record in enumerate(catalog.records):
+        group_shas[catalog.group_ids[i]].add(record.sha256)
+        copies[record.sha256].append(i)
+    for members in copies.values():
+        if all(group_shas[catalog.group_ids[i]] == {catalog.records[i].sha256} for i in members):
+            assert len({catalog.splits[i] for i in members}) == 1
+
+
+def test_each_site_is_split_the_same_alone_as_with_the_others(real_root, site_files, tmp_path):
+    config = DataConfig(data_root=str(real_root), image_size=32, cache_dir=str(tmp_path))
+    together = build_catalog(config, progress=False)
+    splits_together = {r.path: split for r, split in zip(together.records, together.splits)}
+    for site_file in site_files:
+        alone = build_catalog(replace(config, sites=[site_file]), progress=False)
+        assert {r.path: split for r, split in zip(alone.records, alone.splits)} == {
+            r.path: splits_together[r.path] for r in alone.records
+        }

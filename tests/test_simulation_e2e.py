@@ -36,6 +36,9 @@ def test_three_site_simulation_improves_the_global_model_and_writes_the_report(d
     # The global model learned: on the pooled validation split it beats the untrained model it started from.
     assert fed["history"][-1]["server"]["loss"] < fed["initial"]["loss"]
     assert fed["history"][-1]["server"]["set_accuracy"] > fed["initial"]["set_accuracy"]
+    # The report says which leakage control the test figures had, and names what it held out.
+    held_out = results["held_out_test"]
+    assert f"{len(held_out)} test images were left out of every test set" in (out / "report.md").read_text()
 
 
 def test_a_stopped_federated_run_resumes_from_its_last_round(demo_args, tmp_path):

@@ -24,7 +24,7 @@ from fedbt.data.labels import Task, get_task
 from fedbt.data.readers import scan_site
 from fedbt.data.records import Problem, Record
 from fedbt.data.sites import SiteSpec, load_sites
-from fedbt.data.splits import assign_splits
+from fedbt.data.splits import assign_splits, held_out_test_records, picture_groups
 from fedbt.data.transforms import Augmentation
 
 
@@ -66,27 +66,38 @@ class Catalog:
     group_ids: np.ndarray
     splits: list[str]
     near_pairs: list[tuple[int, int]] = field(default_factory=list)
+    # One id per picture, across sites: exact copies and near duplicates share it.
+    picture_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    # Test records left out of every test set served: another site trains on their picture.
+    held_out_test: list[int] = field(default_factory=list)
 
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
 
     def indices(self, site: str | None = None, split: str = "train", pooled: bool = False) -> list[int]:
-        """Records of one site's split (each image once per site), or pooled (once overall)."""
+        """Records of one site's split (each image once per site), or pooled (once overall).
+
+        Test sets leave out `held_out_test`: pictures this catalog also trains on (at another site)."""
         if not pooled and site is None:
             raise ValueError("name a site, or ask for pooled=True")
         if site is not None and site not in self.site_names:
             raise ValueError(f"unknown site {site!r}: have {', '.join(self.site_names)}")
         seen: set[tuple[str, str]] = set()
+        held_out = set(self.held_out_test)
         chosen = []
         for i, r in enumerate(self.records):
-            if self.splits[i] != split or (site is not None and r.site != site):
+            if self.splits[i] != split or (site is not None and r.site != site) or i in held_out:
                 continue
             key = ("", r.sha256) if pooled else (r.site, r.sha256)
             if key not in seen:
                 seen.add(key)
                 chosen.append(i)
         return chosen
+
+    def held_out_test_names(self) -> list[str]:
+        """'site: file name' of each held-out test record, for reports (no folders)."""
+        return [f"{self.records[i].site}: {Path(self.records[i].path).name}" for i in self.held_out_test]
 
     def dataset(
         self, site: str | None = None, split: str = "train", pooled: bool = False, augment: Augmentation | None = None
@@ -116,17 +127,17 @@ def _limit_per_label(records: list[Record], limit: int | None) -> list[Record]:
     return out
 
 
-def _group_ids(
-    records: list[Record], hashes: np.ndarray, sites: list[SiteSpec], max_bits: int
-) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def split_groups(records: list[Record], near_pairs: list[tuple[int, int]], sites: list[SiteSpec]) -> np.ndarray:
+    """What must share a split, within each site alone (so a site's split is its own): its
+    exact and near duplicates, and a patient's slices where the source records patients."""
     uf = UnionFind(len(records))
-    union_equal(uf, [r.sha256 for r in records])
-    pairs = near_duplicate_pairs(hashes, max_bits) if max_bits >= 0 else []
-    for i, j in pairs:
-        uf.union(i, j)
+    union_equal(uf, [(r.site, r.sha256) for r in records])
+    for i, j in near_pairs:
+        if records[i].site == records[j].site:
+            uf.union(i, j)
     by_patient = {s.name for s in sites if s.split.group_by_patient}
     union_equal(uf, [(r.site, r.patient) if r.patient and r.site in by_patient else None for r in records])
-    return uf.labels(), pairs
+    return uf.labels()
 
 
 def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path | None = None) -> Catalog:
@@ -150,6 +161,12 @@ def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path 
 
     pixels = load_pixels(records, cache)
     masks = torch.tensor([task.target_mask(r.allowed) for r in records], dtype=torch.bool)
-    group_ids, pairs = _group_ids(records, difference_hash(pixels), sites, cfg.near_duplicate_bits)
+    max_bits = cfg.near_duplicate_bits
+    pairs = near_duplicate_pairs(difference_hash(pixels), max_bits) if max_bits >= 0 else []
+    group_ids = split_groups(records, pairs, sites)
     splits = assign_splits(records, group_ids, {s.name: s.split for s in sites}, cfg.seed)
-    return Catalog(sites, task, cfg.image_size, records, problems, pixels, masks, group_ids, splits, pairs)
+    pictures = picture_groups(records, pairs)
+    held_out = held_out_test_records(splits, pictures)
+    return Catalog(
+        sites, task, cfg.image_size, records, problems, pixels, masks, group_ids, splits, pairs, pictures, held_out
+    )

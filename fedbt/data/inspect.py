@@ -53,22 +53,31 @@ def duplicate_report(catalog: Catalog) -> dict:
         if a.sha256 != b.sha256:
             near_kinds[" + ".join(sorted({a.site, b.site}))] += 1
 
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(catalog.group_ids.tolist()):
-        groups[g].append(i)
-    conflicts, straddling = [], 0
-    for members in groups.values():
+    pictures: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(catalog.picture_ids.tolist()):
+        pictures[g].append(i)
+    conflicts, split_apart = [], 0
+    for members in pictures.values():
         label_sets = {catalog.records[i].allowed for i in members}
         # Consistent labels share a class (glioma inside 'tumour'); disjoint ones conflict.
         if not frozenset.intersection(*label_sets):
             conflicts.append(sorted({f"{catalog.records[i].site}:{catalog.records[i].source_label}" for i in members}))
-        straddling += len({catalog.splits[i] for i in members}) > 1
+        split_apart += len({catalog.splits[i] for i in members}) > 1
+    held_out = set(catalog.held_out_test)
+    trained = {catalog.picture_ids[i] for i, split in enumerate(catalog.splits) if split == "train"}
+    leaked = [
+        i
+        for i, split in enumerate(catalog.splits)
+        if split == "test" and i not in held_out and catalog.picture_ids[i] in trained
+    ]
     return {
         "exact_duplicate_copies": dict(exact_kinds),
         "near_duplicate_pairs": dict(near_kinds),
-        "duplicate_groups": sum(len(m) > 1 for m in groups.values()),
+        "duplicate_groups": sum(len(m) > 1 for m in pictures.values()),
         "label_conflict_groups": conflicts,
-        "groups_straddling_splits": straddling,
+        "groups_split_across_sites": split_apart,
+        "test_held_out": catalog.held_out_test_names(),
+        "test_images_also_trained_on": len(leaked),
     }
 
 
@@ -126,9 +135,16 @@ def format_report(report: dict) -> str:
     lines.append(f"Duplicate groups: {dup['duplicate_groups']}; label conflicts: {len(dup['label_conflict_groups'])}")
     lines += [f"  conflict: {' / '.join(c)}" for c in dup["label_conflict_groups"][:20]]
     lines.append(
-        f"Leakage check: {dup['groups_straddling_splits']} duplicate groups straddle splits "
-        "(each group is kept in one split, across sites too)"
+        f"Splits: each site's own (a function of its images, its shares and the seed); "
+        f"{dup['groups_split_across_sites']} duplicate groups sit in different splits at different sites"
     )
+    held_out = dup["test_held_out"]
+    lines.append(f"Test images held out (another site trains on the same picture): {len(held_out)}")
+    lines += [f"  {name}" for name in held_out[:20]]
+    if len(held_out) > 20:
+        lines.append(f"  ... {len(held_out) - 20} more")
+    leaked = dup["test_images_also_trained_on"]
+    lines.append(f"Leakage check: {leaked} reported test images share a picture with a training image")
     pooled = report["pooled_unique_images"]
     lines.append(f"Pooled (each image once): train {pooled['train']}, val {pooled['val']}, test {pooled['test']}")
     if report["problems"]:

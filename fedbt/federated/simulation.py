@@ -170,6 +170,7 @@ def run_experiment(
         if not skip_local:
             results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
         results["wall_seconds_total"] = time.perf_counter() - started
+        results["held_out_test"] = catalog.held_out_test_names()
         write_report(results, cfg, list(catalog.task.classes), out, generated)
         tracker.log_metrics({"wall_seconds": results["wall_seconds_total"]})
         tracker.log_files(*sorted(out.iterdir()))  # the report, its figures and the resolved experiment.json

@@ -75,6 +75,23 @@ def _setup(cfg: ExperimentConfig) -> str:
     )
 
 
+def _split_control(results: dict) -> str:
+    """Which leakage control the test figures had: simulation holds every site, a deployment one."""
+    held_out = results.get("held_out_test")
+    if held_out is None:
+        return (
+            "Splits: each site's own (its images, its shares, the seed). Byte-identical pictures at two sites "
+            "share a split; a near twin of a test image at another site cannot be found here, since no site sees "
+            "another's images."
+        )
+    names = f": {', '.join(held_out)}" if held_out else ""
+    return (
+        "Splits: each site's own (its images, its shares, the seed), as in a deployment. "
+        f"{len(held_out)} test images were left out of every test set because another site trains on the same "
+        f"picture (a byte-identical copy or a near duplicate){names}."
+    )
+
+
 def _number_files(out: Path) -> list[tuple[str, str]]:
     """Links to the JSON behind the page: comparison.json and each run's own metrics.json here."""
     runs = sorted(path.relative_to(out).as_posix() for path in out.glob("**/metrics.json"))
@@ -107,6 +124,7 @@ def write_report(
         ("h2", "Test results"),
         ("table", (header, rows)),
         ("p", SITE_NOTE),
+        ("p", _split_control(results)),
         ("h2", "Wall times"),
         ("table", (["run", "wall time"], _wall_times(results))),
     ]
