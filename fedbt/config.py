@@ -114,7 +114,7 @@ class TrainConfig:
     freeze_backbone_epochs: NonNegativeInt = 0
     finetune_lr_factor: PositiveFloat = 0.1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: NonNegativeInt | None = None  # None: 0 on CPU (cores train), 4 on CUDA
+    num_workers: NonNegativeInt | None = None  # None: 0 (items are in memory; see data/loader.py)
     threads: PositiveInt | None = None  # torch CPU threads; None: all cores
     log_every: NonNegativeInt = 20  # batches between progress lines; 0: none
 
