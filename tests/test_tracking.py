@@ -107,3 +107,10 @@ def test_a_tracking_failure_ends_the_tracking_not_the_work():
         tracker.log_round({"round": 1, "train": {}, "dropped": {}, "sites": {}, "server": {}, "elapsed_seconds": 1.0})
     # The block ran to its end without an error from the tracker, which gave up on the run.
     assert tracker.client is None
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_naming_it():
+    with pytest.raises(RuntimeError, match=r"^tracking store htp://typo:5000: .*unsupported URI") as failure:
+        with tracked_run(TrackingConfig(uri="htp://typo:5000"), "typo", "central", {}):
+            pass
+    assert "\n" not in str(failure.value)
