@@ -214,6 +214,7 @@ def tracked_run(tc: TrackingConfig, experiment: str, name: str, params: dict) ->
     tracker.end("FINISHED")
 
 
-def experiment_run(cfg: ExperimentConfig, name: str) -> AbstractContextManager[Tracker]:
-    """A run of the experiment cfg.name, with the whole resolved configuration as its parameters."""
-    return tracked_run(cfg.tracking, cfg.name, name, to_dict(cfg))
+def experiment_run(cfg: ExperimentConfig, kind: str) -> AbstractContextManager[Tracker]:
+    """A run of the experiment cfg.name, with the whole resolved configuration as its parameters,
+    named by its kind and results folder ("central central-cpu"), as runs are told apart in the UI."""
+    return tracked_run(cfg.tracking, cfg.name, f"{kind} {Path(cfg.output_dir).name}", to_dict(cfg))
