@@ -180,13 +180,19 @@ def group_run_id(client: Any, experiment: str, name: str) -> str:
 
 
 def start_run(tc: TrackingConfig, experiment: str, name: str) -> Tracker:
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from sqlalchemy.exc import SQLAlchemyError
 
     uri = store_uri(tc)
-    client = client_for(uri)
-    experiment_key = experiment_id(client, experiment, uri)
-    parent = tc.parent_run_id or (group_run_id(client, experiment_key, tc.parent) if tc.parent else None)
-    run = client.create_run(experiment_key, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent} if parent else {})
+    try:
+        client = client_for(uri)
+        experiment_key = experiment_id(client, experiment, uri)
+        parent = tc.parent_run_id or (group_run_id(client, experiment_key, tc.parent) if tc.parent else None)
+        run = client.create_run(experiment_key, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent} if parent else {})
+    except (MlflowException, SQLAlchemyError) as err:  # the REST and the database stores' errors
+        problem = str(err).strip().splitlines()[0]
+        raise RuntimeError(f"tracking store {uri}: {problem} (tracking.enabled=false runs untracked)") from None
     log(f"[tracking] run '{name}' {run.info.run_id} in {uri}")
     return Tracker(client, run.info.run_id)
 
@@ -208,6 +214,7 @@ def tracked_run(tc: TrackingConfig, experiment: str, name: str, params: dict) ->
     tracker.end("FINISHED")
 
 
-def experiment_run(cfg: ExperimentConfig, name: str) -> AbstractContextManager[Tracker]:
-    """A run of the experiment cfg.name, with the whole resolved configuration as its parameters."""
-    return tracked_run(cfg.tracking, cfg.name, name, to_dict(cfg))
+def experiment_run(cfg: ExperimentConfig, kind: str) -> AbstractContextManager[Tracker]:
+    """A run of the experiment cfg.name, with the whole resolved configuration as its parameters,
+    named by its kind and results folder ("central central-cpu"), as runs are told apart in the UI."""
+    return tracked_run(cfg.tracking, cfg.name, f"{kind} {Path(cfg.output_dir).name}", to_dict(cfg))

@@ -91,7 +91,8 @@ def assert_tracked_on_the_server(store: str) -> None:
     "federated" run under it round by round, into the store `fedbt run` was given."""
     client = MlflowClient(store)
     runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("demo").experiment_id])}
-    assert set(runs) == {"deployment", "federated"}
+    assert set(runs) == {"deployment results", "federated results"}  # named by kind and results folder
+    runs = {name.split()[0]: run for name, run in runs.items()}
     federated = runs["federated"].info.run_id
     assert runs["federated"].data.tags["mlflow.parentRunId"] == runs["deployment"].info.run_id
     for site in ("figshare", "sartaj", "br35h"):

@@ -26,7 +26,8 @@ def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None)
 def test_a_two_round_simulation_is_read_back_with_its_settings_per_site_rounds_and_files(finished_run, tmp_path):
     client = MlflowClient(finished_run.store)
     runs = runs_by_name(client, "finished")
-    assert set(runs) == {"simulate", "federated", "central", "evaluate"}
+    assert set(runs) == {"simulate results", "federated results", "central results", "evaluate evaluation"}
+    runs = {name.split()[0]: run for name, run in runs.items()}
     parent = runs["simulate"].info.run_id
     for name in ("federated", "central"):
         assert runs[name].data.tags["mlflow.parentRunId"] == parent
@@ -59,7 +60,7 @@ def test_a_two_round_simulation_is_read_back_with_its_settings_per_site_rounds_a
 
 def test_an_evaluation_is_a_run_with_its_scores_and_report(finished_run):
     client = MlflowClient(finished_run.store)
-    evaluation = runs_by_name(client, "finished")["evaluate"]
+    evaluation = runs_by_name(client, "finished")["evaluate evaluation"]
     assert evaluation.data.params["request.checkpoint"] == str(finished_run.out / "central" / "best.pt")
     assert evaluation.data.params["trained.train.epochs"] == "2"
     assert {"test/accuracy", "test/macro_auc", "latency/ms_per_image_batch1"} <= set(evaluation.data.metrics)
@@ -107,3 +108,10 @@ def test_a_tracking_failure_ends_the_tracking_not_the_work():
         tracker.log_round({"round": 1, "train": {}, "dropped": {}, "sites": {}, "server": {}, "elapsed_seconds": 1.0})
     # The block ran to its end without an error from the tracker, which gave up on the run.
     assert tracker.client is None
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_naming_it():
+    with pytest.raises(RuntimeError, match=r"^tracking store htp://typo:5000: .*unsupported URI") as failure:
+        with tracked_run(TrackingConfig(uri="htp://typo:5000"), "typo", "central", {}):
+            pass
+    assert "\n" not in str(failure.value)

@@ -149,6 +149,6 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
 def log_evaluation(request: EvalRequest, model: LoadedModel, result: dict, out: Path) -> None:
     """The evaluation as a run of the checkpoint's experiment, tracked as this machine tracks (no --set here)."""
     params = {"request": vars(request), "images": result["data"]["description"], "trained": to_dict(model.config)}
-    with tracked_run(TrackingConfig(), model.config.name, "evaluate", params) as tracker:
+    with tracked_run(TrackingConfig(), model.config.name, f"evaluate {out.name}", params) as tracker:
         tracker.log_metrics({**numbers(result["metrics"], "test"), **numbers(result["latency"], "latency")})
         tracker.log_files(*sorted(out.iterdir()))
