@@ -166,3 +166,19 @@ def test_a_two_round_simulation_with_client_level_privacy_logs_its_epsilon(demo_
     assert 0 < spent[0] < spent[1] == fed["client_privacy"]["epsilon"]
     assert fed["client_privacy"]["noise_multiplier"] == 0.5
     assert "client-level DP: noise multiplier 0.5, epsilon" in capsys.readouterr().err
+
+
+def test_a_strategy_flag_is_checked_against_client_level_privacy_before_any_run(demo_args, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["simulate", *demo_args, "--out", str(out), "--strategy", "krum",
+                 "--set", "privacy.client_level.enabled=true"])  # fmt: skip
+    assert code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "fedbt: error: settings: privacy.client_level needs federated.strategy fedavg or fedprox, not krum: "
+            "its noise is calibrated to a plain average of the clipped updates"
+        )
+    )
+    assert not out.exists()
