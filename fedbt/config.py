@@ -183,6 +183,9 @@ class ClientPrivacyConfig:
     # 0 only for checking the arithmetic: it protects nothing (epsilon is infinite).
     noise_multiplier: NonNegativeFloat = 1.0
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # server: the server clips each update it receives. client: each site clips its own update
+    # before sending it (Flower's fixedclipping_mod), so no unclipped update leaves a site.
+    clipped_at: Literal["server", "client"] = "server"
 
 
 @dataclass(config=STRICT_FIELDS)

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant
 
 from fedbt.cli import main
 from fedbt.config import ClientPrivacyConfig, ExperimentConfig, FederatedConfig, load_config
-from fedbt.federated.client_privacy import client_level_epsilon
+from fedbt.federated.client_privacy import client_level_epsilon, clipped_at_site
 from fedbt.federated.rounds import SitesMissingError
 from fedbt.federated.server_app import FederatedRun, play_round
 from fedbt.federated.strategy import aggregate, make_strategy
@@ -37,8 +38,10 @@ def site_replies():
     return [reply(name, state, 20) for name, state in zip(("a", "b"), SITE_STATES)]
 
 
-def private(clipping_norm: float, noise_multiplier: float):
-    settings = ClientPrivacyConfig(enabled=True, clipping_norm=clipping_norm, noise_multiplier=noise_multiplier)
+def private(clipping_norm: float, noise_multiplier: float, clipped_at: str = "server"):
+    settings = ClientPrivacyConfig(
+        enabled=True, clipping_norm=clipping_norm, noise_multiplier=noise_multiplier, clipped_at=clipped_at
+    )
     return make_strategy(FederatedConfig(), settings)
 
 
@@ -58,9 +61,25 @@ def test_each_update_is_clipped_and_the_sites_weigh_equally():
     assert torch.allclose(new["conv.weight"], (clipped[0] + clipped[1]) / 2)
 
 
-def test_noise_moves_the_parameters_and_leaves_batchnorm_buffers_and_counters_alone():
+def test_with_clipping_at_the_sites_the_server_does_not_clip_again():
+    new = aggregate(private(1.0, noise_multiplier=0.0, clipped_at="client"), 1, GLOBAL, site_replies(), PARAMETERS)
+    assert torch.allclose(new["conv.weight"], torch.tensor([1.0, 3.0]))
+
+
+def test_a_site_clips_its_parameters_update_with_flowers_mod_and_leaves_its_buffers():
+    sent = reply("server", GLOBAL, 0)
+    sent.content["config"] = ConfigRecord({"clipping_norm": 1.0})
+    clipped = clipped_at_site(sent, None, SITE_STATES[0], PARAMETERS)
+    assert torch.allclose(clipped["conv.weight"], torch.tensor([0.6, 0.8]))  # the update (3, 4) scaled to norm 1
+    assert torch.equal(clipped["bn.running_mean"], SITE_STATES[0]["bn.running_mean"])
+    assert torch.equal(clipped["bn.num_batches_tracked"], torch.tensor(14))
+
+
+@pytest.mark.parametrize("clipped_at", ["server", "client"])
+def test_noise_moves_the_parameters_and_leaves_batchnorm_buffers_and_counters_alone(clipped_at):
     plain = aggregate(make_strategy(FederatedConfig()), 1, GLOBAL, site_replies(), PARAMETERS)
-    noisy = aggregate(private(clipping_norm=1.0, noise_multiplier=1000.0), 1, GLOBAL, site_replies(), PARAMETERS)
+    strategy = private(1.0, noise_multiplier=1000.0, clipped_at=clipped_at)
+    noisy = aggregate(strategy, 1, GLOBAL, site_replies(), PARAMETERS)
     # Noise of standard deviation 1000 x 1 / 2 on each weight: far from the average.
     assert (noisy["conv.weight"] - plain["conv.weight"]).abs().max() > 10
     # Running statistics and counters are averaged as they are: neither clipped (the running
@@ -159,7 +178,8 @@ def test_a_two_round_simulation_with_client_level_privacy_logs_its_epsilon(demo_
     out = tmp_path / "results"
     code = main(["simulate", *demo_args, "--out", str(out), "--rounds", "2", "--skip-central", "--skip-local",
                  "--set", "privacy.client_level.enabled=true",
-                 "--set", "privacy.client_level.noise_multiplier=0.5"])  # fmt: skip
+                 "--set", "privacy.client_level.noise_multiplier=0.5",
+                 "--set", "privacy.client_level.clipped_at=client"])  # fmt: skip
     assert code == 0
     fed = json.loads((out / "federated" / "metrics.json").read_text())
     spent = [entry["client_privacy"]["epsilon"] for entry in fed["history"]]

@@ -347,6 +347,18 @@ SERVER_CLIPPING_STATE = declare(
     "set each round: the global model (an ArrayRecord) the updates are clipped against, "
     "and the number of updates the noise's standard deviation is divided by",
 )
+CLIENT_CLIPPING_STATE = declare(
+    "flwr.serverapp.strategy",
+    "DifferentialPrivacyClientSideFixedClipping",
+    InstanceState(("num_sampled_clients",), make=_wrapping_fedavg),
+    "set each round: the number of updates the noise's standard deviation is divided by",
+)
+CLIPPING_NORM_KEY = declare(
+    "flwr.supercore.differential_privacy",
+    "KEY_CLIPPING_NORM",
+    Constant(str),
+    "read: the train message's config key fixedclipping_mod takes the clipping norm from",
+)
 
 
 def _state_declaration(strategy: object) -> FlowerInternal | None:
@@ -367,18 +379,20 @@ def strategy_state_problem(strategy: object) -> str | None:
     return internal.problem()
 
 
-def server_clipping_problem() -> str | None:
-    """Why client-level DP's wrapper cannot be driven by fedbt's round in the installed flwr (None: it can)."""
+def clipping_problem() -> str | None:
+    """Why client-level DP's wrappers cannot be driven by fedbt's round in the installed flwr (None: they can)."""
     installed = installed_flower_version()
     if installed != FLOWER_VERSION:
-        return f"flwr {installed} is installed; the clipping wrapper's state was read from {FLOWER_VERSION}"
-    return SERVER_CLIPPING_STATE.problem()
+        return f"flwr {installed} is installed; the clipping wrappers' state was read from {FLOWER_VERSION}"
+    return SERVER_CLIPPING_STATE.problem() or CLIENT_CLIPPING_STATE.problem() or CLIPPING_NORM_KEY.problem()
 
 
-def set_clipping_round(wrapper: object, global_arrays: object, updates: int) -> None:
-    """What the wrapper's `configure_train` would set: the model to clip against, how many updates it averages."""
-    wrapper.current_arrays = global_arrays
+def set_clipping_round(wrapper: object, updates: int, global_arrays: object | None = None) -> None:
+    """What a wrapper's `configure_train` would set: how many updates it averages, and (server-side
+    clipping) the model to clip against."""
     wrapper.num_sampled_clients = updates
+    if global_arrays is not None:
+        wrapper.current_arrays = global_arrays
 
 
 def set_strategy_model(strategy: object, state: dict) -> None:

@@ -25,7 +25,7 @@ from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.eval.inference import evaluate
 from fedbt.eval.metrics import classification_metrics
-from fedbt.federated.client_privacy import client_level_epsilon
+from fedbt.federated.client_privacy import client_level_epsilon, train_config
 from fedbt.federated.common import (
     EXPERIMENT_KEY,
     ROUND_KEY,
@@ -158,7 +158,8 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
     trainable = [node for node in nodes if node not in run.spent_nodes]
     chosen = choose_sites(trainable, fc.fraction_train, run.min_train, run.rng)
-    messages = [run.message(node, MessageType.TRAIN, server_round) for node in chosen]
+    config = train_config(run.cfg.privacy.client_level)
+    messages = [run.message(node, MessageType.TRAIN, server_round, **config) for node in chosen]
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
     accepted, dropped = screen_train_replies(run, replies)
     for who, reason in dropped.items():

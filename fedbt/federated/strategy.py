@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from flwr.app import Message
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -25,7 +24,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbt.config import ClientPrivacyConfig, FederatedConfig
-from fedbt.federated.client_privacy import EQUAL_WEIGHT_KEY, clipping_strategy, private_aggregate
+from fedbt.federated.client_privacy import CLIPPING_WRAPPERS, EQUAL_WEIGHT_KEY, clipping_strategy, private_aggregate
 from fedbt.federated.flower_internals import set_strategy_model, strategy_state_problem
 
 STRATEGIES = {
@@ -72,7 +71,7 @@ def aggregate(
     Server optimisers step from the server's own float32 model, never from a wire copy. Under
     client-level DP only the trainable parameters (`parameter_keys`) are clipped and noised.
     """
-    if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping):
+    if isinstance(strategy, tuple(CLIPPING_WRAPPERS.values())):
         return private_aggregate(strategy, server_round, global_state, replies, parameter_keys)
     set_strategy_model(strategy, global_state)
     arrays, _ = strategy.aggregate_train(server_round, replies)
