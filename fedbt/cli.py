@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbt.config import STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config
+from fedbt.config import STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config, to_dict, validated
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.fileio import write_json
 from fedbt.model.checkpoint import CheckpointError
@@ -105,6 +105,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             setattr(fc, field, getattr(args, flag))
     fc.resume = fc.resume or args.resume
+    # An assignment checks its own section only; the rules between sections (privacy and strategy) now, before any run.
+    cfg = validated(ExperimentConfig, to_dict(cfg), "settings")
     results = run_experiment(cfg, skip_central=args.skip_central, skip_local=args.skip_local, reuse=not args.no_reuse)
     print(f"report: {Path(cfg.output_dir) / 'report.html'}  (wall time {results['wall_seconds_total']:.0f} s)")
     return 0

@@ -38,6 +38,8 @@ PARTIAL = {"partial": True}
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
 STRATEGY_NAMES = list(get_args(StrategyName))
+# The strategies whose aggregate is the average that client-level DP's noise is calibrated to.
+CLIENT_PRIVACY_STRATEGIES = ("fedavg", "fedprox")
 
 
 class ConfigError(ValueError):
@@ -174,6 +176,23 @@ class FederatedConfig:
 
 
 @dataclass(config=STRICT_FIELDS)
+class ClientPrivacyConfig:
+    """Client-level differential privacy (Flower's fixed-clipping wrapper): each site's whole update
+    is clipped and the average of the updates noised, so the unit protected is a site, not an image."""
+
+    enabled: bool = False
+    # Each site's update (its trained parameters minus the global ones) is clipped to this L2 norm.
+    clipping_norm: PositiveFloat = 1.0
+    # Noise standard deviation on the sum of the clipped updates, in units of clipping_norm.
+    # 0 only for checking the arithmetic: it protects nothing (epsilon is infinite).
+    noise_multiplier: NonNegativeFloat = 1.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # server: the server clips each update it receives. client: each site clips its own update
+    # before sending it (Flower's fixedclipping_mod), so no unclipped update leaves a site.
+    clipped_at: Literal["server", "client"] = "server"
+
+
+@dataclass(config=STRICT_FIELDS)
 class PrivacyConfig:
     """Record-level differential privacy (DP-SGD) at every trainer: each site, or the central run."""
 
@@ -189,6 +208,8 @@ class PrivacyConfig:
     noise_multiplier: PositiveFloat | None = None
     # Opacus's accountant: Renyi DP (conservative, fast) or PRV (tighter, slower).
     accountant: Literal["rdp", "prv"] = "rdp"
+    # The other option, for federations of many sites (docs/privacy.md): not combined with the above.
+    client_level: ClientPrivacyConfig = field(default_factory=ClientPrivacyConfig)
 
 
 @dataclass(config=STRICT_FIELDS)
@@ -239,6 +260,23 @@ class ExperimentConfig:
             raise ValueError(
                 "privacy.enabled cannot use FedProx's proximal term: Opacus noises per-sample gradients "
                 "and would drop the term's gradient"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _client_level_privacy_averages(self, info: ValidationInfo) -> ExperimentConfig:
+        """Flower's noise is calibrated to a plain average of clipped updates, and to one mechanism."""
+        if not self.privacy.client_level.enabled or info.context == PARTIAL:
+            return self
+        if self.privacy.enabled:
+            raise ValueError(
+                "privacy.client_level.enabled and privacy.enabled are two options, not one run: "
+                "client-level DP protects a site, record-level DP each image (docs/privacy.md)"
+            )
+        if self.federated.strategy not in CLIENT_PRIVACY_STRATEGIES:
+            raise ValueError(
+                f"privacy.client_level needs federated.strategy fedavg or fedprox, not {self.federated.strategy}: "
+                "its noise is calibrated to a plain average of the clipped updates"
             )
         return self
 

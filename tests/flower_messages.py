@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 
-def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 1) -> Message:
+def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 1, reply_to: str = "sent") -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(torch_state_dict=state),
@@ -17,7 +17,7 @@ def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 
         message_id="",
         src_node_id=node,
         dst_node_id=0,
-        reply_to_message_id="sent",
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=0.0,
         ttl=60,

@@ -48,7 +48,7 @@ def test_fedavg_weights_sites_by_their_examples_and_keeps_the_global_dtypes():
         reply("a", {"w": torch.tensor([1.0, 1.0]), "count": torch.tensor(5)}, 30),
         reply("b", {"w": torch.tensor([4.0, 0.0]), "count": torch.tensor(5)}, 10),
     ]
-    new = aggregate(make_strategy(FederatedConfig()), 1, global_state, replies)
+    new = aggregate(make_strategy(FederatedConfig()), 1, global_state, replies, {"w"})
     assert torch.allclose(new["w"], torch.tensor([1.75, 0.75]))
     assert new["count"].dtype == torch.int64 and new["w"].dtype == torch.float32
 
@@ -57,7 +57,7 @@ def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
     fc = FederatedConfig(strategy="fedavgm", server_momentum=0.9, server_lr=1.0)
     global_state = {"w": torch.zeros(3)}
     first = make_strategy(fc)
-    after_one = aggregate(first, 1, global_state, [reply("a", {"w": torch.ones(3)}, 1)])
+    after_one = aggregate(first, 1, global_state, [reply("a", {"w": torch.ones(3)}, 1)], {"w"})
     saved = strategy_state(first, list(global_state))
     assert set(saved) == {"momentum_vector"}
     assert all(isinstance(t, torch.Tensor) for t in saved["momentum_vector"].values())
@@ -68,8 +68,8 @@ def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
     restored = make_strategy(fc)
     restore_strategy_state(restored, torch.load(buffer, weights_only=True))
     second_reply = [reply("a", {"w": 2 * torch.ones(3)}, 1)]
-    continued = aggregate(restored, 2, after_one, second_reply)
-    uninterrupted = aggregate(first, 2, after_one, second_reply)
+    continued = aggregate(restored, 2, after_one, second_reply, {"w"})
+    uninterrupted = aggregate(first, 2, after_one, second_reply, {"w"})
     assert torch.equal(continued["w"], uninterrupted["w"])
     # Momentum carried over: round 2 moves further than plain averaging would (to 2.0).
     assert continued["w"][0] > 2.0
@@ -80,7 +80,7 @@ def test_fedadam_steps_from_the_servers_float32_model_not_a_float16_copy():
     kept = 1.0001  # float16 would round it to 1.0
     global_state = {"w": torch.tensor([0.5, kept])}
     # The site sent back the second weight unchanged: no update, so it must stay exactly as the server had it.
-    new = aggregate(strategy, 1, global_state, [reply("a", {"w": torch.tensor([0.7, kept])}, 1)])
+    new = aggregate(strategy, 1, global_state, [reply("a", {"w": torch.tensor([0.7, kept])}, 1)], {"w"})
     assert new["w"].dtype == torch.float32
     assert new["w"][1].item() == torch.tensor(kept).item()
     assert new["w"][0] > 0.5  # the first weight moved towards the site's

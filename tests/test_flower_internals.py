@@ -9,10 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import flwr.serverapp.strategy
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
 import pytest
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore import heartbeat
 from flwr.supercore.superexec.executor import types as executor_types
 
@@ -38,6 +40,14 @@ def a_clientapp_runner_without_certificates(runtime_api_address, token, insecure
 
 def pull_objects_needing_a_budget(object_ids, pull_object_fn, budget, *, initial_backoff=1.0):
     """A pull_objects with a new required parameter: the SuperNode's calls would fail."""
+
+
+class ClippingWithoutItsModel(DifferentialPrivacyServerSideFixedClipping):
+    """What a later flwr could make of the wrapper: the model to clip against kept elsewhere."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.current_arrays
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,12 @@ def mismatches():
         "a field gone": (
             lambda patch: patch.setattr(executor_types, "ExecutionSpec", SpecWithoutTaskId),
             "ExecutionSpec has no field 'task_id'",
+        ),
+        "an instance attribute gone": (
+            lambda patch: patch.setattr(
+                flwr.serverapp.strategy, "DifferentialPrivacyServerSideFixedClipping", ClippingWithoutItsModel
+            ),
+            "DifferentialPrivacyServerSideFixedClipping objects have no attribute 'current_arrays'",
         ),
         "no longer the time module": (
             lambda patch: patch.setattr(loop, "time", inspect),

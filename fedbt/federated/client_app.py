@@ -9,7 +9,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedbt.federated.client_privacy import clipped_at_site
 from fedbt.federated.common import ROUND_KEY, SPLIT_KEY, client_experiment
+from fedbt.federated.flower_internals import CLIPPING_NORM_KEY
 from fedbt.federated.task import (
     LocalState,
     client_partition,
@@ -20,6 +22,7 @@ from fedbt.federated.task import (
     transport_state,
 )
 from fedbt.progress import log
+from fedbt.train.setup import new_model
 
 app = ClientApp()
 LOCAL_STATE_KEY = "fedbt-local-state"
@@ -76,6 +79,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
     _save_local(context, local)
+    if CLIPPING_NORM_KEY.get() in config:
+        # Client-level DP clipped here: no unclipped update leaves the site.
+        parameters = {name for name, _ in new_model(cfg, catalog.task.num_classes).named_parameters()}
+        state = clipped_at_site(msg, context, state, parameters)
     content = RecordDict(
         {
             "arrays": ArrayRecord(torch_state_dict=transport_state(state, cfg.federated.transport_dtype)),

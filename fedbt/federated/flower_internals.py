@@ -42,6 +42,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -124,14 +125,15 @@ class Class:
 
 @dataclass(frozen=True)
 class InstanceState:
-    """A class whose instances (made with no arguments) keep their state in these attributes."""
+    """A class whose instances keep their state in these attributes; made with no arguments, or by `make`."""
 
     attributes: tuple[str, ...]
+    make: Callable[[type], object] | None = None
 
     def problem(self, path: str, value: object) -> str | None:
         if not inspect.isclass(value):
             return f"{path} is not a class"
-        instance = value()
+        instance = self.make(value) if self.make is not None else value()
         for attribute in self.attributes:
             if not hasattr(instance, attribute):
                 return f"{path} objects have no attribute {attribute!r}"
@@ -329,6 +331,36 @@ FEDAVGM_STATE = declare(
 MOMENT_ATTRIBUTES = ("m_t", "v_t")
 
 
+def _wrapping_fedavg(wrapper: type) -> object:
+    """A DP wrapper as fedbt makes one: around FedAvg."""
+    from flwr.serverapp.strategy import FedAvg
+
+    return wrapper(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=1)
+
+
+# Client-level DP (fedbt.federated.client_privacy): Flower's round sets both in `configure_train`,
+# which fedbt's explicit round does not call.
+SERVER_CLIPPING_STATE = declare(
+    "flwr.serverapp.strategy",
+    "DifferentialPrivacyServerSideFixedClipping",
+    InstanceState(("current_arrays", "num_sampled_clients"), make=_wrapping_fedavg),
+    "set each round: the global model (an ArrayRecord) the updates are clipped against, "
+    "and the number of updates the noise's standard deviation is divided by",
+)
+CLIENT_CLIPPING_STATE = declare(
+    "flwr.serverapp.strategy",
+    "DifferentialPrivacyClientSideFixedClipping",
+    InstanceState(("num_sampled_clients",), make=_wrapping_fedavg),
+    "set each round: the number of updates the noise's standard deviation is divided by",
+)
+CLIPPING_NORM_KEY = declare(
+    "flwr.supercore.differential_privacy",
+    "KEY_CLIPPING_NORM",
+    Constant(str),
+    "read: the train message's config key fixedclipping_mod takes the clipping norm from",
+)
+
+
 def _state_declaration(strategy: object) -> FlowerInternal | None:
     for internal in (FEDADAM_STATE, FEDYOGI_STATE, FEDAVGM_STATE):
         if type(strategy) is internal.get():
@@ -345,6 +377,22 @@ def strategy_state_problem(strategy: object) -> str | None:
     if installed != FLOWER_VERSION:
         return f"flwr {installed} is installed; {internal.name}'s server state was read from {FLOWER_VERSION}"
     return internal.problem()
+
+
+def clipping_problem() -> str | None:
+    """Why client-level DP's wrappers cannot be driven by fedbt's round in the installed flwr (None: they can)."""
+    installed = installed_flower_version()
+    if installed != FLOWER_VERSION:
+        return f"flwr {installed} is installed; the clipping wrappers' state was read from {FLOWER_VERSION}"
+    return SERVER_CLIPPING_STATE.problem() or CLIENT_CLIPPING_STATE.problem() or CLIPPING_NORM_KEY.problem()
+
+
+def set_clipping_round(wrapper: object, updates: int, global_arrays: object | None = None) -> None:
+    """What a wrapper's `configure_train` would set: how many updates it averages, and (server-side
+    clipping) the model to clip against."""
+    wrapper.num_sampled_clients = updates
+    if global_arrays is not None:
+        wrapper.current_arrays = global_arrays
 
 
 def set_strategy_model(strategy: object, state: dict) -> None:

@@ -25,6 +25,7 @@ from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.eval.inference import evaluate
 from fedbt.eval.metrics import classification_metrics
+from fedbt.federated.client_privacy import client_level_epsilon, train_config
 from fedbt.federated.common import (
     EXPERIMENT_KEY,
     ROUND_KEY,
@@ -84,8 +85,13 @@ class FederatedRun:
         if self.min_sites > fc.num_clients:
             raise ValueError(f"min_clients {self.min_sites} is more than the {fc.num_clients} clients")
         self.min_train = max(1, min(self.min_sites, round(fc.fraction_train * fc.num_clients)))
-        self.strategy = make_strategy(fc)
-        self.global_state = new_model(cfg, self.task.num_classes).state_dict()
+        self.strategy = make_strategy(fc, cfg.privacy.client_level)
+        model = new_model(cfg, self.task.num_classes)
+        self.global_state = model.state_dict()
+        # What a gradient moves: all that client-level DP clips and noises (BatchNorm's buffers are not).
+        self.parameter_keys = {name for name, _ in model.named_parameters()}
+        # Sites whose record-level privacy budget is spent: they are asked to train no more.
+        self.spent_nodes: set[int] = set()
         self.history: list[dict] = []
         self.initial: dict = {}  # the untrained global model's pooled validation metrics
         self.last_round = 0
@@ -150,8 +156,10 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, server_has_data: bool = Tru
 def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     fc = run.cfg.federated
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
-    chosen = choose_sites(nodes, fc.fraction_train, run.min_train, run.rng)
-    messages = [run.message(node, MessageType.TRAIN, server_round) for node in chosen]
+    trainable = [node for node in nodes if node not in run.spent_nodes]
+    chosen = choose_sites(trainable, fc.fraction_train, run.min_train, run.rng)
+    config = train_config(run.cfg.privacy.client_level)
+    messages = [run.message(node, MessageType.TRAIN, server_round, **config) for node in chosen]
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
     accepted, dropped = screen_train_replies(run, replies)
     for who, reason in dropped.items():
@@ -171,6 +179,8 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
         "dropped": dropped,
         "sites": {},
     }
+    if run.cfg.privacy.client_level.enabled:
+        entry["client_privacy"] = client_privacy_spent(run, server_round)
     if evaluation_due(server_round, fc):
         entry["sites"] = score_at_sites(grid, run, server_round)
         entry["server"] = headline(score_on_server(run)) if run.server_has_data else {}
@@ -191,6 +201,11 @@ def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[lis
             continue
         node, name = claimed_site(reply)
         run.sites.accept(node, name, int(reply.content["metrics"]["num-examples"]))
+        if reply.content["metrics"].get("dp_budget_spent"):
+            # It returned the global model untrained; averaging that in would only slow the others down.
+            run.spent_nodes.add(node)
+            dropped[name] = "its privacy budget is spent: it did not train and is not asked again"
+            continue
         # The server aggregates in float32 whatever precision crossed the wire.
         state = transport_state(reply.content["arrays"].to_torch_state_dict(), "float32")
         reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
@@ -202,6 +217,19 @@ def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[lis
             reason = f"its update ({norms[i]:.3g}) is more than {ratio:g} times the median of the others'"
             dropped[site_name(accepted.pop(i))] = reason
     return accepted, dropped
+
+
+def client_privacy_spent(run: FederatedRun, server_round: int) -> dict[str, float]:
+    """Client-level DP after this round: one noised release per round, of a sampled share of the sites."""
+    settings, fc = run.cfg.privacy.client_level, run.cfg.federated
+    sample_rate = min(1.0, max(run.min_train, round(fc.fraction_train * fc.num_clients)) / fc.num_clients)
+    return {
+        "epsilon": client_level_epsilon(settings, sample_rate, server_round),
+        "delta": settings.delta,
+        "noise_multiplier": settings.noise_multiplier,
+        "clipping_norm": settings.clipping_norm,
+        "sample_rate": sample_rate,
+    }
 
 
 def reply_author(reply: Message, sites: SiteRegistry) -> str:
@@ -217,7 +245,7 @@ def reply_author(reply: Message, sites: SiteRegistry) -> str:
 
 def update_global_model(run: FederatedRun, server_round: int, replies: list[Message]) -> None:
     """Aggregate with the strategy; a non-finite result is never kept, saved or sent."""
-    new_state = aggregate(run.strategy, server_round, run.global_state, replies)
+    new_state = aggregate(run.strategy, server_round, run.global_state, replies, run.parameter_keys)
     if all(torch.isfinite(v).all() for v in new_state.values() if v.is_floating_point()):
         run.global_state = new_state
     else:
@@ -264,12 +292,19 @@ def log_round(entry: dict, rounds: int) -> None:
     pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
     scores = f"{pooled}sites: {sites}" if pooled or sites else "trained (not scored this round)"
     log(f"[federated] round {entry['round']}/{rounds} {scores}")
+    if privacy := entry.get("client_privacy"):
+        log(
+            f"[federated] client-level DP: noise multiplier {privacy['noise_multiplier']:g}, "
+            f"epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g} spent after {entry['round']} rounds"
+        )
 
 
 def finish(grid: Grid, run: FederatedRun) -> dict:
     """Checkpoint the final model and score it on the test splits, once."""
     run.checkpoint("final.pt")
     result = {"kind": "federated", "rounds": run.cfg.federated.rounds, "initial": run.initial, "history": run.history}
+    if run.history and "client_privacy" in run.history[-1]:
+        result["client_privacy"] = run.history[-1]["client_privacy"]
     if run.server_has_data:
         device = select_device(run.cfg.train.device)
         model = prepare_model(run.global_model(), device)
