@@ -11,8 +11,9 @@ import pytest
 from flower_messages import server_request
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from fedbt.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from fedbt.data.labels import get_task
+from fedbt.data.sites import load_site
 from fedbt.eval.aggregates import SCORE_BINS, ScoreAggregates, aggregate_metrics
 from fedbt.eval.metrics import classification_metrics
 from fedbt.federated import client_app
@@ -130,3 +131,10 @@ def test_site_policy_limits_come_from_the_site_file(site, tmp_path, capsys):
     site_file.write_text(text + "policy:\n  max_image_size: 24\n")
     site.node_config[NODE_SITE] = str(site_file)
     assert_refused(client_app.evaluate(request_from_server(honest(), split="val"), site), capsys, "limit of 24")
+
+
+def test_a_policy_the_site_file_gets_wrong_is_refused_in_one_line_naming_the_file(tmp_path, site_files, demo_root):
+    site_file = tmp_path / "typo.yaml"
+    site_file.write_text(open(site_files[1]).read() + "policy:\n  max_image_sise: 24\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: policy: unknown setting 'max_image_sise'"):
+        load_site(site_file, demo_root)
