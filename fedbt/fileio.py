@@ -79,19 +79,34 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True) -> Path:
+def make_private_folders(folder: Path) -> None:
+    """Create `folder` and its missing parents readable by their owner alone (0700); existing ones stay as they are."""
+    for each in reversed([folder, *folder.parents]):
+        if not each.exists():
+            each.mkdir(mode=0o700, exist_ok=True)
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True, private: bool = False
+) -> Path:
     """Replace `path` with what `write(binary file)` writes, all at once.
 
     durable=False skips the two flushes to disk (about 7 ms a file here): for files that are
     cheap to make again and checked when read, such as decode-cache entries.
+    private=True: for what holds patient-derived data (decoded pixels, trained weights): the
+    file is its owner's alone (0600) from its first byte, and folders it creates are 0700.
     """
     path = Path(path)
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    if private:
+        make_private_folders(folder)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
     _clean_once(folder)
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    mode = 0o600 if private else 0o666  # less the umask, as open() does
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
             write(fh)
             if durable:
                 fh.flush()

@@ -1,5 +1,7 @@
 """Site replies as the server receives them, built without a Flower run (explicit metadata)."""
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
@@ -24,3 +26,19 @@ def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 
         message_type="train",
     )
     return Message(content, metadata=metadata)
+
+
+def server_request(message_type: str, config: dict, arrays: ArrayRecord, node: int = 5) -> Message:
+    """A message from the server as a site's ClientApp receives it."""
+    metadata = Metadata(
+        run_id=7,
+        message_id="sent",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600,
+        message_type=message_type,
+    )
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), metadata=metadata)

@@ -74,7 +74,8 @@ class ImageCache:
         if problem := self._problem(pixels):
             raise ValueError(f"refusing to cache pixels of {sha256}: {problem}")
         # Not flushed to disk: an entry a crash cut short is found by usable() and decoded again.
-        atomic_write(self.path_for(sha256), lambda fh: np.save(fh, pixels), durable=False)
+        # Private: decoded patient images, for the user running the site or experiment alone.
+        atomic_write(self.path_for(sha256), lambda fh: np.save(fh, pixels), durable=False, private=True)
 
 
 def _decode_into_cache(job: tuple[str, str, ImageCache]) -> str | None:

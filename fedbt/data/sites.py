@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as validated_dataclass
 
-from fedbt.config import ConfigError, read_yaml_mapping, resolve_project_path, validated
+from fedbt.config import (
+    ConfigError,
+    NonNegativeInt,
+    PositiveInt,
+    read_yaml_mapping,
+    resolve_project_path,
+    validated,
+)
 from fedbt.data.labels import KNOWN_SOURCE_LABELS, parse_allowed
 
 SiteFormat = Literal["class_folders", "figshare_mat", "kaggle_combined"]
@@ -40,6 +47,29 @@ class SplitPolicy:
         return self
 
 
+@validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class SitePolicy:
+    """What a site decides whatever a server asks (fedbt.federated.policy enforces it).
+
+    Its data root comes from `fedbt site --data-root` (or the site file's absolute root), its
+    split from `split:` and split_seed; the server may set training hyper-parameters within
+    the limits below, nothing else. The defaults fit the project's profiles (224 px and
+    batches of 64 on a GPU) and allow one final test scoring per run.
+    """
+
+    # Where decoded pixels go; None: $FEDBT_CACHE or ~/.cache/fedbt of the user running the site.
+    cache_dir: str | None = None
+    # Seed of the train/val/test split: a server choosing it could move other images into "test".
+    split_seed: NonNegativeInt = 0
+    # Local ImageNet weights (resnet50 transfer learning) this site loads; a server never names a file.
+    pretrained_path: str | None = None
+    max_image_size: PositiveInt = 256
+    max_batch_size: PositiveInt = 64
+    max_local_epochs: PositiveInt = 5
+    # Final test scorings (aggregates only) a run may ask of the site.
+    max_test_requests: NonNegativeInt = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SiteSpec:
     name: str
@@ -47,6 +77,7 @@ class SiteSpec:
     root: Path
     labels: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     split: SplitPolicy = SplitPolicy()
+    policy: SitePolicy = SitePolicy()
     # kaggle_combined only: which origin of the combined set this site takes, and the
     # site YAMLs whose files decide SARTAJ vs Br35H by byte identity.
     origin: str | None = None
@@ -77,13 +108,14 @@ class SiteFile(BaseModel):
     root: str
     labels: dict[str, AllowedClasses] = {}
     split: SplitPolicy = SplitPolicy()
+    policy: SitePolicy = SitePolicy()
     origin: str | None = None
     reference_sites: list[str] = []
 
     @model_validator(mode="before")
     @classmethod
     def _empty_means_default(cls, values: Any) -> Any:
-        # `labels:` or `split:` with nothing under them reads as null: take the default.
+        # `labels:`, `split:` or `policy:` with nothing under them reads as null: take the default.
         return {k: v for k, v in values.items() if v is not None} if isinstance(values, dict) else values
 
     @field_validator("labels", mode="before")
@@ -135,6 +167,7 @@ def _load_site(path: str | Path, data_root: str | Path | None, referenced_from: 
         root=root,
         labels=site.labels,
         split=site.split,
+        policy=site.policy,
         origin=site.origin,
         reference_sites=tuple(_load_site(ref, data_root, chain) for ref in site.reference_sites),
     )

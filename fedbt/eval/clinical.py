@@ -14,10 +14,10 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from fedbt.data.labels import Task
-from fedbt.eval.metrics import ROC_POINTS, classification_metrics, fine_label_metrics
+from fedbt.eval.metrics import ROC_POINTS, classification_metrics, fine_label_metrics, roc_on_grid
 
 CALIBRATION_BINS = 10
 
@@ -42,15 +42,6 @@ def row_normalised(confusion: np.ndarray) -> list[list[float]]:
     """Each true class's row as fractions (rows of absent classes stay 0)."""
     confusion = np.asarray(confusion, dtype=float)
     return (confusion / np.clip(confusion.sum(axis=1, keepdims=True), 1, None)).round(4).tolist()
-
-
-def roc_on_grid(is_positive: np.ndarray, scores: np.ndarray) -> dict | None:
-    """One-vs-rest ROC curve on a fixed FPR grid (small in JSON); None without both outcomes."""
-    if is_positive.all() or not is_positive.any():
-        return None
-    fpr, tpr, _ = roc_curve(is_positive.astype(int), scores)
-    grid = np.linspace(0, 1, ROC_POINTS)
-    return {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).round(4).tolist()}
 
 
 def precision_recall(is_positive: np.ndarray, scores: np.ndarray) -> tuple[dict, float] | None:

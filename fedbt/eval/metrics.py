@@ -23,72 +23,106 @@ from sklearn.metrics import (
 from fedbt.data.labels import Task
 
 ROC_POINTS = 101  # curves are kept on a fixed FPR grid so they stay small in JSON
+TUMOUR_THRESHOLD = 0.5  # P(tumour) at which an image is called a tumour
 
 
-def _safe_auc(y_true: np.ndarray, scores: np.ndarray, **kwargs) -> float | None:
+def safe_auc(is_positive: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            value = roc_auc_score(y_true, scores, **kwargs)
-    except ValueError:  # a class absent from y_true: AUC undefined
+            value = roc_auc_score(is_positive.astype(int), scores, sample_weight=weights)
+    except ValueError:  # a class absent from the truth: AUC undefined
         return None
     return None if np.isnan(value) else float(value)
 
 
-def set_likelihood_loss(probs: np.ndarray, masks: np.ndarray) -> float:
-    """Mean -log P(allowed set): the coarse-label loss, computed from probabilities."""
+def roc_on_grid(is_positive: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> dict | None:
+    """One-vs-rest ROC curve on a fixed FPR grid (small in JSON); None without both outcomes."""
+    if is_positive.all() or not is_positive.any():
+        return None
+    fpr, tpr, _ = roc_curve(is_positive.astype(int), scores, sample_weight=weights)
+    grid = np.linspace(0, 1, ROC_POINTS)
+    return {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).round(4).tolist()}
+
+
+def set_likelihood_losses(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Each image's -log P(allowed set): the coarse-label loss, computed from probabilities."""
     allowed = (probs * masks).sum(axis=1)
-    return float(-np.log(np.clip(allowed, 1e-12, None)).mean())
+    return -np.log(np.clip(allowed, 1e-12, None))
 
 
-def fine_label_metrics(probs: np.ndarray, y_true: np.ndarray, classes: tuple[str, ...]) -> dict:
+def set_likelihood_loss(probs: np.ndarray, masks: np.ndarray) -> float:
+    return float(set_likelihood_losses(probs, masks).mean())
+
+
+def label_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], weights: np.ndarray | None = None
+) -> dict:
+    """The metrics of predicted labels alone. `weights` counts each (true, predicted) pair:
+    scored from a confusion matrix, one pair per cell weighted by its count, they are the same
+    numbers as from the images themselves."""
     labels = list(range(len(classes)))
-    y_pred = probs.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    present = [c for c in labels if (y_true == c).any()]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0, sample_weight=weights
+    )
+    present = [c for c in labels if support[c] > 0]
     macro = lambda values: float(np.mean([values[c] for c in present])) if present else None  # noqa: E731
-    per_class_auc = {classes[c]: _safe_auc((y_true == c).astype(int), probs[:, c]) for c in labels}
-    aucs = [v for v in per_class_auc.values() if v is not None]
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "accuracy": float(accuracy_score(y_true, y_pred, sample_weight=weights)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred, sample_weight=weights)),
         "macro_precision": macro(precision),
         "macro_recall": macro(recall),
         "macro_f1": macro(f1),
-        "macro_auc": float(np.mean(aucs)) if aucs else None,
         "per_class": {
             classes[c]: {
                 "precision": float(precision[c]),
                 "recall": float(recall[c]),
                 "f1": float(f1[c]),
                 "support": int(support[c]),
-                "auc": per_class_auc[classes[c]],
             }
             for c in labels
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels, sample_weight=weights).astype(int).tolist(),
+    }
+
+
+def with_class_aucs(metrics: dict, aucs: dict[str, float | None]) -> dict:
+    """label_metrics plus each class's one-vs-rest ROC-AUC and their mean over the defined ones."""
+    defined = [v for v in aucs.values() if v is not None]
+    for name, auc in aucs.items():
+        metrics["per_class"][name]["auc"] = auc
+    return {**metrics, "macro_auc": float(np.mean(defined)) if defined else None}
+
+
+def fine_label_metrics(probs: np.ndarray, y_true: np.ndarray, classes: tuple[str, ...]) -> dict:
+    metrics = label_metrics(y_true, probs.argmax(axis=1), classes)
+    return with_class_aucs(metrics, {name: safe_auc(y_true == c, probs[:, c]) for c, name in enumerate(classes)})
+
+
+def binary_confusion(predicted: np.ndarray, actual: np.ndarray) -> list[list[int]]:
+    """[[TN, FP], [FN, TP]]."""
+    return [
+        [int((~predicted & ~actual).sum()), int((predicted & ~actual).sum())],
+        [int((~predicted & actual).sum()), int((predicted & actual).sum())],
+    ]
+
+
+def tumour_vs_none_from(confusion: list[list[int]], auc: float | None, roc: dict | None) -> dict:
+    """Tumour-vs-none metrics from the confusion at P(tumour) >= 0.5 and the ranking's AUC and ROC curve."""
+    (tn, fp), (fn, tp) = confusion
+    return {
+        "accuracy": (tp + tn) / (tn + fp + fn + tp),
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "auc": auc,
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "roc_curve": roc,
     }
 
 
 def tumour_vs_none_metrics(p_tumour: np.ndarray, is_tumour: np.ndarray) -> dict:
-    predicted = p_tumour >= 0.5
-    tp = int((predicted & is_tumour).sum())
-    tn = int((~predicted & ~is_tumour).sum())
-    fp = int((predicted & ~is_tumour).sum())
-    fn = int((~predicted & is_tumour).sum())
-    roc = None
-    if is_tumour.any() and (~is_tumour).any():
-        fpr, tpr, _ = roc_curve(is_tumour.astype(int), p_tumour)
-        grid = np.linspace(0, 1, ROC_POINTS)
-        roc = {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).round(4).tolist()}
-    return {
-        "accuracy": (tp + tn) / len(predicted),
-        "sensitivity": tp / (tp + fn) if tp + fn else None,
-        "specificity": tn / (tn + fp) if tn + fp else None,
-        "auc": _safe_auc(is_tumour.astype(int), p_tumour),
-        "confusion_matrix": [[tn, fp], [fn, tp]],
-        "roc_curve": roc,
-    }
+    confusion = binary_confusion(p_tumour >= TUMOUR_THRESHOLD, is_tumour)
+    return tumour_vs_none_from(confusion, safe_auc(is_tumour, p_tumour), roc_on_grid(is_tumour, p_tumour))
 
 
 def classification_metrics(probs: np.ndarray, masks: np.ndarray, task: Task) -> dict:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import traceback
+from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedbt.data.sites import SitePolicy
+from fedbt.eval.aggregates import aggregate_scores
 from fedbt.federated.client_privacy import clipped_at_site
 from fedbt.federated.common import ROUND_KEY, SPLIT_KEY, client_experiment
 from fedbt.federated.flower_internals import CLIPPING_NORM_KEY
+from fedbt.federated.policy import PolicyRefusal
 from fedbt.federated.task import (
     LocalState,
     client_partition,
@@ -26,6 +32,31 @@ from fedbt.train.setup import new_model
 
 app = ClientApp()
 LOCAL_STATE_KEY = "fedbt-local-state"
+TEST_REQUESTS_KEY = "fedbt-test-requests"
+# What the server learns when a site will not or cannot do what it asked: no exception text,
+# which carries local paths and file names (the detail goes to the site's log). fedbt's own
+# codes: Flower's run from 0 to 8.
+REFUSED_CODE, FAILED_CODE = 100, 101
+REFUSED_REASON = "refused by the site's policy (the reason is in the site's log)"
+FAILED_REASON = "the site could not do this (the reason is in the site's log)"
+
+
+def site_guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """The handler, replying with a generic error when it refuses or fails; the detail is logged at the site."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        request = f"{msg.metadata.message_type} request of run {msg.metadata.run_id}"
+        try:
+            return handler(msg, context)
+        except PolicyRefusal as err:
+            log(f"[site] refused the server's {request}: {err}")
+            return Message(Error(REFUSED_CODE, REFUSED_REASON), reply_to=msg)
+        except Exception:
+            log(f"[site] the server's {request} failed:\n{traceback.format_exc()}")
+            return Message(Error(FAILED_CODE, FAILED_REASON), reply_to=msg)
+
+    return guarded
 
 
 def _partition_of(context: Context, cfg):
@@ -63,8 +94,9 @@ def training_summary(metrics: dict, target_epsilon: float) -> str:
 
 
 @app.train()
+@site_guarded
 def train(msg: Message, context: Context) -> Message:
-    cfg = client_experiment(msg, context)
+    cfg, _ = client_experiment(msg, context)
     partition = _partition_of(context, cfg)
     config = msg.content["config"]
     server_round = int(config[ROUND_KEY])
@@ -94,13 +126,16 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@site_guarded
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = client_experiment(msg, context)
-    partition = _partition_of(context, cfg)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    cfg, policy = client_experiment(msg, context)
     split = str(msg.content["config"].get(SPLIT_KEY, "val"))
     if split == "test":
-        return _test_predictions(msg, context, cfg, partition, global_state)
+        count_test_request(context, policy)
+    partition = _partition_of(context, cfg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    if split == "test":
+        return _test_aggregates(msg, context, cfg, partition, global_state)
     metrics = evaluate_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), split="val")
     # Only numbers every site has, so Flower can average them; the full metrics travel as JSON.
     numbers = {
@@ -117,17 +152,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _test_predictions(msg: Message, context: Context, cfg, partition, global_state) -> Message:
-    """The final model's outputs on this site's test split, for a server that holds no data.
+def count_test_request(context: Context, policy: SitePolicy) -> None:
+    """Count a final test scoring in this run's state; PolicyRefusal beyond the policy's number.
+    Each scoring tells the server more about the same test images."""
+    done = int(context.state[TEST_REQUESTS_KEY]["count"]) if TEST_REQUESTS_KEY in context.state else 0
+    if done >= policy.max_test_requests:
+        raise PolicyRefusal(
+            f"test scoring number {done + 1} in this run; this site allows {policy.max_test_requests} per run"
+        )
+    context.state[TEST_REQUESTS_KEY] = ConfigRecord({"count": done + 1})
 
-    Probabilities and allowed-class masks leave the site, never images: the server pools
-    them into the same test metrics a simulation computes from the pooled data.
+
+def _test_aggregates(msg: Message, context: Context, cfg, partition, global_state) -> Message:
+    """The final model's test scoring at this site, for a server that holds no data.
+
+    Counts and score histograms leave the site (fedbt.eval.aggregates), never a value of one
+    image: the server adds them up into the pooled test metrics.
     """
-    probs, masks = predict_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), "test")
-    predictions = {"probs": torch.from_numpy(probs), "masks": torch.from_numpy(masks)}
+    catalog = load_catalog(cfg)
+    probs, masks = predict_partition(cfg, catalog, partition, global_state, _load_local(context), "test")
+    arrays = aggregate_scores(probs, masks, catalog.task).arrays()
     content = RecordDict(
         {
-            "predictions": ArrayRecord(torch_state_dict=predictions),
+            "test-aggregates": ArrayRecord(torch_state_dict={k: torch.from_numpy(v) for k, v in arrays.items()}),
             "site": ConfigRecord({"name": partition.name}),
         }
     )

@@ -9,7 +9,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from fedbt.config import PROJECT_ROOT, ExperimentConfig, from_dict, load_config, to_dict
+from fedbt.data.sites import SitePolicy, load_site
 from fedbt.data.synthetic import ensure_demo_data
+from fedbt.federated.policy import SiteSetup, settable_part, site_experiment
 
 # run_simulation.py names the fully resolved experiment file here for its ServerApp.
 EXPERIMENT_ENV = "FEDBT_EXPERIMENT"
@@ -48,18 +50,29 @@ def experiment_from_context(context: Context) -> ExperimentConfig:
     return cfg
 
 
-def experiment_record(cfg: ExperimentConfig) -> str:
-    return json.dumps(to_dict(cfg))
+def experiment_record(cfg: ExperimentConfig, settable_only: bool) -> str:
+    """The experiment as the server sends it. Sites that hold their own data (a deployment) get
+    the settings a server may set alone: where their data is and how it is split is theirs."""
+    return json.dumps(settable_part(cfg) if settable_only else to_dict(cfg))
 
 
-def client_experiment(msg: Message, context: Context) -> ExperimentConfig:
-    """The experiment the server sent, with this node's own site, data root and cache where it names them."""
-    cfg = from_dict(json.loads(str(msg.content["config"][EXPERIMENT_KEY])))
+def site_setup(context: Context) -> SiteSetup | None:
+    """What `fedbt site` started this node with; None for a simulated site, which has no files of its own."""
     node = context.node_config
-    if node.get(NODE_DATA_ROOT):
-        cfg.data.data_root = str(node[NODE_DATA_ROOT])
-    if node.get(NODE_SITE):
-        cfg.data.sites = [str(node[NODE_SITE])]
-    if node.get(NODE_CACHE_DIR):
-        cfg.data.cache_dir = str(node[NODE_CACHE_DIR])
-    return cfg
+    if not node.get(NODE_SITE):
+        return None
+    data_root = str(node[NODE_DATA_ROOT]) if node.get(NODE_DATA_ROOT) else None
+    cache_dir = str(node[NODE_CACHE_DIR]) if node.get(NODE_CACHE_DIR) else None
+    site_file = str(node[NODE_SITE])
+    return SiteSetup(site_file, load_site(site_file, data_root), data_root, cache_dir)
+
+
+def client_experiment(msg: Message, context: Context) -> tuple[ExperimentConfig, SitePolicy]:
+    """The experiment a site runs and the policy it runs under. A simulated site takes the server's
+    experiment as it is (one experimenter runs both) under the default policy; a hospital's node
+    checks it against its own policy (PolicyRefusal when it asks for more than that allows)."""
+    sent = json.loads(str(msg.content["config"][EXPERIMENT_KEY]))
+    setup = site_setup(context)
+    if setup is None:
+        return from_dict(sent), SitePolicy()
+    return site_experiment(sent, setup), setup.policy

@@ -9,12 +9,13 @@ final model is scored on the test splits.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -23,8 +24,8 @@ from fedbt.config import ExperimentConfig, FederatedConfig
 from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
+from fedbt.eval.aggregates import ScoreAggregates, aggregate_metrics
 from fedbt.eval.inference import evaluate
-from fedbt.eval.metrics import classification_metrics
 from fedbt.federated.client_privacy import client_level_epsilon, train_config
 from fedbt.federated.common import (
     EXPERIMENT_KEY,
@@ -127,7 +128,13 @@ class FederatedRun:
         return ArrayRecord(torch_state_dict=transport_state(self.global_state, self.cfg.federated.transport_dtype))
 
     def message(self, node: int, message_type: str, server_round: int, **config) -> Message:
-        record = ConfigRecord({ROUND_KEY: server_round, EXPERIMENT_KEY: experiment_record(self.cfg), **config})
+        record = ConfigRecord(
+            {
+                ROUND_KEY: server_round,
+                EXPERIMENT_KEY: experiment_record(self.cfg, settable_only=not self.server_has_data),
+                **config,
+            }
+        )
         content = RecordDict({"arrays": self.wire_arrays(), "config": record})
         return Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
 
@@ -321,25 +328,44 @@ def finish(grid: Grid, run: FederatedRun) -> dict:
 def site_test_results(grid: Grid, run: FederatedRun) -> dict:
     """Test metrics of the final model from the sites' own test splits (a server without data).
 
-    Each site returns probabilities and allowed-class masks of its test images; pooling them
-    gives the same pooled and per-site metrics as evaluate_everywhere on the pooled catalog.
+    Each site returns the aggregates of its scoring (fedbt.eval.aggregates), nothing per image;
+    their sum gives the pooled metrics, each site's its own.
     """
     fc = run.cfg.federated
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
     messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **{SPLIT_KEY: "test"}) for node in nodes]
-    replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
-    if not replies:
+    replies = send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval)
+    scored = site_aggregates(replies, run)
+    if not scored:
         raise RuntimeError("no site returned test results for the final model")
-    outputs = {}
-    for reply in replies:
-        predictions = reply.content["predictions"].to_torch_state_dict()
-        outputs[site_name(reply)] = (predictions["probs"].numpy(), predictions["masks"].numpy())
-    pooled = tuple(np.concatenate([output[i] for output in outputs.values()]) for i in (0, 1))
-    log(f"[federated] test results from sites: {', '.join(sorted(outputs))}")
+    log(f"[federated] test results from sites: {', '.join(sorted(scored))}")
+    pooled = functools.reduce(operator.add, scored.values())
     return {
-        "pooled": classification_metrics(*pooled, run.task),
-        "sites": {name: classification_metrics(p, m, run.task) for name, (p, m) in sorted(outputs.items())},
+        "pooled": aggregate_metrics(pooled, run.task),
+        "sites": {name: aggregate_metrics(agg, run.task) for name, agg in sorted(scored.items())},
     }
+
+
+def site_aggregates(replies: list[Message], run: FederatedRun) -> dict[str, ScoreAggregates]:
+    """Each site's checked test aggregates; a declined, malformed or unbound reply is logged and left out."""
+    scored = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(f"[federated] node {node} did not score the test split: {reply.error.reason}")
+            continue
+        try:
+            node, name = claimed_site(reply)
+            arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
+            aggregates = ScoreAggregates.from_arrays(arrays, run.task.num_classes)
+        except (KeyError, TypeError, ValueError) as err:
+            log(f"[federated] dropped malformed test results from node {node}: {err}")
+            continue
+        if problem := run.sites.identity_problem(node, name):
+            log(f"[federated] dropped the test results of node {node}: {problem}")
+            continue
+        scored[name] = aggregates
+    return scored
 
 
 @app.main()

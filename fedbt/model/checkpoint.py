@@ -71,8 +71,9 @@ def save_checkpoint(
         "progress": progress,
         "optimizer_state": optimizer_state,
     }
-    # All at once, so an interrupted save never leaves a broken 'last' checkpoint.
-    return atomic_write(path, lambda fh: torch.save(payload, fh))
+    # All at once, so an interrupted save never leaves a broken 'last' checkpoint; private, as
+    # weights trained on patient images are.
+    return atomic_write(path, lambda fh: torch.save(payload, fh), private=True)
 
 
 def load_checkpoint(path: str | Path, expect_task: str | None = None) -> dict[str, Any]:

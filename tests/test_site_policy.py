@@ -1,0 +1,140 @@
+"""The site decides what leaves it: the ClientApp's handlers called as a hospital's SuperNode calls them.
+
+Messages are crafted as the server sends them (tests/flower_messages.py); the node config is
+what `fedbt site` gives its SuperNode. A refusal or failure is logged at the site in detail
+and reaches the server as one generic reason.
+"""
+
+import json
+
+import pytest
+from flower_messages import server_request
+from flwr.app import ArrayRecord, Context, RecordDict
+
+from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from fedbt.data.labels import get_task
+from fedbt.data.sites import load_site
+from fedbt.eval.aggregates import SCORE_BINS, ScoreAggregates, aggregate_metrics
+from fedbt.eval.metrics import classification_metrics
+from fedbt.federated import client_app
+from fedbt.federated.common import EXPERIMENT_KEY, NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, experiment_record
+from fedbt.federated.policy import settable_part
+from fedbt.federated.task import client_partition, load_catalog, predict_partition
+from fedbt.train.setup import new_model
+
+TASK = get_task("4class")
+
+
+@pytest.fixture()
+def site(demo_root, site_files, tmp_path) -> Context:
+    """The sartaj node as `fedbt site --site sites/sartaj.yaml --data-root ... --cache-dir ...` starts it."""
+    node = {NODE_SITE: site_files[1], NODE_DATA_ROOT: str(demo_root), NODE_CACHE_DIR: str(tmp_path / "site-cache")}
+    return Context(run_id=7, node_id=5, node_config=node, state=RecordDict(), run_config={})
+
+
+def server_experiment() -> ExperimentConfig:
+    # The server's own data settings (its cache, no data root) are not sent to sites that hold their data.
+    return ExperimentConfig(
+        data=DataConfig(image_size=32, cache_dir="/server/cache"),
+        model=ModelConfig(name="cnn"),
+        train=TrainConfig(batch_size=16),
+    )
+
+
+def request_from_server(experiment: str, split: str = "test", kind: str = "evaluate"):
+    state = new_model(server_experiment(), TASK.num_classes).state_dict()
+    # An untrained model's scores differ by less than a histogram bin (ties, where a per-image
+    # AUC ranks differences of 1e-5); scaled up, its last layer spreads them as a trained one's are.
+    state["classifier.4.weight"] *= 200
+    return server_request(kind, {EXPERIMENT_KEY: experiment, "split": split}, ArrayRecord(torch_state_dict=state))
+
+
+def asking_for(section: str, key: str, value) -> str:
+    values = settable_part(server_experiment())
+    values.setdefault(section, {})[key] = value
+    return json.dumps(values)
+
+
+def honest() -> str:
+    return experiment_record(server_experiment(), settable_only=True)
+
+
+def test_a_test_scoring_returns_aggregates_whose_metrics_equal_the_per_image_ones(site):
+    request = request_from_server(honest())
+    reply = client_app.evaluate(request, site)
+    assert not reply.has_error()
+    assert set(reply.content) == {"test-aggregates", "site"}
+    assert dict(reply.content["site"]) == {"name": "sartaj"}
+    arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
+    # Nothing per image: every array's shape is fixed by the task, whatever the number of test images.
+    fixed = {(), (TASK.num_classes, TASK.num_classes), (TASK.num_classes, 2, SCORE_BINS), (2, 2), (2, SCORE_BINS)}
+    assert {a.shape for a in arrays.values()} <= fixed
+    from_site = aggregate_metrics(ScoreAggregates.from_arrays(arrays, TASK.num_classes), TASK)
+    # The same model on the same images, scored per image.
+    cfg, _ = client_app.client_experiment(request, site)
+    state = request.content["arrays"].to_torch_state_dict()
+    partition = client_partition(cfg, 0, 1)
+    probs, masks = predict_partition(cfg, load_catalog(cfg), partition, state, client_app.LocalState(), "test")
+    per_image = classification_metrics(probs, masks, TASK)
+    assert from_site["n"] == per_image["n"] == len(partition.indices["test"]) > 0
+    assert from_site["confusion_matrix"] == per_image["confusion_matrix"]
+    assert abs(from_site["tumour_vs_none"]["auc"] - per_image["tumour_vs_none"]["auc"]) < 0.001
+    assert abs(from_site["macro_auc"] - per_image["macro_auc"]) < 0.001
+
+
+def assert_refused(reply, capsys, logged: str) -> None:
+    assert reply.has_error()
+    assert reply.error.reason == client_app.REFUSED_REASON
+    log = capsys.readouterr().err
+    assert "refused the server's" in log and logged in log
+
+
+def test_a_second_test_scoring_in_a_run_is_refused(site, capsys):
+    assert not client_app.evaluate(request_from_server(honest()), site).has_error()
+    assert_refused(client_app.evaluate(request_from_server(honest()), site), capsys, "test scoring number 2")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "logged"),
+    [
+        ("data", "data_root", "/elsewhere", "data.data_root='/elsewhere'"),
+        ("data", "cache_dir", "/tmp/exported", "data.cache_dir='/tmp/exported'"),
+        ("data", "seed", 3, "data.seed=3"),
+        ("model", "pretrained_path", "/etc/shadow", "model.pretrained_path='/etc/shadow'"),
+        ("data", "image_size", 512, "data.image_size=512 is above this site's limit of 256"),
+        ("train", "batch_size", 4096, "train.batch_size=4096 is above this site's limit of 64"),
+    ],
+)
+def test_a_server_asking_for_what_the_site_decides_is_refused(site, capsys, section, key, value, logged):
+    reply = client_app.evaluate(request_from_server(asking_for(section, key, value), split="val"), site)
+    assert_refused(reply, capsys, logged)
+    assert str(value) not in reply.error.reason
+
+
+def test_training_beyond_the_local_epoch_limit_is_refused(site, capsys):
+    request = request_from_server(asking_for("federated", "local_epochs", 50), kind="train")
+    request.content["config"]["server-round"] = 1
+    assert_refused(client_app.train(request, site), capsys, "federated.local_epochs=50 is above")
+
+
+def test_a_failure_at_the_site_reaches_the_server_without_its_paths(site, tmp_path, capsys):
+    site.node_config[NODE_DATA_ROOT] = str(tmp_path / "patient-0042-scans")  # no images there
+    reply = client_app.evaluate(request_from_server(honest()), site)
+    assert reply.has_error() and reply.error.reason == client_app.FAILED_REASON
+    log = capsys.readouterr().err
+    assert "patient-0042-scans" in log and "Traceback" in log
+
+
+def test_site_policy_limits_come_from_the_site_file(site, tmp_path, capsys):
+    site_file = tmp_path / "small.yaml"
+    text = open(site.node_config[NODE_SITE]).read()
+    site_file.write_text(text + "policy:\n  max_image_size: 24\n")
+    site.node_config[NODE_SITE] = str(site_file)
+    assert_refused(client_app.evaluate(request_from_server(honest(), split="val"), site), capsys, "limit of 24")
+
+
+def test_a_policy_the_site_file_gets_wrong_is_refused_in_one_line_naming_the_file(tmp_path, site_files, demo_root):
+    site_file = tmp_path / "typo.yaml"
+    site_file.write_text(open(site_files[1]).read() + "policy:\n  max_image_sise: 24\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: policy: unknown setting 'max_image_sise'"):
+        load_site(site_file, demo_root)
