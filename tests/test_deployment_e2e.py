@@ -58,7 +58,7 @@ def fedbt(args: list[str], timeout: float = RUN_TIMEOUT, **env: str) -> subproce
 
 def run_args(federation: LocalFederation, out: Path, *extra: str) -> list[str]:
     sets = [arg for override in TINY for arg in ("--set", override)]
-    return ["run", "--server", federation.address, "--ca", str(federation.certs / "ca.pem"), "--out", str(out),
+    return ["run", "--server", federation.control_address, "--ca", str(federation.certs / "ca.pem"), "--out", str(out),
             *sets, *extra]  # fmt: skip
 
 
