@@ -12,8 +12,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.app import Error, Message, Metadata
 from flwr.common.config import parse_config_args
 
-from fedbt.deployment.certs import make_deployment_certs, registered_keys
-from fedbt.deployment.processes import describe_failure
+from fedbt.deployment import front
+from fedbt.deployment.certs import CertLayout, make_deployment_certs, registered_keys
+from fedbt.deployment.nodes import ServerSettings, public_front
+from fedbt.deployment.processes import DeploymentError, describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated import rounds
 from fedbt.federated.flower_internals import RUN_REFUSED
@@ -163,3 +165,14 @@ def test_a_site_that_failed_is_left_out_but_one_that_refused_the_app_stops_the_r
     refused = error_reply(f"<class 'fedbt.federated.flower_internals.RunRefused'>:<'{RUN_REFUSED}: ...'>", node=9)
     with pytest.raises(RunRefusedError, match=f"site node 9: {RUN_REFUSED}"):
         rounds.answered([failed, refused])
+
+
+def test_the_server_front_needs_two_ports_and_nginx_and_says_so_in_one_line(tmp_path, monkeypatch):
+    layout = CertLayout(tmp_path / "certs")
+    same = ServerSettings(layout.root, tmp_path / "state", port=9092, control_port=9092)
+    with pytest.raises(DeploymentError, match="the public port and the control port are both 9092: choose two"):
+        public_front(same, layout)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(front, "NGINX_DIRS", ())
+    with pytest.raises(DeploymentError, match=r"nginx not found: .*\(apt-get install nginx\)"):
+        public_front(ServerSettings(layout.root, tmp_path / "state"), layout).command()

@@ -18,6 +18,15 @@ from fedbt.deployment.processes import DeploymentError
 
 # The prefix of every Fleet API route of Flower 1.41's SuperLink (flwr/superlink/routers/fleet/router.py).
 FLEET_PREFIX = "/v1/fleet/"
+# Fleet calls each site makes several times a second (polls, heartbeats, transfers): not logged.
+UNLOGGED_FLEET_CALLS = (
+    "pull-messages",
+    "push-messages",
+    "send-node-heartbeat",
+    "pull-object",
+    "push-object",
+    "confirm-message-received",
+)
 # Where Debian and most distributions install nginx, off a non-root user's PATH.
 NGINX_DIRS = ("/usr/sbin", "/usr/local/sbin")
 
@@ -41,8 +50,13 @@ pid front.pid;
 error_log stderr notice;
 events {{ worker_connections 256; }}
 http {{
-    # Who called what from where: the SuperLink behind sees every site as 127.0.0.1.
-    access_log /dev/stderr;
+    # Who called what from where (the SuperLink behind sees every caller as 127.0.0.1), except the
+    # sites' polls and transfers, many a second.
+    map $uri $front_logs {{
+        ~^{FLEET_PREFIX}({"|".join(UNLOGGED_FLEET_CALLS)})$ 0;
+        default 1;
+    }}
+    access_log /dev/stderr combined if=$front_logs;
     server_tokens off;
     client_body_temp_path tmp/body;
     proxy_temp_path tmp/proxy;
