@@ -173,6 +173,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         host=args.host,
         port=args.port,
+        control_port=args.control_port,
         site_keys=Path(args.site_keys) if args.site_keys else None,
     )
     return run_server(settings)
@@ -240,8 +241,13 @@ def add_deployment_parsers(sub) -> None:
 
     server = sub.add_parser("server", help="start the Flower SuperLink: TLS, registered sites only")
     server.add_argument("--certs", default="certs", help="the `fedbt certs` folder (server part)")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all interfaces")
-    server.add_argument("--port", type=int, default=9092)
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address sites connect to (Fleet API only); 0.0.0.0 for all interfaces"
+    )
+    server.add_argument("--port", type=int, default=9092, help="the sites' port")
+    server.add_argument(
+        "--control-port", type=int, default=9093, help="on 127.0.0.1 only: `fedbt run` and site registration"
+    )
     server.add_argument("--site-keys", help="folder of <site>.pub to register (default: CERTS/sites)")
     server.add_argument("--state-dir", default="deploy-state/server", help="database (runs, sites) and logs")
     server.set_defaults(func=cmd_server)
@@ -264,7 +270,9 @@ def add_deployment_parsers(sub) -> None:
     site.set_defaults(func=cmd_site)
 
     run = sub.add_parser("run", help="run the federated experiment on a running server and its sites")
-    run.add_argument("--server", required=True, metavar="HOST:PORT")
+    run.add_argument(
+        "--server", default="127.0.0.1:9093", metavar="HOST:PORT", help="the server's control port, on its machine"
+    )
     run.add_argument("--ca", default="certs/ca.pem", help="CA certificate the server's is signed with")
     run.add_argument("--config", default=DEMO_CONFIG, help="profile inside the project (configs/...)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

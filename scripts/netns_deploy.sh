@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One server and three sites as separate hosts: each in its own network namespace with its
 # own address on a private bridge (ip netns + veth), talking TLS with site authentication.
-# `fedbt run` is the operator, in the root namespace. Needs root and iproute2.
+# `fedbt run` is the operator, on the server host (runs are submitted on its loopback only).
+# Needs root, iproute2 and nginx (the server's public front).
 #
 #   sudo bash scripts/netns_deploy.sh [WORK_DIR]      # exits 0 when the 2-round run completed
 #
@@ -16,9 +17,10 @@ WORK="$(realpath -m "${1:-$(mktemp -d /tmp/fedbt-netns.XXXXXX)}")"
 PREFIX="fbt$$"                 # unique per run: parallel runs never share names
 BRIDGE="${PREFIX}br"
 SUBNET=10.77.$(($$ % 200 + 20))
-OPERATOR_IP="$SUBNET.1"        # the root namespace, where `fedbt run` is typed
+OPERATOR_IP="$SUBNET.1"        # the root namespace
 SERVER_IP="$SUBNET.2"
-PORT=9092
+PORT=9092                      # the sites' (Fleet API only)
+CONTROL_PORT=9093              # runs and site registration, on the server's loopback
 SITES=(figshare sartaj br35h)
 STEP_TIMEOUT=120
 RUN_TIMEOUT=400
@@ -81,12 +83,13 @@ for site in "${SITES[@]}"; do
 done
 for site in "${SITES[@]}"; do wait_for_line "$WORK/site-$site.log" "connected to the server"; done
 
-timeout "$RUN_TIMEOUT" "$FEDBT" run --server "$SERVER_IP:$PORT" --ca "$WORK/certs/ca.pem" --rounds 2 \
-  --set data.image_size=32 --set model.name=cnn --set train.threads=1 --out "$WORK/results"
+timeout "$RUN_TIMEOUT" ip netns exec "$PREFIX-server" "$FEDBT" run --server "127.0.0.1:$CONTROL_PORT" \
+  --ca "$WORK/certs/ca.pem" --rounds 2 --set data.image_size=32 --set model.name=cnn --set train.threads=1 \
+  --out "$WORK/results"
 
-# Each site reached the server from its own address, and all three trained both rounds.
+# Each site reached the server's front from its own address, and all three trained both rounds.
 for i in "${!SITES[@]}"; do
-  grep -q "$SUBNET.$((11 + i)):[0-9]* - \"POST /v1/fleet/activate-node" "$WORK/server.log" \
+  grep -q "\[front\] $SUBNET.$((11 + i)) - .*\"POST /v1/fleet/activate-node" "$WORK/server.log" \
     || { echo "site ${SITES[$i]} did not connect from $SUBNET.$((11 + i))" >&2; exit 1; }
 done
 "$PYTHON" - "$WORK/results/federated/metrics.json" <<'EOF'

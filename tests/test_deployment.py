@@ -9,13 +9,17 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.app import Error, Message, Metadata
 from flwr.common.config import parse_config_args
 
-from fedbt.deployment.certs import make_deployment_certs, registered_keys
-from fedbt.deployment.processes import describe_failure
+from fedbt.deployment import front
+from fedbt.deployment.certs import CertLayout, make_deployment_certs, registered_keys
+from fedbt.deployment.nodes import ServerSettings, public_front
+from fedbt.deployment.processes import DeploymentError, describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated import rounds
-from fedbt.federated.rounds import SitesMissingError
+from fedbt.federated.flower_internals import RUN_REFUSED
+from fedbt.federated.rounds import RunRefusedError, SitesMissingError
 
 
 def test_certs_name_the_server_and_give_each_site_a_flower_readable_key_pair(tmp_path):
@@ -147,3 +151,28 @@ def test_the_server_collects_replies_and_gives_up_at_the_round_timeout(clock):
     assert rounds.send_and_collect(silent, [object()], timeout=1.0, poll=0.25) == []
     # Polled at 0, 0.25, 0.5, 0.75 and 1.0 s, then gave up at the deadline.
     assert (silent.pulls, clock.now) == (5, 1.0)
+
+
+def error_reply(reason: str, node: int) -> Message:
+    metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="sent",
+                        group_id="1", created_at=0.0, ttl=60, message_type="train")  # fmt: skip
+    return Message(Error(code=0, reason=reason), metadata=metadata)
+
+
+def test_a_site_that_failed_is_left_out_but_one_that_refused_the_app_stops_the_run():
+    failed = error_reply("<class 'ValueError'>:<'no images'>", node=7)
+    assert rounds.answered([failed]) == []
+    refused = error_reply(f"<class 'fedbt.federated.flower_internals.RunRefused'>:<'{RUN_REFUSED}: ...'>", node=9)
+    with pytest.raises(RunRefusedError, match=f"site node 9: {RUN_REFUSED}"):
+        rounds.answered([failed, refused])
+
+
+def test_the_server_front_needs_two_ports_and_nginx_and_says_so_in_one_line(tmp_path, monkeypatch):
+    layout = CertLayout(tmp_path / "certs")
+    same = ServerSettings(layout.root, tmp_path / "state", port=9092, control_port=9092)
+    with pytest.raises(DeploymentError, match="the public port and the control port are both 9092: choose two"):
+        public_front(same, layout)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(front, "NGINX_DIRS", ())
+    with pytest.raises(DeploymentError, match=r"nginx not found: .*\(apt-get install nginx\)"):
+        public_front(ServerSettings(layout.root, tmp_path / "state"), layout).command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from fedbt.config import PROJECT_ROOT
 from fedbt.deployment.certs import CertLayout, make_site_keys
+from fedbt.deployment.control import CONNECTION, FlowerControl
 from fedbt.deployment.local import LocalFederation, free_port
+from fedbt.deployment.processes import DeploymentError
+from fedbt.deployment.runs import RunRequest, run_config_arg
+from fedbt.federated.flower_internals import RUN_REFUSED
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +64,7 @@ def fedbt(args: list[str], timeout: float = RUN_TIMEOUT, **env: str) -> subproce
 
 def run_args(federation: LocalFederation, out: Path, *extra: str) -> list[str]:
     sets = [arg for override in TINY for arg in ("--set", override)]
-    return ["run", "--server", federation.address, "--ca", str(federation.certs / "ca.pem"), "--out", str(out),
+    return ["run", "--server", federation.control_address, "--ca", str(federation.certs / "ca.pem"), "--out", str(out),
             *sets, *extra]  # fmt: skip
 
 
@@ -211,3 +217,49 @@ def test_run_against_an_unreachable_server_fails_in_one_line(tmp_path):
     done = fedbt(args, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert last_line(done.stderr).startswith("fedbt: error: flwr run failed") and "unavailable" in done.stderr
+
+
+def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_through_the_public_port(federation, tmp_path):
+    intruder = CertLayout(tmp_path / "intruder")
+    make_site_keys(intruder, "intruder")
+    outsider = FlowerControl(federation.address, federation.certs / "ca.pem", tmp_path / "outsider")
+    request = RunRequest(federation.address, federation.certs / "ca.pem", tmp_path / "results", overrides=TINY)
+    attempts = {
+        "register a node": lambda: outsider.register_site("intruder", intruder.sites_dir / "intruder.pub"),
+        "submit a run": lambda: outsider.submit(PROJECT_ROOT, run_config_arg(request)),
+        "stop a run": lambda: outsider.stop(1),
+        "list runs": lambda: outsider.call_json("ls", CONNECTION),
+    }
+    for attempt, call in attempts.items():
+        with pytest.raises(DeploymentError, match="403 Forbidden"):
+            call()
+            pytest.fail(f"an outsider could {attempt}")
+    # On the server machine the same calls reach the SuperLink: the intruder was never registered.
+    operator = FlowerControl(federation.control_address, federation.certs / "ca.pem", tmp_path / "operator")
+    assert operator.call_json("ls", CONNECTION)["runs"] == []
+    nodes = operator.call_json("supernode", "ls", CONNECTION)["nodes"]
+    assert len(nodes) == len(federation.sites) and "intruder" not in json.dumps(nodes)
+
+
+def another_app(folder: Path) -> Path:
+    """fedbt's code under another app name: what a run carrying someone else's ClientApp looks like."""
+    shutil.copytree(PROJECT_ROOT / "fedbt", folder / "fedbt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT_ROOT / "configs", folder / "configs")
+    pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
+    assert '\nname = "fedbt"\n' in pyproject
+    (folder / "pyproject.toml").write_text(pyproject.replace('\nname = "fedbt"\n', '\nname = "not-fedbt"\n'))
+    return folder
+
+
+def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(federation, tmp_path):
+    operator = FlowerControl(federation.control_address, federation.certs / "ca.pem", tmp_path / "operator")
+    request = RunRequest(federation.control_address, federation.certs / "ca.pem", tmp_path / "results",
+                         overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
+    run_id = operator.submit(another_app(tmp_path / "app"), run_config_arg(request))
+    wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
+    status, details = operator.run_status(run_id)
+    assert status == "finished:failed" and RUN_REFUSED in details, (status, details)
+    # Each site says why in its own log; the server learnt only that the site refused.
+    assert "fedbt/not-fedbt" not in details
+    logs = [(federation.work / f"site-{name}.out").read_text() for name in federation.sites]
+    assert any(f"{RUN_REFUSED}: the run's app 'fedbt/not-fedbt 0.1.0'" in log for log in logs)

@@ -4,6 +4,7 @@ difference, and a difference makes `fedbt site` / `fedbt server` build Flower's 
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
 import pytest
+import tomli
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore import heartbeat
 from flwr.supercore.superexec.executor import types as executor_types
@@ -74,8 +76,8 @@ def mismatches():
             "flwr.superlink.main.get_objectstore_linkstate_factories is missing",
         ),
         "a module gone": (
-            lambda patch: patch.setitem(sys.modules, "flwr.supernode.runtime.run_clientapp", None),
-            "no module flwr.supernode.runtime.run_clientapp",
+            lambda patch: patch.setitem(sys.modules, "flwr.supernode.cli.flower_supernode", None),
+            "no module flwr.supernode.cli.flower_supernode",
         ),
         "a constant of another type": (
             lambda patch: patch.setattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30.0),
@@ -166,3 +168,24 @@ def test_the_forkserver_executor_takes_what_flowers_executor_protocol_passes():
         ours = inspect.signature(getattr(ForkserverExecutor, method)).parameters
         flowers = inspect.signature(getattr(executor_types.Executor, method)).parameters
         assert list(ours) == list(flowers), method
+
+
+def test_a_site_loads_its_installed_clientapp_for_fedbts_own_run_and_refuses_any_other(capsys):
+    from fedbt.federated.client_app import app as installed
+
+    load = flower_internals.installed_clientapp_loader(default_app_ref="", app_path=None, multi_app=True)
+    version = importlib.metadata.version("fedbt")
+    assert load("fedbt/fedbt", version, "any hash") is installed  # never the bundle's own code
+    for fab_id, fab_version in [("someone/else", version), ("fedbt/fedbt", "0.0.1"), ("fedbt/not-fedbt", version)]:
+        with pytest.raises(flower_internals.RunRefused) as refused:
+            load(fab_id, fab_version, "any hash")
+        # The server reads that the site refused; what it runs instead stays in the site's log.
+        assert flower_internals.RUN_REFUSED in str(refused.value) and version not in str(refused.value)
+        assert f"the run's app '{fab_id} {fab_version}' is not this site's installed" in capsys.readouterr().err
+
+
+def test_the_app_id_a_site_accepts_is_the_one_fedbts_pyproject_gives_its_runs():
+    project = tomli.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    app_id = f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']}"
+    assert flower_internals.FEDBT_APP_ID == app_id
+    assert project["project"]["version"] == importlib.metadata.version("fedbt")

@@ -13,11 +13,9 @@ from pathlib import Path
 
 from fedbt.data.sites import load_site
 from fedbt.deployment.certs import make_deployment_certs
-from fedbt.deployment.nodes import SERVER_READY, SITE_READY, STARTUP_TIMEOUT
+from fedbt.deployment.nodes import LOOPBACK, SERVER_READY, SITE_READY, STARTUP_TIMEOUT
 from fedbt.deployment.processes import ManagedProcess, flower_env
 from fedbt.deployment.runs import RunOutcome, RunRequest, submit_and_follow
-
-LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -33,7 +31,8 @@ class LocalFederation:
     site_files: list[str]
     flower_defaults: bool = False
     connect_timeout: float = 60.0
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # the public front: sites only
+    control_port: int = field(default_factory=free_port)  # the SuperLink itself: runs and registration
     server: ManagedProcess | None = None
     sites: dict[str, ManagedProcess] = field(default_factory=dict)
 
@@ -45,21 +44,20 @@ class LocalFederation:
 
     @property
     def address(self) -> str:
+        """Where sites connect."""
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """Where `fedbt run` submits, on the server machine."""
+        return f"{LOOPBACK}:{self.control_port}"
 
     def _fedbt(self, name: str, args: list[str], log: str) -> ManagedProcess:
         return ManagedProcess(name, [sys.executable, "-m", "fedbt.cli", *args], self.env, self.work / log)
 
     def start_server(self) -> None:
-        args = [
-            "server",
-            "--certs",
-            str(self.certs),
-            "--port",
-            str(self.port),
-            "--state-dir",
-            str(self.work / "server"),
-        ]
+        args = ["server", "--certs", str(self.certs), "--port", str(self.port),
+                "--control-port", str(self.control_port), "--state-dir", str(self.work / "server")]  # fmt: skip
         self.server = self._fedbt("server", args, "server.out")
         self.server.wait_for(SERVER_READY, STARTUP_TIMEOUT)
 
@@ -86,7 +84,7 @@ class LocalFederation:
         return self
 
     def run(self, out: Path, overrides: list[str]) -> RunOutcome:
-        return submit_and_follow(RunRequest(self.address, self.certs / "ca.pem", out, overrides=overrides))
+        return submit_and_follow(RunRequest(self.control_address, self.certs / "ca.pem", out, overrides=overrides))
 
     def kill_site(self, name: str) -> None:
         self.sites.pop(name).stop(grace=0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedbt.deployment.certs import CertLayout, registered_keys
 from fedbt.deployment.control import FlowerControl
+from fedbt.deployment.front import Front
 from fedbt.deployment.processes import (
     ACTIVATION_REFUSED,
     DeploymentError,
@@ -35,6 +36,7 @@ SITE_READY = "connected to the server"
 # Flower prints this once its SuperNode has authenticated and joined the federation.
 SUPERNODE_JOINED = "SuperNode ID:"
 STARTUP_TIMEOUT = 60.0
+LOOPBACK = "127.0.0.1"
 ACTIVATION_RETRY_SECONDS = 2.0
 # `python -m FLOWER_INTERNALS supernode|superlink|executor` runs that Flower process tuned.
 FLOWER_INTERNALS = "fedbt.federated.flower_internals"
@@ -44,8 +46,10 @@ FLOWER_INTERNALS = "fedbt.federated.flower_internals"
 class ServerSettings:
     certs: Path  # a `fedbt certs` folder: ca.pem, server/server.pem, server/server.key
     state_dir: Path  # the SuperLink's database (runs, registered sites) and Flower home
-    host: str = "127.0.0.1"  # 0.0.0.0: all interfaces
+    host: str = "127.0.0.1"  # where sites connect (the Fleet API only); 0.0.0.0: all interfaces
     port: int = 9092
+    # The SuperLink's own port, on 127.0.0.1 only: `fedbt run` and site registration use it.
+    control_port: int = 9093
     site_keys: Path | None = None  # folder of <site>.pub to register; default certs/sites
     # Plain `flower-superlink`, which writes every model transfer into its database: what runs
     # when the installed Flower is not the one fedbt's tuning was written for.
@@ -77,7 +81,7 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float = STARTUP_TIMEOUT) -> None:
-    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    probe = LOOPBACK if host in ("0.0.0.0", "") else host
     deadline = time.monotonic() + timeout
     while True:
         if process.process.poll() is not None:
@@ -122,9 +126,23 @@ def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--database", str(settings.state_dir / "superlink.db"),
-        "--host", settings.host,
-        "--port", str(settings.port),
+        "--host", LOOPBACK,
+        "--port", str(settings.control_port),
     ]  # fmt: skip
+
+
+def public_front(settings: ServerSettings, layout: CertLayout) -> Front:
+    if settings.port == settings.control_port:
+        raise DeploymentError(f"the public port and the control port are both {settings.port}: choose two")
+    return Front(
+        public_host=settings.host,
+        public_port=settings.port,
+        superlink_port=settings.control_port,
+        server_cert=layout.server_cert.resolve(),
+        server_key=layout.server_key.resolve(),
+        ca_cert=layout.ca_cert.resolve(),
+        workdir=(settings.state_dir / "front").resolve(),
+    )
 
 
 def register_sites(control: FlowerControl, site_keys: Path) -> dict[str, str]:
@@ -135,28 +153,37 @@ def register_sites(control: FlowerControl, site_keys: Path) -> dict[str, str]:
 
 
 def run_server(settings: ServerSettings) -> int:
-    """Start the SuperLink, register the sites' keys, serve until stopped."""
+    """Start the SuperLink on loopback, register the sites' keys, open the public front, serve until stopped."""
     layout = CertLayout(settings.certs)
     settings = flower_defaults_if_internals_differ(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     command = superlink_command(settings, layout)
+    front = public_front(settings, layout)
     install_stop_handlers()
     env = flower_env(settings.state_dir / "flwr-home")
-    link = ManagedProcess("superlink", command, env, settings.state_dir / "superlink.log", own_group=False)
+    processes = [ManagedProcess("superlink", command, env, settings.state_dir / "superlink.log", own_group=False)]
     try:
-        wait_for_port(settings.host, settings.port, link)
-        local = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
-        control = FlowerControl(f"{local}:{settings.port}", layout.ca_cert, settings.state_dir / "flwr-cli")
+        wait_for_port(LOOPBACK, settings.control_port, processes[0])
+        control_address = f"{LOOPBACK}:{settings.control_port}"
+        control = FlowerControl(control_address, layout.ca_cert, settings.state_dir / "flwr-cli")
         registered = register_sites(control, settings.site_keys or layout.sites_dir)
+        front_log = settings.state_dir / "front.log"
+        processes.append(ManagedProcess("front", front.command(), env, front_log, own_group=False))
+        wait_for_port(settings.host, settings.port, processes[1])
         sites = ", ".join(f"{name} ({state})" for name, state in registered.items())
-        print(f"fedbt: {SERVER_READY} on {settings.host}:{settings.port}; sites: {sites}", flush=True)
-        ended = wait_forever([link])
+        print(
+            f"fedbt: {SERVER_READY} on {settings.host}:{settings.port} (sites only); "
+            f"runs: `fedbt run --server {control_address}` on this machine; sites: {sites}",
+            flush=True,
+        )
+        ended = wait_forever(processes)
         raise DeploymentError(ended.failure())
     except KeyboardInterrupt:
         print("fedbt: server stopped", flush=True)
         return 0
     finally:
-        link.stop()
+        for managed in reversed(processes):
+            managed.stop()
 
 
 def check_site_data(site_file: Path, data_root: Path | None) -> str:
@@ -199,7 +226,7 @@ def supernode_command(settings: SiteSettings) -> list[str]:
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     return [
         sys.executable, "-m", FLOWER_INTERNALS, "executor",
-        "--runtime-api-address", f"127.0.0.1:{settings.runtime_port}",
+        "--runtime-api-address", f"{LOOPBACK}:{settings.runtime_port}",
         "--supernode-pid", str(supernode_pid),
     ]  # fmt: skip
 

@@ -17,7 +17,8 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   executor starts each ClientApp task as a child of a forkserver, a fresh interpreter that
   imported torch and the ClientApp once. Each task still runs in its own process (as Flower
   isolates it) and inherits none of the loop's threads or connections; only the imports are
-  shared. The ClientApp that runs is the one installed at the site.
+  shared. The ClientApp that runs is the one installed at the site, and only for a run of
+  fedbt's own app at the site's version: any other run is refused (`installed_clientapp_loader`).
 - `python -m fedbt.federated.flower_internals supernode ...`: `flower-supernode` with its idle
   waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
   uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
@@ -308,6 +309,12 @@ RUN_CLIENTAPP = declare(
     Function(("runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install")),
     "called in each task: the body of `flwr-clientapp`",
 )
+CLIENTAPP_LOADER = declare(
+    "flwr.supernode.runtime.run_clientapp",
+    "get_load_client_app_fn",
+    Function(("default_app_ref", "app_path", "multi_app")),
+    "replaced in each task: the site's installed ClientApp for fedbt's own app, a refusal for any other",
+)
 
 
 # Server-side optimiser state of Flower's strategies (the ServerApp's round, not the processes).
@@ -466,6 +473,40 @@ def run_superlink(flower_args: list[str]) -> None:
 
 # Imported once by the forkserver, before any task: what each `flwr-clientapp` would import afresh.
 TASK_PRELOAD = ["fedbt.federated.client_app", RUN_CLIENTAPP.module]
+# The app id a run of fedbt carries: pyproject.toml's [tool.flwr.app] publisher, then its [project] name.
+FEDBT_APP_ID = "fedbt/fedbt"
+# What the server reads in a site's error reply when the site would not run the submitted app.
+RUN_REFUSED = "refused by the site"
+
+
+class RunRefused(Exception):
+    """The run's app is not the fedbt installed at this site."""
+
+
+def app_refusal(fab_id: str, fab_version: str) -> str | None:
+    """Why this site will not run a run's app (None: it is the installed fedbt, name and version)."""
+    installed = f"{FEDBT_APP_ID} {importlib.metadata.version('fedbt')}"
+    submitted = f"{fab_id} {fab_version}"
+    if submitted == installed:
+        return None
+    return f"the run's app {submitted!r} is not this site's installed {installed!r}"
+
+
+def installed_clientapp_loader(default_app_ref: str, app_path, multi_app: bool):
+    """Stands in for Flower's loader, which imports the ClientApp the submitted bundle names with the
+    bundle first on sys.path: whatever a run carries, a site runs its own installed code or nothing."""
+
+    def load(fab_id: str, fab_version: str, fab_hash: str):
+        problem = app_refusal(fab_id, fab_version)
+        if problem:
+            print(f"fedbt: site: {RUN_REFUSED}: {problem}", file=sys.stderr, flush=True)
+            # The server learns that the site refused, not what it has installed.
+            raise RunRefused(f"{RUN_REFUSED}: it runs only its installed fedbt")
+        from fedbt.federated.client_app import app
+
+        return app
+
+    return load
 
 
 def run_clientapp_task(spec) -> None:
@@ -473,6 +514,7 @@ def run_clientapp_task(spec) -> None:
     certificates = None
     if not spec.insecure and spec.root_certificates_path:
         certificates = Path(spec.root_certificates_path).read_bytes()
+    CLIENTAPP_LOADER.replace(installed_clientapp_loader)
     # Ends in sys.exit with the task's exit code, which becomes this process's.
     RUN_CLIENTAPP.get()(
         runtime_api_address=spec.runtime_api_address,

@@ -22,9 +22,15 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedbt.federated.flower_internals import RUN_REFUSED
+
 
 class SitesMissingError(RuntimeError):
     """Fewer sites than the experiment's minimum connected or answered in time; the run stops."""
+
+
+class RunRefusedError(RuntimeError):
+    """A site refused to run the submitted app; it would refuse every round, so the run stops."""
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float) -> list[int]:
@@ -62,7 +68,14 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, po
 
 
 def answered(replies: list[Message]) -> list[Message]:
-    """The replies that carry content (a site whose ClientApp failed replies with an error)."""
+    """The replies that carry content (a site whose ClientApp failed replies with an error).
+
+    A RunRefusedError when a site refused the run's app.
+    """
+    for reply in replies:
+        if reply.has_error() and RUN_REFUSED in reply.error.reason:
+            node = reply.metadata.src_node_id
+            raise RunRefusedError(f"site node {node}: {RUN_REFUSED}: it runs only its own fedbt; stopping the run")
     return [m for m in replies if not m.has_error()]
 
 
