@@ -261,7 +261,9 @@ def add_deployment_parsers(sub) -> None:
     site.add_argument("--key", help="this site's private key (default: CERTS/sites/<site>.key)")
     site.add_argument("--cache-dir", help="decoded-image cache (default: ~/.cache/fedbt)")
     site.add_argument("--state-dir", help="Flower home and logs (default: deploy-state/site-<site>)")
-    site.add_argument("--runtime-port", type=int, default=9094, help="local port, one per site on a machine")
+    site.add_argument(
+        "--runtime-port", type=int, help="the site's local Runtime API port (loopback); default: a free one, printed"
+    )
     site.add_argument("--connect-timeout", type=float, default=300.0, help="seconds to keep trying the server")
     site.add_argument("--poll-interval", type=float, default=0.2, help="seconds between checks for work")
     site.add_argument(

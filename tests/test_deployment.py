@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 
 import pytest
 from cryptography import x509
@@ -14,7 +15,7 @@ from flwr.common.config import parse_config_args
 
 from fedbt.deployment import front
 from fedbt.deployment.certs import CertLayout, make_deployment_certs, registered_keys
-from fedbt.deployment.nodes import ServerSettings, public_front
+from fedbt.deployment.nodes import LOOPBACK, ServerSettings, SiteSettings, public_front, with_runtime_port
 from fedbt.deployment.processes import DeploymentError, describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated import rounds
@@ -176,3 +177,14 @@ def test_the_server_front_needs_two_ports_and_nginx_and_says_so_in_one_line(tmp_
     monkeypatch.setattr(front, "NGINX_DIRS", ())
     with pytest.raises(DeploymentError, match=r"nginx not found: .*\(apt-get install nginx\)"):
         public_front(ServerSettings(layout.root, tmp_path / "state"), layout).command()
+
+
+def test_a_site_without_a_runtime_port_gets_a_free_one_and_keeps_one_it_was_given(tmp_path):
+    def site(port: int | None) -> SiteSettings:
+        return SiteSettings(tmp_path / "s.yaml", "h:1", tmp_path / "ca.pem", tmp_path / "k", None, None, tmp_path, port)
+
+    assert with_runtime_port(site(9555)).runtime_port == 9555
+    chosen = with_runtime_port(site(None)).runtime_port
+    assert chosen is not None
+    with socket.socket() as probe:  # free: another site on this machine could listen there now
+        probe.bind((LOOPBACK, chosen))

@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 from fedbt.config import PROJECT_ROOT
 from fedbt.deployment.certs import CertLayout, make_site_keys
 from fedbt.deployment.control import CONNECTION, FlowerControl
-from fedbt.deployment.local import LocalFederation, free_port
+from fedbt.deployment.local import LocalFederation
+from fedbt.deployment.nodes import free_port
 from fedbt.deployment.processes import DeploymentError
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated.flower_internals import RUN_REFUSED

@@ -6,22 +6,15 @@ Every process is started through the real `fedbt server` / `fedbt site` commands
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbt.data.sites import load_site
 from fedbt.deployment.certs import make_deployment_certs
-from fedbt.deployment.nodes import LOOPBACK, SERVER_READY, SITE_READY, STARTUP_TIMEOUT
+from fedbt.deployment.nodes import LOOPBACK, SERVER_READY, SITE_READY, STARTUP_TIMEOUT, free_port
 from fedbt.deployment.processes import ManagedProcess, flower_env
 from fedbt.deployment.runs import RunOutcome, RunRequest, submit_and_follow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -66,7 +59,7 @@ class LocalFederation:
         args = [
             "site", "--site", self.names[name], "--server", self.address, "--certs", str(self.certs),
             "--data-root", str(self.data_root), "--cache-dir", str(self.work / "cache" / name),
-            "--state-dir", str(self.work / f"site-{name}"), "--runtime-port", str(free_port()),
+            "--state-dir", str(self.work / f"site-{name}"),
             "--connect-timeout", str(self.connect_timeout),
         ]  # fmt: skip
         if self.flower_defaults:

@@ -65,7 +65,9 @@ class SiteSettings:
     data_root: Path | None
     cache_dir: Path | None
     state_dir: Path  # this SuperNode's Flower home (installed apps) and log
-    runtime_port: int = 9094  # the SuperNode's local Runtime API (loopback only); one per site on a machine
+    # The SuperNode's local Runtime API (loopback only), one per site on a machine; None: a free
+    # port, chosen at start and printed, so several sites share a machine without flags.
+    runtime_port: int | None = None
     connect_timeout: float = 300.0
     # Seconds between the SuperNode's checks for work; 3 s and a fresh ClientApp process per
     # message are Flower's defaults (flower_defaults=True), kept for measuring the difference
@@ -199,6 +201,20 @@ def check_site_data(site_file: Path, data_root: Path | None) -> str:
     return spec.name
 
 
+def free_port() -> int:
+    """A loopback port no one listens on now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def with_runtime_port(settings: SiteSettings) -> SiteSettings:
+    """The settings with a free Runtime API port where none was given."""
+    if settings.runtime_port is not None:
+        return settings
+    return replace(settings, runtime_port=free_port())
+
+
 def node_config(settings: SiteSettings) -> str:
     values = {NODE_SITE: settings.site_file.resolve()}
     if settings.data_root:
@@ -258,7 +274,8 @@ def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> Manag
 def run_site(settings: SiteSettings) -> int:
     """Check the site's data, join the server, run ClientApps until stopped."""
     name = check_site_data(settings.site_file, settings.data_root)
-    settings = flower_defaults_if_internals_differ(settings)
+    settings = with_runtime_port(flower_defaults_if_internals_differ(settings))
+    print(f"fedbt: site {name} runtime API on {LOOPBACK}:{settings.runtime_port} (this machine only)", flush=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # How often the executor asks the SuperNode for a task (Flower's default: every second).
     poll = {} if settings.flower_defaults else {SUPEREXEC_POLL_ENV.get(): str(settings.poll_interval)}
