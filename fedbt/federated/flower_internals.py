@@ -471,8 +471,11 @@ def run_superlink(flower_args: list[str]) -> None:
     FLOWER_SUPERLINK.get()()
 
 
+# The site's installed ClientApp, named as Flower names apps (module, attribute): this module
+# sits below the app, which uses its declarations, so it loads the app by name, not by import.
+INSTALLED_CLIENTAPP = ("fedbt.federated.client_app", "app")
 # Imported once by the forkserver, before any task: what each `flwr-clientapp` would import afresh.
-TASK_PRELOAD = ["fedbt.federated.client_app", RUN_CLIENTAPP.module]
+TASK_PRELOAD = [INSTALLED_CLIENTAPP[0], RUN_CLIENTAPP.module]
 # The app id a run of fedbt carries: pyproject.toml's [tool.flwr.app] publisher, then its [project] name.
 FEDBT_APP_ID = "fedbt/fedbt"
 # What the server reads in a site's error reply when the site would not run the submitted app.
@@ -502,9 +505,8 @@ def installed_clientapp_loader(default_app_ref: str, app_path, multi_app: bool):
             print(f"fedbt: site: {RUN_REFUSED}: {problem}", file=sys.stderr, flush=True)
             # The server learns that the site refused, not what it has installed.
             raise RunRefused(f"{RUN_REFUSED}: it runs only its installed fedbt")
-        from fedbt.federated.client_app import app
-
-        return app
+        module, attribute = INSTALLED_CLIENTAPP
+        return getattr(importlib.import_module(module), attribute)
 
     return load
 
