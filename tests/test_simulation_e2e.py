@@ -1,12 +1,14 @@
 """End to end: a 2-round, 3-client Flower simulation on generated data through the real Ray backend."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from fedbt.cli import main
 from fedbt.data.synthetic import generate_demo_data
+from fedbt.federated.common import EXPERIMENT_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +29,8 @@ def test_three_site_simulation_improves_the_global_model_and_writes_the_report(t
     out = tmp_path / "results"
     code = main(["simulate", *args, "--clients", "3", "--rounds", "3", "--out", str(out)])
     assert code == 0
+    # The experiment was this process's for the run only: a deployment started later would inherit it.
+    assert EXPERIMENT_ENV not in os.environ
     for name in (
         "report.md",
         "report.html",

@@ -6,6 +6,7 @@ and reaches the server as one generic reason.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from flower_messages import server_request
@@ -14,21 +15,28 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from fedbt.data.labels import get_task
 from fedbt.data.sites import load_site
+from fedbt.data.synthetic import generate_demo_data
 from fedbt.eval.aggregates import SCORE_BINS, ScoreAggregates, aggregate_metrics
 from fedbt.eval.metrics import classification_metrics
 from fedbt.federated import client_app
 from fedbt.federated.common import EXPERIMENT_KEY, NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, experiment_record
-from fedbt.federated.policy import settable_part
+from fedbt.federated.policy import settable, settable_part
 from fedbt.federated.task import client_partition, load_catalog, predict_partition
 from fedbt.train.setup import new_model
 
 TASK = get_task("4class")
 
 
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> Path:
+    """40 images a class: a test split holding healthy and tumour images, so both AUCs are defined."""
+    return generate_demo_data(tmp_path_factory.mktemp("site-data"), per_class=40, seed=0, duplicates=3)
+
+
 @pytest.fixture()
-def site(demo_root, site_files, tmp_path) -> Context:
+def site(site_data, site_files, tmp_path) -> Context:
     """The sartaj node as `fedbt site --site sites/sartaj.yaml --data-root ... --cache-dir ...` starts it."""
-    node = {NODE_SITE: site_files[1], NODE_DATA_ROOT: str(demo_root), NODE_CACHE_DIR: str(tmp_path / "site-cache")}
+    node = {NODE_SITE: site_files[1], NODE_DATA_ROOT: str(site_data), NODE_CACHE_DIR: str(tmp_path / "site-cache")}
     return Context(run_id=7, node_id=5, node_config=node, state=RecordDict(), run_config={})
 
 
@@ -45,7 +53,7 @@ def request_from_server(experiment: str, split: str = "test", kind: str = "evalu
     state = new_model(server_experiment(), TASK.num_classes).state_dict()
     # An untrained model's scores differ by less than a histogram bin (ties, where a per-image
     # AUC ranks differences of 1e-5); scaled up, its last layer spreads them as a trained one's are.
-    state["classifier.4.weight"] *= 200
+    state["classifier.4.weight"] *= 2000
     return server_request(kind, {EXPERIMENT_KEY: experiment, "split": split}, ArrayRecord(torch_state_dict=state))
 
 
@@ -138,3 +146,10 @@ def test_a_policy_the_site_file_gets_wrong_is_refused_in_one_line_naming_the_fil
     site_file.write_text(open(site_files[1]).read() + "policy:\n  max_image_sise: 24\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: policy: unknown setting 'max_image_sise'"):
         load_site(site_file, demo_root)
+
+
+def test_a_server_may_set_every_setting_inside_a_section_it_may_set():
+    # privacy.client_level is a section of privacy: its fields travel as privacy.client_level.<field>.
+    assert settable("privacy.client_level.enabled") and settable("privacy.client_level.noise_multiplier")
+    assert settable("train.lr") and not settable("train.device") and not settable("data.cache_dir")
+    assert not settable("privacy_level.enabled")  # a prefix of the name is not a section

@@ -55,6 +55,13 @@ SERVER_SETTABLE = frozenset(
 )
 
 
+def settable(key: str) -> bool:
+    """Whether a server may set this dotted setting: listed, or inside a listed section
+    (privacy.client_level.enabled under privacy.client_level)."""
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in SERVER_SETTABLE for n in range(1, len(parts) + 1))
+
+
 class PolicyRefusal(ValueError):
     """The server asked a site for what its policy does not allow; the message says what, for the site's log."""
 
@@ -106,7 +113,7 @@ def nested(values: dict[str, Any]) -> dict[str, Any]:
 
 def settable_part(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a server sends a site that holds its own data: the settings it may set, nothing else."""
-    return nested({key: value for key, value in flat(to_dict(cfg)).items() if key in SERVER_SETTABLE})
+    return nested({key: value for key, value in flat(to_dict(cfg)).items() if settable(key)})
 
 
 def limit_problems(cfg: ExperimentConfig, policy: SitePolicy) -> list[str]:
@@ -130,7 +137,7 @@ def site_experiment(sent: dict[str, Any], setup: SiteSetup) -> ExperimentConfig:
         if key in own
         else f"the server sent an unknown setting {key!r}"
         for key, value in asked.items()
-        if key not in SERVER_SETTABLE and own.get(key, object()) != value
+        if not settable(key) and own.get(key, object()) != value
     ]
     if problems:
         raise PolicyRefusal("; ".join(problems))

@@ -3,9 +3,11 @@ at the same budget, then the comparison report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +44,22 @@ def backend_config(cfg: ExperimentConfig) -> dict:
     return {"client_resources": resources, "init_args": init_args}
 
 
+@contextlib.contextmanager
+def experiment_in_environment(experiment_file: Path) -> Iterator[None]:
+    """The experiment for the ServerApp of this process to read (it sends it on to the clients in
+    its messages), for this run only: a deployment later started from this process must not
+    inherit it (its ServerApp would run this experiment instead of the one submitted)."""
+    previous = os.environ.get(EXPERIMENT_ENV)
+    os.environ[EXPERIMENT_ENV] = str(experiment_file)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[EXPERIMENT_ENV]
+        else:
+            os.environ[EXPERIMENT_ENV] = previous
+
+
 def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> dict:
     """Run the ServerApp and N ClientApps on Flower's Ray-backed simulation engine.
 
@@ -63,8 +81,6 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
     )
     experiment_file = out / "experiment.json"
     write_json(experiment_file, to_dict(cfg))
-    # The ServerApp (in this process) reads it; it sends it on to the clients in its messages.
-    os.environ[EXPERIMENT_ENV] = str(experiment_file.resolve())
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # Ray would report usage statistics from the driver and every worker it starts.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -75,12 +91,13 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
     backend = backend_config(cfg)
     fc = cfg.federated
     log(f"[federated] {fc.num_clients} clients, {fc.rounds} rounds, strategy {fc.strategy}")
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.federated.num_clients,
-        backend_config=backend,
-    )
+    with experiment_in_environment(experiment_file.resolve()):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federated.num_clients,
+            backend_config=backend,
+        )
     metrics = read_json(out / "federated" / "metrics.json")
     if metrics is None:
         raise RuntimeError("the federated run ended without results; see the log above")
