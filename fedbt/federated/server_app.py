@@ -14,7 +14,9 @@ import json
 import operator
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -59,6 +61,8 @@ from fedbt.tracking import Tracker, experiment_run
 from fedbt.train.central import evaluate_everywhere
 from fedbt.train.setup import new_model
 
+# What a site reply holds once read (validation metrics, test aggregates).
+T = TypeVar("T")
 app = ServerApp()
 
 
@@ -267,18 +271,32 @@ def score_at_sites(grid: Grid, run: FederatedRun, server_round: int) -> dict[str
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
     scored = {}
     for reply in replies:
-        try:
-            node, name = claimed_site(reply)
-            metrics = json.loads(str(reply.content["site"]["metrics-json"]))
-        except (KeyError, TypeError, ValueError) as err:
-            node = reply.metadata.src_node_id
-            log(f"[federated] round {server_round}: dropped a malformed score from node {node}: {err}")
-            continue
-        if problem := run.sites.identity_problem(node, name):
-            log(f"[federated] round {server_round}: dropped the score of node {node}: {problem}")
-            continue
-        scored[name] = metrics
+        if accepted := checked_site_content(reply, run, read_validation_metrics, f"round {server_round}: the score"):
+            name, metrics = accepted
+            scored[name] = metrics
     return scored
+
+
+def read_validation_metrics(reply: Message) -> dict:
+    return json.loads(str(reply.content["site"]["metrics-json"]))
+
+
+def checked_site_content(
+    reply: Message, run: FederatedRun, read: Callable[[Message], T], what: str
+) -> tuple[str, T] | None:
+    """The site a reply names and its content as `read` reads it; None, logged, when the reply is
+    malformed or its node is not the site it names."""
+    node = reply.metadata.src_node_id
+    try:
+        node, name = claimed_site(reply)
+        content = read(reply)
+    except (KeyError, TypeError, ValueError) as err:
+        log(f"[federated] {what} from node {node} is malformed and was dropped: {err}")
+        return None
+    if problem := run.sites.identity_problem(node, name):
+        log(f"[federated] {what} from node {node} was dropped: {problem}")
+        return None
+    return name, content
 
 
 def score_on_server(run: FederatedRun) -> dict:
@@ -354,18 +372,16 @@ def site_aggregates(replies: list[Message], run: FederatedRun) -> dict[str, Scor
         if reply.has_error():
             log(f"[federated] node {node} did not score the test split: {reply.error.reason}")
             continue
-        try:
-            node, name = claimed_site(reply)
-            arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
-            aggregates = ScoreAggregates.from_arrays(arrays, run.task.num_classes)
-        except (KeyError, TypeError, ValueError) as err:
-            log(f"[federated] dropped malformed test results from node {node}: {err}")
-            continue
-        if problem := run.sites.identity_problem(node, name):
-            log(f"[federated] dropped the test results of node {node}: {problem}")
-            continue
-        scored[name] = aggregates
+        read = functools.partial(read_test_aggregates, num_classes=run.task.num_classes)
+        if accepted := checked_site_content(reply, run, read, "the test results"):
+            name, aggregates = accepted
+            scored[name] = aggregates
     return scored
+
+
+def read_test_aggregates(reply: Message, num_classes: int) -> ScoreAggregates:
+    arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
+    return ScoreAggregates.from_arrays(arrays, num_classes)
 
 
 @app.main()
