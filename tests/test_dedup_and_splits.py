@@ -17,6 +17,7 @@ from fedbt.data.records import Record
 from fedbt.data.sites import SplitPolicy
 from fedbt.data.splits import assign_splits, held_out_test_records
 from fedbt.data.synthetic import make_image
+from fedbt.reports.comparison import held_out_effect
 
 
 def test_near_duplicates_match_reencodings_but_not_other_images():
@@ -118,6 +119,8 @@ def test_a_test_picture_another_site_trains_on_is_held_out_of_every_test_set(cop
     assert duplicate_report(moved)["test_images_also_trained_on"] == 0
     # The leakage check counts a test image that shares a picture with training and is not held out.
     assert duplicate_report(replace(moved, held_out_test=[]))["test_images_also_trained_on"] == 1
+    # Scored as a deployment would (blind to the other sites), the held-out image is back.
+    assert near[1] in moved.indices(split="test", pooled=True, keep_held_out=True)
 
 
 def test_pooled_split_holds_each_image_once_and_sites_keep_their_own(data_config):
@@ -176,3 +179,14 @@ def test_release_split_is_kept_when_asked():
     splits = assign_splits(records, np.arange(30), {"s": SplitPolicy(val=0.2, use_source_split=True)}, seed=0)
     assert splits[:5] == ["test"] * 5
     assert set(splits[5:]) == {"train", "val"}  # the release's training part gives val, never test
+
+
+def test_the_report_says_how_the_held_out_images_move_pooled_accuracy():
+    models = {
+        "federated": {"pooled": {"accuracy": 0.9}, "pooled_with_held_out": {"accuracy": 0.95}, "sites": {}},
+        "central": {"pooled": {"accuracy": 0.92}, "sites": {}},
+    }
+    sentence = held_out_effect(models)
+    assert "federated 95.0% (reported: 90.0%)" in sentence
+    assert "central" not in sentence  # a model scored without the held-out images is not claimed to move
+    assert held_out_effect({"central": models["central"]}) == ""

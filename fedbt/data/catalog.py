@@ -75,16 +75,19 @@ class Catalog:
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
 
-    def indices(self, site: str | None = None, split: str = "train", pooled: bool = False) -> list[int]:
+    def indices(
+        self, site: str | None = None, split: str = "train", pooled: bool = False, keep_held_out: bool = False
+    ) -> list[int]:
         """Records of one site's split (each image once per site), or pooled (once overall).
 
-        Test sets leave out `held_out_test`: pictures this catalog also trains on (at another site)."""
+        Test sets leave out `held_out_test` (pictures this catalog also trains on, at another
+        site) unless `keep_held_out`: what a deployment, blind to the other sites, would score."""
         if not pooled and site is None:
             raise ValueError("name a site, or ask for pooled=True")
         if site is not None and site not in self.site_names:
             raise ValueError(f"unknown site {site!r}: have {', '.join(self.site_names)}")
         seen: set[tuple[str, str]] = set()
-        held_out = set(self.held_out_test)
+        held_out = set() if keep_held_out else set(self.held_out_test)
         chosen = []
         for i, r in enumerate(self.records):
             if self.splits[i] != split or (site is not None and r.site != site) or i in held_out:
@@ -100,10 +103,15 @@ class Catalog:
         return [f"{self.records[i].site}: {Path(self.records[i].path).name}" for i in self.held_out_test]
 
     def dataset(
-        self, site: str | None = None, split: str = "train", pooled: bool = False, augment: Augmentation | None = None
+        self,
+        site: str | None = None,
+        split: str = "train",
+        pooled: bool = False,
+        augment: Augmentation | None = None,
+        keep_held_out: bool = False,
     ) -> MRIDataset:
         """One site's split, or the pooled split; `augment` is applied to training items."""
-        return self.subset(self.indices(site, split, pooled), augment)
+        return self.subset(self.indices(site, split, pooled, keep_held_out), augment)
 
     def subset(self, indices: list[int], augment: Augmentation | None = None) -> MRIDataset:
         idx = torch.tensor(indices, dtype=torch.long)

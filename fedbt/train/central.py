@@ -33,15 +33,21 @@ class TrainData:
 
 
 def evaluate_everywhere(model: nn.Module, catalog: Catalog, device: torch.device, batch_size: int) -> dict:
-    """Test metrics on the pooled test split and on every site's test split."""
+    """Test metrics on the pooled test split and on every site's test split.
+
+    When test images were held out (another site trains on their picture), the pooled split is
+    scored with them too, to show how much the control moves the figures."""
 
     def score(dataset: MRIDataset) -> dict:
         return evaluate(model, make_loader(dataset, batch_size, False, device), device, catalog.task)
 
-    return {
+    scores = {
         "pooled": score(catalog.dataset(split="test", pooled=True)),
         "sites": {name: score(catalog.dataset(site=name, split="test")) for name in catalog.site_names},
     }
+    if catalog.held_out_test:
+        scores["pooled_with_held_out"] = score(catalog.dataset(split="test", pooled=True, keep_held_out=True))
+    return scores
 
 
 def _apply_freezing(model: nn.Module, cfg: ExperimentConfig, epoch: int) -> None:
