@@ -89,8 +89,13 @@ def cmd_central(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedbt.federated.seeds import run_seed_study
     from fedbt.federated.simulation import run_experiment
 
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.seeds > 1 and args.skip_central:
+        raise ValueError("--seeds compares federated with central at every seed: it cannot skip the central run")
     cfg = config_from_args(args)
     fc = cfg.federated
     for flag, field in (
@@ -107,7 +112,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     fc.resume = fc.resume or args.resume
     # An assignment checks its own section only; the rules between sections (privacy and strategy) now, before any run.
     cfg = validated(ExperimentConfig, to_dict(cfg), "settings")
-    results = run_experiment(cfg, skip_central=args.skip_central, skip_local=args.skip_local, reuse=not args.no_reuse)
+    if args.seeds > 1:
+        results = run_seed_study(cfg, args.seeds, skip_local=args.skip_local, reuse=not args.no_reuse)
+    else:
+        results = run_experiment(
+            cfg, skip_central=args.skip_central, skip_local=args.skip_local, reuse=not args.no_reuse
+        )
     print(f"report: {Path(cfg.output_dir) / 'report.html'}  (wall time {results['wall_seconds_total']:.0f} s)")
     return 0
 
@@ -305,6 +315,13 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-local", action="store_true", help="no local-only models")
     parser.add_argument("--no-reuse", action="store_true", help="retrain baselines even if an earlier run matches")
     parser.add_argument("--resume", action="store_true", help="resume the federated run from its last round checkpoint")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat federated and central over this many training seeds (train.seed and the next ones; "
+        "the split stays); each in OUT/seed-<seed>/, with mean, sd and the paired gap in OUT/report.html",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("evaluate", help="clinical metrics, calibration, CIs, plots and report of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="a fedbt checkpoint (best.pt, final.pt, ...)")
+    evaluate.add_argument("--checkpoint", required=True, help="a fedbt checkpoint (final.pt, last.pt, ...)")
     evaluate.add_argument("--compare", metavar="CHECKPOINT", help="second checkpoint: McNemar test on the same images")
     scope = evaluate.add_mutually_exclusive_group()
     scope.add_argument("--site", help="this site's test split (default: the pooled test split)")

@@ -85,6 +85,6 @@ def finished_run(demo_root, tmp_path_factory) -> FinishedRun:
         simulate = ["simulate", "--config", "configs/demo.yaml", "--data-root", str(demo_root), *settings]
         simulate += ["--set", "name=finished"]
         assert main([*simulate, "--rounds", "2", "--skip-local", "--out", str(run.out)]) == 0
-        evaluate = ["evaluate", "--checkpoint", str(run.out / "central" / "best.pt"), "--bootstrap", "20"]
+        evaluate = ["evaluate", "--checkpoint", str(run.out / "central" / "final.pt"), "--bootstrap", "20"]
         assert main([*evaluate, "--device", "cpu", "--out", str(run.evaluation)]) == 0
     return run

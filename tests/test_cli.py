@@ -31,7 +31,7 @@ def test_central_writes_metrics_curves_and_checkpoints(demo_args, tmp_path, caps
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "macro_auc", "tumour_vs_none"):
         assert key in pooled
     assert (out / "curves.png").stat().st_size > 0
-    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert (out / "final.pt").is_file() and (out / "last.pt").is_file()
     assert "central" in capsys.readouterr().out
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -112,3 +114,32 @@ def test_training_seed_decides_the_run(data_config, tmp_path):
     weights = [m.state_dict()["classifier.4.weight"] for m in (first, again, other)]
     assert torch.equal(weights[0], weights[1])
     assert not torch.equal(weights[0], weights[2])
+
+
+def test_central_reports_the_model_it_ends_with_though_validation_got_worse(data_config, tmp_path, monkeypatch):
+    """The selection rule: validation loss rises in the last epoch (and patience 1 stops training
+    there), yet the test scores and final.pt are that last epoch's model, not the first's."""
+    cfg = small_config(data_config, epochs=3)
+    cfg.train.lr, cfg.train.early_stopping_patience, cfg.tracking.enabled = 3e-3, 1, False
+    catalog = build_catalog(cfg.data, progress=False)
+    real_evaluate = central.evaluate
+    validation_losses = iter([1.0, 2.0])
+    epoch_models = []
+
+    def scripted_validation(model, loader, device, task):
+        scores = real_evaluate(model, loader, device, task)
+        # Every epoch's validation comes before the test scoring, which passes through.
+        if (loss := next(validation_losses, None)) is not None:
+            epoch_models.append(copy.deepcopy(model))
+            scores["loss"] = loss
+        return scores
+
+    monkeypatch.setattr(central, "evaluate", scripted_validation)
+    result = central.run_central(cfg, catalog, tmp_path)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    cpu = torch.device("cpu")
+    first, last = (central.evaluate_everywhere(m, catalog, cpu, 16)["pooled"]["loss"] for m in epoch_models)
+    assert first != pytest.approx(last)
+    assert result["test"]["pooled"]["loss"] == pytest.approx(last)
+    final = load_checkpoint(tmp_path / "final.pt")["model_state"]
+    assert all(torch.equal(value, epoch_models[-1].state_dict()[key]) for key, value in final.items())

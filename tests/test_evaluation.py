@@ -149,7 +149,7 @@ def trained(demo_root, site_files, tmp_path_factory) -> Trained:
     train_model(cfg, splits, work / "run", "test")
     torch.manual_seed(1)
     other = save_checkpoint(work / "untrained.pt", build_model(cfg.model, 4, 32), cfg, {}, "central")
-    return Trained(work / "run" / "best.pt", other, demo_root, data.cache_dir)
+    return Trained(work / "run" / "final.pt", other, demo_root, data.cache_dir)
 
 
 @pytest.fixture()

@@ -51,7 +51,7 @@ def test_a_two_round_simulation_is_read_back_with_its_settings_per_site_rounds_a
 
     central = runs["central"].info.run_id
     assert [m.step for m in client.get_metric_history(central, "val/loss")] == [1, 2]  # one per epoch
-    assert artifact_paths(client, central) == {"best.pt", "curves.png", "metrics.json"}
+    assert artifact_paths(client, central) == {"final.pt", "curves.png", "metrics.json"}
     report_files = {"report.html", "report.md", "curves.png", "comparison.json", "experiment.json"}
     assert report_files <= artifact_paths(client, parent)
     report = client.download_artifacts(parent, "report.html", str(tmp_path))
@@ -61,7 +61,7 @@ def test_a_two_round_simulation_is_read_back_with_its_settings_per_site_rounds_a
 def test_an_evaluation_is_a_run_with_its_scores_and_report(finished_run):
     client = MlflowClient(finished_run.store)
     evaluation = runs_by_name(client, "finished")["evaluate evaluation"]
-    assert evaluation.data.params["request.checkpoint"] == str(finished_run.out / "central" / "best.pt")
+    assert evaluation.data.params["request.checkpoint"] == str(finished_run.out / "central" / "final.pt")
     assert evaluation.data.params["trained.train.epochs"] == "2"
     assert {"test/accuracy", "test/macro_auc", "latency/ms_per_image_batch1"} <= set(evaluation.data.metrics)
     assert {"report.html", "evaluation.json", "roc.png"} <= artifact_paths(client, evaluation.info.run_id)

@@ -158,7 +158,7 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
         }
         write_json(target / "metrics.json", result)
         write_text(target / "fingerprint.json", _fingerprint(local_cfg))
-        tracker.log_result(result, target / "metrics.json", target / "best.pt")
+        tracker.log_result(result, target / "metrics.json", target / "final.pt")
     return result
 
 

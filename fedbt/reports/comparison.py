@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedbt.config import ExperimentConfig, to_dict
@@ -13,34 +14,45 @@ SITE_NOTE = (
     "Per site: share of test images whose prediction is a class the label allows "
     "(4-class accuracy for fine labels; for a Br35H 'yes' any tumour type counts)."
 )
+SELECTION_RULE = (
+    "Selection rule: every model is reported as training ends it (federated: the last round's global model; "
+    "central and local-only: the last epoch's, also when early stopping ends training). Validation scores are "
+    "watched, never used to pick an earlier checkpoint."
+)
 GENERATED_DATA_NOTE = (
     "Generated demo data (synthetic MRI-like images), not patient data: "
     "the numbers show the mechanics, not clinical accuracy."
 )
 
 
+def headline_scores(test: dict, sites: list[str]) -> dict[str, float | None]:
+    """The test scores the comparison is about, by column name: pooled ones, then each site's
+    (None where the model has no such score)."""
+    pooled = test["pooled"]
+    return {
+        "pooled 4-class acc": pooled.get("accuracy"),
+        "pooled macro-F1": pooled.get("macro_f1"),
+        "pooled tumour/none": pooled.get("tumour_vs_none", {}).get("accuracy"),
+        **{site: test["sites"].get(site, {}).get("set_accuracy") for site in sites},
+    }
+
+
+def site_names(tests: Iterable[dict]) -> list[str]:
+    return sorted({site for test in tests for site in test["sites"]})
+
+
 def summary_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """results: {model: {'pooled': metrics, 'sites': {site: metrics}}} -> header, rows."""
-    sites = sorted({s for r in results.values() for s in r["sites"]})
-    header = ["model", "pooled 4-class acc", "pooled macro-F1", "pooled tumour/none", *sites]
-    rows = []
-    for name, r in results.items():
-        pooled = r["pooled"]
-        rows.append(
-            [
-                name,
-                pct(pooled.get("accuracy")),
-                pct(pooled.get("macro_f1")),
-                pct(pooled.get("tumour_vs_none", {}).get("accuracy")),
-            ]
-            + [pct(r["sites"].get(s, {}).get("set_accuracy")) for s in sites]
-        )
+    sites = site_names(results.values())
+    rows = [[name, *map(pct, headline_scores(r, sites).values())] for name, r in results.items()]
+    header = ["model", *headline_scores({"pooled": {}, "sites": {}}, sites)]
     return header, rows
 
 
 def print_summary_table(results: dict[str, dict], generated_data: bool = False) -> None:
     print(format_table(*summary_rows(results)))
     print(SITE_NOTE)
+    print(SELECTION_RULE)
     if generated_data:
         print(GENERATED_DATA_NOTE)
 
@@ -66,7 +78,7 @@ def _wall_times(results: dict) -> list[list[str]]:
     return rows
 
 
-def _setup(cfg: ExperimentConfig) -> str:
+def setup_text(cfg: ExperimentConfig) -> str:
     fc = cfg.federated
     return (
         f"{fc.num_clients} clients ({fc.partition} partition), strategy {fc.strategy}, {fc.rounds} rounds x "
@@ -130,10 +142,11 @@ def write_report(
     blocks: list[Block] = [
         ("h1", f"fedbt comparison: {cfg.name}"),
         *([("p", GENERATED_DATA_NOTE)] if generated_data else []),
-        ("p", _setup(cfg)),
+        ("p", setup_text(cfg)),
         ("h2", "Test results"),
         ("table", (header, rows)),
         ("p", SITE_NOTE),
+        ("p", SELECTION_RULE),
         ("p", _split_control(results)),
         ("h2", "Wall times"),
         ("table", (["run", "wall time"], _wall_times(results))),

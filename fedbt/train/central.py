@@ -65,11 +65,15 @@ def train_model(
     resume: bool = False,
     tracker: Tracker | None = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """Train for cfg.train.epochs with checkpoints in out_dir; returns the best model and history.
-    A tracker gets each epoch's numbers as the epoch ends."""
+    """Train for cfg.train.epochs (or until early stopping ends it); returns the final model and history.
+
+    Like every run here it reports the model it ends with: validation is watched, and may stop
+    training early, but never picks an earlier epoch's model. out_dir gets last.pt every epoch (for
+    resuming) and final.pt, the reported model, at the end. A tracker gets each epoch's numbers as
+    the epoch ends."""
     tracker = tracker or Tracker()
     tc = cfg.train
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path = out_dir / "last.pt"
     saved = load_checkpoint(last_path) if resume and last_path.is_file() else None
     setup = training_setup(cfg, data.train.masks.shape[1], data.train.masks)
     if cfg.privacy.enabled:
@@ -127,13 +131,11 @@ def train_model(
             "privacy": setup.privacy.as_plain() if setup.privacy is not None else None,
         }
         save_checkpoint(last_path, model, cfg, progress, kind, opt_state)
-        if improved:
-            save_checkpoint(best_path, model, cfg, progress, kind)
         if tc.early_stopping_patience is not None and stale >= tc.early_stopping_patience:
             log(f"[{kind}] early stop: val loss has not improved for {stale} epochs")
             break
 
-    model.load_state_dict(load_checkpoint(best_path)["model_state"])
+    save_checkpoint(out_dir / "final.pt", model, cfg, {"epoch": len(history) - 1, "history": history}, kind)
     return model, history
 
 
@@ -167,5 +169,5 @@ def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: 
             result["privacy"] = privacy_summary(cfg, history)
         write_json(out_dir / "metrics.json", result)
         plot_training_curves(history, out_dir / "curves.png", title=f"central {cfg.model.name}")
-        tracker.log_result(result, out_dir / "metrics.json", out_dir / "curves.png", out_dir / "best.pt")
+        tracker.log_result(result, out_dir / "metrics.json", out_dir / "curves.png", out_dir / "final.pt")
     return result

@@ -1,0 +1,110 @@
+"""Seed studies: the t-interval of the paired gap, the summary over seeds, baselines reused only from
+their own seed, and a 2-seed simulation on generated data."""
+
+import json
+import math
+
+import pytest
+
+from fedbt.cli import main
+from fedbt.config import ExperimentConfig
+from fedbt.federated.seeds import seed_config
+from fedbt.federated.simulation import _fingerprint, _reusable
+from fedbt.fileio import write_json, write_text
+from fedbt.reports.seeds import seed_summary, t_interval
+
+
+def test_t_interval_matches_a_hand_computed_one():
+    # Mean 7/3, sd sqrt(7/3); t(0.975, 2 df) = 4.303 from a t table: 7/3 -/+ 4.303 * sqrt(7/3) / sqrt(3).
+    half_width = 4.303 * math.sqrt(7 / 3) / math.sqrt(3)
+    low, high = t_interval([1.0, 2.0, 4.0])
+    assert low == pytest.approx(7 / 3 - half_width, abs=1e-3)
+    assert high == pytest.approx(7 / 3 + half_width, abs=1e-3)
+
+
+def test_t_interval_of_one_seed_is_refused():
+    with pytest.raises(ValueError, match="at least 2 values"):
+        t_interval([0.5])
+
+
+def scores(pooled: float, sartaj: float | None) -> dict:
+    sites = {"sartaj": {"set_accuracy": sartaj}} if sartaj is not None else {}
+    return {"pooled": {"accuracy": pooled}, "sites": sites}
+
+
+def test_summary_pairs_the_gap_by_seed_and_skips_scores_a_seed_lacks():
+    tests = {
+        0: {"federated": scores(0.90, 0.70), "central": scores(0.95, 0.80)},
+        1: {"federated": scores(0.80, 0.60), "central": scores(0.90, None)},
+    }
+    summary = seed_summary(tests)
+    assert set(summary) == {"pooled 4-class acc"}  # central has no SARTAJ score at seed 1
+    pooled = summary["pooled 4-class acc"]
+    assert pooled["federated"]["mean"] == pytest.approx(0.85)
+    assert pooled["federated"]["sd"] == pytest.approx(math.sqrt(0.005))
+    assert pooled["central"]["mean"] == pytest.approx(0.925)
+    # Gaps -0.05 and -0.10: mean -0.075, sd 0.05 / sqrt(2); t(0.975, 1 df) = 12.706.
+    assert pooled["gap"]["values"] == pytest.approx([-0.05, -0.10])
+    half_width = 12.706 * (0.05 / math.sqrt(2)) / math.sqrt(2)
+    assert pooled["gap"]["ci95"] == pytest.approx([-0.075 - half_width, -0.075 + half_width], abs=1e-3)
+
+
+def test_a_baseline_is_never_reused_from_another_training_seed(tmp_path):
+    cfg = ExperimentConfig(output_dir=str(tmp_path))
+    first, second = seed_config(cfg, 0), seed_config(cfg, 1)
+    assert first.output_dir != second.output_dir and first.data == second.data
+    baseline = tmp_path / "central"
+    write_json(baseline / "metrics.json", {"kind": "central"})
+    write_text(baseline / "fingerprint.json", _fingerprint(first))
+    assert _reusable(baseline, first) == {"kind": "central"}
+    assert _reusable(baseline, second) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--seeds", "0"], "--seeds must be at least 1"), (["--seeds", "2", "--skip-central"], "cannot skip the central")],
+)
+def test_impossible_seed_studies_are_one_line_errors(flags, message, capsys):
+    assert main(["simulate", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedbt: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.e2e
+def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["simulate", *demo_args, "--rounds", "1", "--seeds", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "seed 2 of 2" in captured.err
+    assert "gap 95% interval" in captured.out
+
+    runs = {}
+    for seed in (0, 1):
+        folder = out / f"seed-{seed}"
+        assert (folder / "report.html").is_file()
+        runs[seed] = {
+            "experiment": json.loads((folder / "experiment.json").read_text()),
+            "results": json.loads((folder / "comparison.json").read_text())["results"],
+        }
+    assert [runs[s]["experiment"]["train"]["seed"] for s in (0, 1)] == [0, 1]
+    assert runs[0]["experiment"]["data"] == runs[1]["experiment"]["data"]
+    # One split: every site tests the same number of images at both seeds; two trainings: different losses.
+    test_sizes = [{s: m["n"] for s, m in runs[k]["results"]["central"]["test"]["sites"].items()} for k in (0, 1)]
+    assert test_sizes[0] == test_sizes[1]
+    central_losses = [runs[k]["results"]["central"]["history"][0]["train"]["loss"] for k in (0, 1)]
+    assert central_losses[0] != central_losses[1]
+    # Local-only models train once, with the first seed.
+    assert set(runs[0]["results"]["local"]) == {"figshare", "sartaj", "br35h"} and "local" not in runs[1]["results"]
+
+    study = json.loads((out / "seeds.json").read_text())
+    assert study["seeds"] == [0, 1] and study["split_seed"] == 0
+    pooled = study["summary"]["pooled 4-class acc"]
+    fed = [runs[k]["results"]["federated"]["test"]["pooled"]["accuracy"] for k in (0, 1)]
+    central = [runs[k]["results"]["central"]["test"]["pooled"]["accuracy"] for k in (0, 1)]
+    assert pooled["federated"]["values"] == fed and pooled["central"]["values"] == central
+    assert pooled["gap"]["values"] == pytest.approx([f - c for f, c in zip(fed, central)])
+    low, high = pooled["gap"]["ci95"]
+    assert low <= pooled["gap"]["mean"] <= high
+    assert {"figshare", "sartaj", "br35h"} <= set(study["summary"])
+    report = (out / "report.html").read_text()
+    assert "Selection rule" in report and "seed-1/report.html" in report
