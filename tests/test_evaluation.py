@@ -12,9 +12,9 @@ from fedbt.cli import main
 from fedbt.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.data.labels import get_task
+from fedbt.eval.calibration import confidence_bins, reliability
 from fedbt.eval.clinical import (
     bootstrap_ci,
-    calibration,
     clinical_metrics,
     mcnemar,
     precision_recall,
@@ -32,6 +32,11 @@ def test_specificity_from_a_confusion_matrix():
     # 10 images, 1 predicted 1 -> 9/10. Class 2: rows 0-1, 12 images, 1 predicted 2 -> 11/12.
     assert specificity(confusion) == pytest.approx([8 / 10, 9 / 10, 11 / 12])
     assert np.isnan(specificity(np.array([[3, 1], [0, 0]]))[0])  # class 0 has no negatives
+
+
+def calibration(probs: np.ndarray, y_true: np.ndarray) -> dict:
+    bins = confidence_bins(probs, np.eye(probs.shape[1], dtype=bool)[y_true])
+    return reliability(bins, bins)
 
 
 def test_expected_calibration_error_by_hand():
@@ -117,7 +122,8 @@ def test_clinical_metrics_on_a_known_confusion_matrix():
     # no_tumor's score is 0.7 for the 5 images called no_tumor (3 of them are), 0.1 for the other 7 (1 is):
     # AP = recall 3/4 at precision 3/5, then the last 1/4 at precision 4/12.
     assert m["per_class"]["no_tumor"]["average_precision"] == pytest.approx(3 / 4 * 3 / 5 + 1 / 4 * 4 / 12)
-    assert m["calibration"]["ece"] == pytest.approx(0.7 - 8 / 12)  # every confidence 0.7, 8 of 12 right
+    # Every confidence 0.7; right: 8 of the 12 fine images, neither coarse one (no_tumor is not in its set).
+    assert m["calibration"]["ece"] == pytest.approx(0.7 - 8 / 14)
     for name in ("accuracy", "macro_f1", "macro_auc"):
         interval = m["confidence_intervals"][name]
         assert interval["low"] <= m[name] <= interval["high"], name

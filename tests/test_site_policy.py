@@ -8,6 +8,7 @@ and reaches the server as one generic reason.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flower_messages import server_request
 from flwr.app import ArrayRecord, Context, RecordDict
@@ -17,14 +18,23 @@ from fedbt.data.labels import get_task
 from fedbt.data.sites import load_site
 from fedbt.data.synthetic import generate_demo_data
 from fedbt.eval.aggregates import SCORE_BINS, ScoreAggregates, aggregate_metrics
+from fedbt.eval.calibration import CONFIDENCE_BINS, tempered_probabilities
 from fedbt.eval.metrics import classification_metrics
 from fedbt.federated import client_app
-from fedbt.federated.common import EXPERIMENT_KEY, NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, experiment_record
+from fedbt.federated.common import (
+    EXPERIMENT_KEY,
+    NODE_CACHE_DIR,
+    NODE_DATA_ROOT,
+    NODE_SITE,
+    TEMPERATURE_KEY,
+    experiment_record,
+)
 from fedbt.federated.policy import settable, settable_part
-from fedbt.federated.task import client_partition, load_catalog, predict_partition
+from fedbt.federated.task import client_partition, load_catalog, partition_log_probabilities
 from fedbt.train.setup import new_model
 
 TASK = get_task("4class")
+TEMPERATURE = 100.0  # the scaled-up untrained model is sure of everything: at 100 it is not
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +59,13 @@ def server_experiment() -> ExperimentConfig:
     )
 
 
-def request_from_server(experiment: str, split: str = "test", kind: str = "evaluate"):
+def request_from_server(experiment: str, split: str = "test", kind: str = "evaluate", **config):
     state = new_model(server_experiment(), TASK.num_classes).state_dict()
     # An untrained model's scores differ by less than a histogram bin (ties, where a per-image
     # AUC ranks differences of 1e-5); scaled up, its last layer spreads them as a trained one's are.
     state["classifier.4.weight"] *= 2000
-    return server_request(kind, {EXPERIMENT_KEY: experiment, "split": split}, ArrayRecord(torch_state_dict=state))
+    config = {EXPERIMENT_KEY: experiment, "split": split, **config}
+    return server_request(kind, config, ArrayRecord(torch_state_dict=state))
 
 
 def asking_for(section: str, key: str, value) -> str:
@@ -75,19 +86,46 @@ def test_a_test_scoring_returns_aggregates_whose_metrics_equal_the_per_image_one
     assert dict(reply.content["site"]) == {"name": "sartaj"}
     arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
     # Nothing per image: every array's shape is fixed by the task, whatever the number of test images.
-    fixed = {(), (TASK.num_classes, TASK.num_classes), (TASK.num_classes, 2, SCORE_BINS), (2, 2), (2, SCORE_BINS)}
+    fixed = {
+        (),
+        (TASK.num_classes, TASK.num_classes),
+        (TASK.num_classes, 2, SCORE_BINS),
+        (2, 2),
+        (2, SCORE_BINS),
+        (3, CONFIDENCE_BINS),
+    }
     assert {a.shape for a in arrays.values()} <= fixed
     from_site = aggregate_metrics(ScoreAggregates.from_arrays(arrays, TASK.num_classes), TASK)
     # The same model on the same images, scored per image.
-    cfg, _ = client_app.client_experiment(request, site)
-    state = request.content["arrays"].to_torch_state_dict()
-    partition = client_partition(cfg, 0, 1)
-    probs, masks = predict_partition(cfg, load_catalog(cfg), partition, state, client_app.LocalState(), "test")
-    per_image = classification_metrics(probs, masks, TASK)
-    assert from_site["n"] == per_image["n"] == len(partition.indices["test"]) > 0
+    log_probs, masks = per_image_scores(request, site)
+    per_image = classification_metrics(np.exp(log_probs), masks, TASK)
+    assert from_site["n"] == per_image["n"] == len(log_probs) > 0
     assert from_site["confusion_matrix"] == per_image["confusion_matrix"]
     assert abs(from_site["tumour_vs_none"]["auc"] - per_image["tumour_vs_none"]["auc"]) < 0.001
     assert abs(from_site["macro_auc"] - per_image["macro_auc"]) < 0.001
+
+
+def per_image_scores(request, site) -> tuple[np.ndarray, np.ndarray]:
+    """The log-probabilities and masks of the request's model on the site's test images, one row an image."""
+    cfg, _ = client_app.client_experiment(request, site)
+    state = request.content["arrays"].to_torch_state_dict()
+    partition = client_partition(cfg, 0, 1)
+    return partition_log_probabilities(cfg, load_catalog(cfg), partition, state, client_app.LocalState(), "test")
+
+
+def test_a_test_scoring_is_at_the_temperature_the_server_sent(site):
+    request = request_from_server(honest(), **{TEMPERATURE_KEY: TEMPERATURE})
+    reply = client_app.evaluate(request, site)
+    arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
+    from_site = aggregate_metrics(ScoreAggregates.from_arrays(arrays, TASK.num_classes), TASK)
+    log_probs, masks = per_image_scores(request, site)
+    per_image = classification_metrics(tempered_probabilities(log_probs, TEMPERATURE), masks, TASK, np.exp(log_probs))
+    # The calibration error at that temperature, and at 1 beside it.
+    site_calibration, image_calibration = from_site["calibration"], per_image["calibration"]
+    assert [b["count"] for b in site_calibration["bins"]] == [b["count"] for b in image_calibration["bins"]]
+    assert site_calibration["ece"] == pytest.approx(image_calibration["ece"])
+    assert site_calibration["ece_untempered"] == pytest.approx(image_calibration["ece_untempered"])
+    assert abs(site_calibration["ece"] - site_calibration["ece_untempered"]) > 0.1
 
 
 def assert_refused(reply, capsys, logged: str) -> None:

@@ -3,8 +3,10 @@
 A site scoring the final model on its test split returns counts only: the number of images,
 their summed loss, how many predictions fell inside the allowed set, the confusion matrix of
 the fine-labelled images, the tumour-vs-none confusion, and for every class (and for P(tumour))
-a histogram of the scores of the images that are, and are not, of that class. Aggregates of
-several sites add up; the metrics of the sum are those of the pooled images.
+a histogram of the scores of the images that are, and are not, of that class, and the
+confidence bins of the expected calibration error (fedbt.eval.calibration) at the model's
+temperature and at 1. Aggregates of several sites add up; the metrics of the sum are those of
+the pooled images.
 
 The histograms bin the score's log-odds, which spreads the crowded ends of a softmax (0.0001
 and 0.001 differ as much as 0.5 and 0.9), into SCORE_BINS equal bins over +-LOGIT_LIMIT.
@@ -20,6 +22,7 @@ import warnings
 import numpy as np
 
 from fedbt.data.labels import Task
+from fedbt.eval.calibration import CONFIDENCE_BINS, confidence_bins, reliability
 from fedbt.eval.metrics import (
     TUMOUR_THRESHOLD,
     binary_confusion,
@@ -35,6 +38,8 @@ SCORE_BINS = 4096
 # Log-odds beyond +-32 (P within 1e-14 of 0 or 1) share the end bins; +-16 cut a confident
 # model's ranking of near-certain images enough to move an AUC by 0.001.
 LOGIT_LIMIT = 32.0
+# The aggregates that are sums of real numbers, not counts.
+SUMS = frozenset({"loss_sum", "confidence_bins", "untempered_confidence_bins"})
 
 
 def score_bins(scores: np.ndarray) -> np.ndarray:
@@ -63,6 +68,10 @@ class ScoreAggregates:
     class_scores: np.ndarray  # (C, 2, SCORE_BINS) per class: histograms of its score on fine images (not / of it)
     tumour_confusion: np.ndarray  # (2, 2) [[TN, FP], [FN, TP]] at P(tumour) >= 0.5, every image
     tumour_scores: np.ndarray  # (2, SCORE_BINS) histograms of P(tumour): non-tumour / tumour images
+    # (3, CONFIDENCE_BINS) per confidence bin: images, summed confidence, top class in the label set;
+    # of the probabilities scored and of the same model's at temperature 1.
+    confidence_bins: np.ndarray
+    untempered_confidence_bins: np.ndarray
 
     def __add__(self, other: ScoreAggregates) -> ScoreAggregates:
         return ScoreAggregates(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -81,6 +90,8 @@ class ScoreAggregates:
             "class_scores": (num_classes, 2, SCORE_BINS),
             "tumour_confusion": (2, 2),
             "tumour_scores": (2, SCORE_BINS),
+            "confidence_bins": (3, CONFIDENCE_BINS),
+            "untempered_confidence_bins": (3, CONFIDENCE_BINS),
         }
         if set(arrays) != set(shapes):
             raise ValueError(f"test aggregates hold {sorted(arrays)}, not {sorted(shapes)}")
@@ -88,13 +99,14 @@ class ScoreAggregates:
             value = arrays[name]
             if value.shape != shape:
                 raise ValueError(f"test aggregate {name} has shape {value.shape}, not {shape}")
-            if name != "loss_sum" and (value.dtype.kind not in "iu" or (value < 0).any()):
+            if name not in SUMS and (value.dtype.kind not in "iu" or (value < 0).any()):
                 raise ValueError(f"test aggregate {name} is not a count ({value.dtype})")
         agg = cls(
             n=int(arrays["n"]),
             loss_sum=float(arrays["loss_sum"]),
             set_correct=int(arrays["set_correct"]),
-            **{name: arrays[name].astype(np.int64) for name in shapes if arrays[name].ndim},
+            **{name: arrays[name].astype(np.int64) for name in shapes if arrays[name].ndim and name not in SUMS},
+            **{name: arrays[name].astype(np.float64) for name in SUMS if name != "loss_sum"},
         )
         fine = agg.confusion.sum()
         consistent = (
@@ -104,14 +116,31 @@ class ScoreAggregates:
             and agg.tumour_confusion.sum() == agg.tumour_scores.sum() == agg.n
             and (agg.class_scores.sum(axis=(1, 2)) == fine).all()
             and fine <= agg.n
+            and all(bins_agree(bins, agg.n) for bins in (agg.confidence_bins, agg.untempered_confidence_bins))
         )
         if not consistent:
             raise ValueError("test aggregates disagree with each other")
         return agg
 
 
-def aggregate_scores(probs: np.ndarray, masks: np.ndarray, task: Task) -> ScoreAggregates:
-    """The aggregates of one split's probabilities (N, C) and allowed-class masks (N, C)."""
+def bins_agree(bins: np.ndarray, n: int) -> bool:
+    """Confidence bins of n images: finite, as many images as n, no bin with more confidence or right
+    predictions than images."""
+    count, confidence, correct = bins
+    return bool(
+        np.isfinite(bins).all()
+        and (bins >= 0).all()
+        and count.sum() == n
+        and (confidence <= count).all()
+        and (correct <= count).all()
+    )
+
+
+def aggregate_scores(
+    probs: np.ndarray, masks: np.ndarray, task: Task, untempered: np.ndarray | None = None
+) -> ScoreAggregates:
+    """The aggregates of one split's probabilities (N, C) and allowed-class masks (N, C); `untempered`,
+    the probabilities before temperature scaling, as in classification_metrics."""
     masks = masks.astype(bool)
     n, classes = len(probs), task.num_classes
     fine = masks.sum(axis=1) == 1
@@ -125,6 +154,8 @@ def aggregate_scores(probs: np.ndarray, masks: np.ndarray, task: Task) -> ScoreA
         class_scores=np.stack([score_histogram(y_true == c, probs[fine, c]) for c in range(classes)]),
         tumour_confusion=np.array(binary_confusion(p_tumour >= TUMOUR_THRESHOLD, is_tumour)),
         tumour_scores=score_histogram(is_tumour, p_tumour),
+        confidence_bins=confidence_bins(probs, masks),
+        untempered_confidence_bins=confidence_bins(probs if untempered is None else untempered, masks),
     )
 
 
@@ -160,4 +191,5 @@ def aggregate_metrics(agg: ScoreAggregates, task: Task) -> dict:
     auc = ranking_auc(agg.tumour_scores)
     roc = roc_on_grid(*_weighted_bins(agg.tumour_scores))
     out["tumour_vs_none"] = tumour_vs_none_from(agg.tumour_confusion.tolist(), auc, roc)
+    out["calibration"] = reliability(agg.confidence_bins, agg.untempered_confidence_bins)
     return out

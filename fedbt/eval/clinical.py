@@ -1,7 +1,7 @@
 """Clinical-grade metrics beyond fedbt.eval.metrics: specificity, precision-recall curves and
-average precision, one-vs-rest ROC curves, calibration (expected calibration error and the
-reliability diagram's bins), percentile-bootstrap confidence intervals, and McNemar's test
-against a second model on the same images.
+average precision, one-vs-rest ROC curves, percentile-bootstrap confidence intervals, and
+McNemar's test against a second model on the same images. (Calibration, the expected
+calibration error and the reliability diagram's bins, is in every evaluation's metrics.)
 
 Class-level metrics use the images with a fine label, as in fedbt.eval.metrics: a Br35H
 'tumour of unknown type' cannot say whether a glioma prediction was right.
@@ -18,9 +18,6 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from fedbt.data.labels import Task
 from fedbt.eval.metrics import ROC_POINTS, classification_metrics, fine_label_metrics, roc_on_grid
-
-CALIBRATION_BINS = 10
-
 
 CONFIDENCE_LEVEL = 0.95
 
@@ -61,28 +58,6 @@ def precision_recall(is_positive: np.ndarray, scores: np.ndarray) -> tuple[dict,
     at_grid = best[reached - 1]
     curve = {"recall": grid.tolist(), "precision": at_grid.round(4).tolist()}
     return curve, float(average_precision_score(is_positive.astype(int), scores))
-
-
-def calibration(probs: np.ndarray, y_true: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
-    """Expected calibration error of the top-class confidence, and the reliability diagram's bins.
-
-    Bin b holds confidences in (b/B, (b+1)/B]; ECE = sum over bins of |accuracy - mean
-    confidence| weighted by the bin's share of the images.
-    """
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y_true
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        inside = which == b
-        count = int(inside.sum())
-        row = {"lower": b / bins, "upper": (b + 1) / bins, "count": count, "confidence": None, "accuracy": None}
-        if count:
-            row["confidence"] = float(confidence[inside].mean())
-            row["accuracy"] = float(correct[inside].mean())
-            ece += count / len(confidence) * abs(row["accuracy"] - row["confidence"])
-        table.append(row)
-    return {"ece": ece, "bins": table}
 
 
 def bootstrap_ci(
@@ -134,9 +109,16 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     }
 
 
-def clinical_metrics(probs: np.ndarray, masks: np.ndarray, task: Task, resamples: int = 1000, seed: int = 0) -> dict:
-    """classification_metrics plus specificity, ROC and PR curves, AP, calibration and bootstrap CIs."""
-    out = classification_metrics(probs, masks, task)
+def clinical_metrics(
+    probs: np.ndarray,
+    masks: np.ndarray,
+    task: Task,
+    resamples: int = 1000,
+    seed: int = 0,
+    untempered: np.ndarray | None = None,
+) -> dict:
+    """classification_metrics (`untempered` as there) plus specificity, ROC and PR curves, AP and bootstrap CIs."""
+    out = classification_metrics(probs, masks, task, untempered)
     masks = masks.astype(bool)
     fine = masks.sum(axis=1) == 1
     if not fine.any():
@@ -158,7 +140,6 @@ def clinical_metrics(probs: np.ndarray, masks: np.ndarray, task: Task, resamples
     out["confusion_matrix_normalized"] = row_normalised(out["confusion_matrix"])
     out["roc_curves"] = {name: roc_on_grid(y_true == c, probs[:, c]) for c, name in enumerate(task.classes)}
     out["pr_curves"] = curves_pr
-    out["calibration"] = calibration(probs, y_true)
 
     def statistic(idx: np.ndarray) -> dict[str, float | None]:
         m = fine_label_metrics(probs[idx], y_true[idx], task.classes)

@@ -17,6 +17,7 @@ from fedbt.data.readers.class_folders import scan_class_folders
 from fedbt.data.records import Problem, Record
 from fedbt.data.sites import SiteSpec
 from fedbt.data.transforms import to_device_batch
+from fedbt.eval.calibration import tempered_probabilities
 from fedbt.eval.clinical import clinical_metrics, mcnemar
 from fedbt.eval.gradcam import grad_cam
 from fedbt.eval.metrics import classification_metrics
@@ -127,7 +128,8 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
     if not kept:
         raise ValueError(f"no images to evaluate in the {images.description}")
     records, masks = [images.records[i] for i in kept], images.masks[kept].numpy()
-    probs = model.probabilities(pixels)
+    log_probs = model.log_probabilities(pixels)
+    probs = tempered_probabilities(log_probs, model.temperature)  # calibrated: what the report shows
     result = {
         "checkpoint": str(request.checkpoint),
         "model": model.summary(),
@@ -136,7 +138,7 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
             "n": len(records),
             "problems": [{"path": p.path, "message": p.message} for p in images.problems + unreadable],
         },
-        "metrics": clinical_metrics(probs, masks, model.task, request.resamples, request.seed),
+        "metrics": clinical_metrics(probs, masks, model.task, request.resamples, request.seed, np.exp(log_probs)),
         "latency": measure_latency(model.model, pixels, model.device),
     }
     if other is not None:

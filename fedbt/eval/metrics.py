@@ -21,6 +21,7 @@ from sklearn.metrics import (
 )
 
 from fedbt.data.labels import Task
+from fedbt.eval.calibration import confidence_bins, reliability
 
 ROC_POINTS = 101  # curves are kept on a fixed FPR grid so they stay small in JSON
 TUMOUR_THRESHOLD = 0.5  # P(tumour) at which an image is called a tumour
@@ -125,8 +126,11 @@ def tumour_vs_none_metrics(p_tumour: np.ndarray, is_tumour: np.ndarray) -> dict:
     return tumour_vs_none_from(confusion, safe_auc(is_tumour, p_tumour), roc_on_grid(is_tumour, p_tumour))
 
 
-def classification_metrics(probs: np.ndarray, masks: np.ndarray, task: Task) -> dict:
-    """All metrics of one evaluation as a JSON-ready dict."""
+def classification_metrics(
+    probs: np.ndarray, masks: np.ndarray, task: Task, untempered: np.ndarray | None = None
+) -> dict:
+    """All metrics of one evaluation as a JSON-ready dict. `untempered`: the same model's
+    probabilities before temperature scaling, for the calibration error before it (default: probs)."""
     masks = masks.astype(bool)
     n = len(probs)
     out: dict = {"n": n, "task": task.name, "classes": list(task.classes)}
@@ -142,4 +146,6 @@ def classification_metrics(probs: np.ndarray, masks: np.ndarray, task: Task) -> 
             warnings.simplefilter("ignore", UserWarning)  # a class absent from a small split
             out.update(fine_label_metrics(probs[fine], masks[fine].argmax(axis=1), task.classes))
     out["tumour_vs_none"] = tumour_vs_none_metrics(task.tumour_probability(probs), task.is_tumour(masks))
+    before = probs if untempered is None else untempered
+    out["calibration"] = reliability(confidence_bins(probs, masks), confidence_bins(before, masks))
     return out

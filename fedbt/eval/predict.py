@@ -27,10 +27,17 @@ from fedbt.data.labels import Task, get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.records import IMAGE_SUFFIXES, Problem, list_files
 from fedbt.data.transforms import PIXEL_MEAN, PIXEL_STD, to_device_batch
+from fedbt.eval.calibration import tempered_probabilities
 from fedbt.eval.gradcam import grad_cam, save_overlay
-from fedbt.eval.inference import predict_probabilities
+from fedbt.eval.inference import predict_log_probabilities
 from fedbt.fileio import write_text
-from fedbt.model.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from fedbt.model.checkpoint import (
+    CheckpointError,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    temperature_of,
+)
 from fedbt.model.device import prepare_model, select_device
 
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".mat"}
@@ -39,7 +46,7 @@ CAM_BATCH = 32  # Grad-CAM keeps activations and gradients: smaller batches than
 
 @dataclass
 class LoadedModel:
-    """A checkpoint's model on a device, with what its inputs must look like."""
+    """A checkpoint's model on a device, with what its inputs must look like and its calibration temperature."""
 
     path: str
     model: nn.Module
@@ -47,6 +54,7 @@ class LoadedModel:
     config: ExperimentConfig
     provenance: dict[str, Any]
     device: torch.device
+    temperature: float = 1.0
 
     @property
     def image_size(self) -> int:
@@ -64,15 +72,20 @@ class LoadedModel:
             "classes": list(self.task.classes),
             "image_size": self.image_size,
             "crop_to_content": self.crop,
+            "temperature": self.temperature,
             "provenance": self.provenance,
         }
 
-    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        """Softmax outputs (N, C) for uint8 images (N, 1, S, S)."""
-        # predict_probabilities reads (image, target) pairs; the targets are not used here.
+    def log_probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Log-softmax outputs (N, C) before calibration, for uint8 images (N, 1, S, S)."""
+        # predict_log_probabilities reads (image, target) pairs; the targets are not used here.
         targets = torch.zeros((len(pixels), self.task.num_classes), dtype=torch.bool)
         loader = make_loader(MRIDataset(pixels, targets), self.config.train.batch_size, False, self.device)
-        return predict_probabilities(self.model, loader, self.device)[0]
+        return predict_log_probabilities(self.model, loader, self.device)[0]
+
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Calibrated softmax outputs (N, C): at the checkpoint's temperature."""
+        return tempered_probabilities(self.log_probabilities(pixels), self.temperature)
 
 
 def load_model(path: str | Path, device: str = "auto", expect_task: str | None = None) -> LoadedModel:
@@ -89,7 +102,8 @@ def load_model(path: str | Path, device: str = "auto", expect_task: str | None =
     config.data.image_size = payload["image_size"]  # the checkpoint's own field is the one build_model used
     torch_device = select_device(device)
     model = prepare_model(model_from_checkpoint(payload), torch_device).eval()
-    return LoadedModel(str(path), model, get_task(payload["task"]), config, payload["provenance"], torch_device)
+    task = get_task(payload["task"])
+    return LoadedModel(str(path), model, task, config, payload["provenance"], torch_device, temperature_of(payload))
 
 
 @dataclass

@@ -5,17 +5,26 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import traceback
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbt.data.sites import SitePolicy
 from fedbt.eval.aggregates import aggregate_scores
+from fedbt.eval.calibration import tempered_probabilities
 from fedbt.federated.client_privacy import clipped_at_site
-from fedbt.federated.common import ROUND_KEY, SPLIT_KEY, client_experiment
+from fedbt.federated.common import (
+    ROUND_KEY,
+    SPLIT_KEY,
+    TEMPERATURE_KEY,
+    TEMPERATURE_LOSSES_KEY,
+    client_experiment,
+)
 from fedbt.federated.flower_internals import CLIPPING_NORM_KEY
 from fedbt.federated.policy import PolicyRefusal
 from fedbt.federated.task import (
@@ -23,7 +32,7 @@ from fedbt.federated.task import (
     client_partition,
     evaluate_partition,
     load_catalog,
-    predict_partition,
+    partition_log_probabilities,
     train_partition,
     transport_state,
 )
@@ -136,7 +145,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     if split == "test":
         return _test_aggregates(msg, context, cfg, partition, global_state)
-    metrics = evaluate_partition(cfg, load_catalog(cfg), partition, global_state, _load_local(context), split="val")
+    catalog = load_catalog(cfg)
+    metrics, losses = evaluate_partition(cfg, catalog, partition, global_state, _load_local(context), split="val")
     # Only numbers every site has, so Flower can average them; the full metrics travel as JSON.
     numbers = {
         "loss": metrics["loss"],
@@ -147,6 +157,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         {
             "metrics": MetricRecord({**numbers, "num-examples": int(metrics["n"])}),
             "site": ConfigRecord({"name": partition.name, "metrics-json": json.dumps(metrics)}),
+            # Sums over the split at each grid temperature: the server fits the calibration from them.
+            TEMPERATURE_LOSSES_KEY: ArrayRecord(
+                torch_state_dict={k: torch.from_numpy(v) for k, v in losses.arrays().items()}
+            ),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -164,14 +178,20 @@ def count_test_request(context: Context, policy: SitePolicy) -> None:
 
 
 def _test_aggregates(msg: Message, context: Context, cfg, partition, global_state) -> Message:
-    """The final model's test scoring at this site, for a server that holds no data.
+    """The final model's test scoring at this site, at the temperature the server fitted, for a server
+    that holds no data.
 
     Counts and score histograms leave the site (fedbt.eval.aggregates), never a value of one
     image: the server adds them up into the pooled test metrics.
     """
     catalog = load_catalog(cfg)
-    probs, masks = predict_partition(cfg, catalog, partition, global_state, _load_local(context), "test")
-    arrays = aggregate_scores(probs, masks, catalog.task).arrays()
+    temperature = float(msg.content["config"].get(TEMPERATURE_KEY, 1.0))
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"the server sent the temperature {temperature}, not a positive number")
+    local = _load_local(context)
+    log_probs, masks = partition_log_probabilities(cfg, catalog, partition, global_state, local, "test")
+    probs = tempered_probabilities(log_probs, temperature)
+    arrays = aggregate_scores(probs, masks, catalog.task, untempered=np.exp(log_probs)).arrays()
     content = RecordDict(
         {
             "test-aggregates": ArrayRecord(torch_state_dict={k: torch.from_numpy(v) for k, v in arrays.items()}),

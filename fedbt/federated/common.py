@@ -23,6 +23,10 @@ EXPERIMENT_KEY = "fedbt-experiment"
 ROUND_KEY = "server-round"
 # Which split an evaluate message asks for: "val" every round, "test" once at the end of a deployment.
 SPLIT_KEY = "split"
+# The temperature a test scoring divides the logits by (fedbt.eval.calibration); 1 when not sent.
+TEMPERATURE_KEY = "temperature"
+# A validation reply's losses at every temperature of the calibration grid, beside its metrics.
+TEMPERATURE_LOSSES_KEY = "temperature-losses"
 # A SuperNode's node config names its own site file, data root and decode cache (`fedbt site`).
 NODE_SITE, NODE_DATA_ROOT, NODE_CACHE_DIR = "site", "data-root", "cache-dir"
 

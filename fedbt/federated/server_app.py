@@ -27,12 +27,15 @@ from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.eval.aggregates import ScoreAggregates, aggregate_metrics
+from fedbt.eval.calibration import TemperatureLosses, calibration_summary
 from fedbt.eval.inference import evaluate
 from fedbt.federated.client_privacy import client_level_epsilon, train_config
 from fedbt.federated.common import (
     EXPERIMENT_KEY,
     ROUND_KEY,
     SPLIT_KEY,
+    TEMPERATURE_KEY,
+    TEMPERATURE_LOSSES_KEY,
     experiment_from_context,
     experiment_record,
 )
@@ -54,7 +57,7 @@ from fedbt.federated.rounds import (
 from fedbt.federated.strategy import aggregate, make_strategy
 from fedbt.federated.task import load_catalog, transport_state
 from fedbt.fileio import write_json
-from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
+from fedbt.model.checkpoint import load_checkpoint, save_checkpoint, store_temperature
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.progress import headline, log
 from fedbt.tracking import Tracker, experiment_run
@@ -265,20 +268,38 @@ def update_global_model(run: FederatedRun, server_round: int, replies: list[Mess
 
 def score_at_sites(grid: Grid, run: FederatedRun, server_round: int) -> dict[str, dict]:
     """Each connected site's metrics of the global model on its own validation split."""
+    return validation_at_sites(grid, run, server_round, read_validation_metrics, f"round {server_round}: the score")
+
+
+def validation_losses_at_sites(grid: Grid, run: FederatedRun) -> dict[str, TemperatureLosses]:
+    """Each site's summed loss of the final model on its validation split at every temperature of the
+    calibration grid: what the temperature is fitted from, without an image leaving its site."""
+    return validation_at_sites(grid, run, run.cfg.federated.rounds, read_temperature_losses, "the calibration")
+
+
+def validation_at_sites(
+    grid: Grid, run: FederatedRun, server_round: int, read: Callable[[Message], T], what: str
+) -> dict[str, T]:
+    """Each connected site's scoring of the global model on its own validation split, as `read` reads it."""
     fc = run.cfg.federated
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
     messages = [run.message(node, MessageType.EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes]
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
     scored = {}
     for reply in replies:
-        if accepted := checked_site_content(reply, run, read_validation_metrics, f"round {server_round}: the score"):
-            name, metrics = accepted
-            scored[name] = metrics
+        if accepted := checked_site_content(reply, run, read, what):
+            name, content = accepted
+            scored[name] = content
     return scored
 
 
 def read_validation_metrics(reply: Message) -> dict:
     return json.loads(str(reply.content["site"]["metrics-json"]))
+
+
+def read_temperature_losses(reply: Message) -> TemperatureLosses:
+    arrays = {k: v.numpy() for k, v in reply.content[TEMPERATURE_LOSSES_KEY].to_torch_state_dict().items()}
+    return TemperatureLosses.from_arrays(arrays)
 
 
 def checked_site_content(
@@ -325,17 +346,26 @@ def log_round(entry: dict, rounds: int) -> None:
 
 
 def finish(grid: Grid, run: FederatedRun) -> dict:
-    """Checkpoint the final model and score it on the test splits, once."""
+    """Checkpoint the final model, calibrate it on the sites' validation splits, and score it on the test
+    splits, once, at that temperature."""
     run.checkpoint("final.pt")
+    site_losses = validation_losses_at_sites(grid, run)
+    losses = sum(site_losses.values(), TemperatureLosses.empty())
+    temperature = losses.best_temperature()
+    log(f"[federated] calibration: temperature {temperature:.3g} from the validation of {len(site_losses)} sites")
+    store_temperature(run.out / "final.pt", temperature)
     result = {"kind": "federated", "rounds": run.cfg.federated.rounds, "initial": run.initial, "history": run.history}
     if run.history and "client_privacy" in run.history[-1]:
         result["client_privacy"] = run.history[-1]["client_privacy"]
     if run.server_has_data:
         device = select_device(run.cfg.train.device)
         model = prepare_model(run.global_model(), device)
-        result["test"] = evaluate_everywhere(model, load_catalog(run.cfg), device, run.cfg.train.batch_size)
+        catalog = load_catalog(run.cfg)
+        result["test"] = evaluate_everywhere(model, catalog, device, run.cfg.train.batch_size, temperature)
     else:
-        result["test"] = site_test_results(grid, run)
+        result["test"] = site_test_results(grid, run, temperature)
+    fitted_on = f"the validation splits of {', '.join(sorted(site_losses)) or 'no site'}, as per-temperature sums"
+    result["calibration"] = calibration_summary(losses, fitted_on, result["test"]["pooled"])
     result["wall_seconds"] = time.perf_counter() - run.started
     write_json(run.out / "metrics.json", result)
     run.tracker.log_result(result, run.out / "metrics.json", run.out / "final.pt")
@@ -343,15 +373,16 @@ def finish(grid: Grid, run: FederatedRun) -> dict:
     return result
 
 
-def site_test_results(grid: Grid, run: FederatedRun) -> dict:
-    """Test metrics of the final model from the sites' own test splits (a server without data).
+def site_test_results(grid: Grid, run: FederatedRun, temperature: float) -> dict:
+    """Test metrics of the final model at the temperature, from the sites' own test splits (a server without data).
 
     Each site returns the aggregates of its scoring (fedbt.eval.aggregates), nothing per image;
     their sum gives the pooled metrics, each site's its own.
     """
     fc = run.cfg.federated
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
-    messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **{SPLIT_KEY: "test"}) for node in nodes]
+    request = {SPLIT_KEY: "test", TEMPERATURE_KEY: temperature}
+    messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **request) for node in nodes]
     replies = send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval)
     scored = site_aggregates(replies, run)
     if not scored:

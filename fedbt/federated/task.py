@@ -20,7 +20,8 @@ from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.data.transforms import augmentation_for
-from fedbt.eval.inference import predict_probabilities
+from fedbt.eval.calibration import TemperatureLosses, temperature_losses
+from fedbt.eval.inference import predict_log_probabilities
 from fedbt.eval.metrics import classification_metrics
 from fedbt.model.device import prepare_model, select_device
 from fedbt.train.privacy import PrivacyAccount
@@ -170,7 +171,7 @@ def train_partition(
     return state, len(dataset), metrics, new_local
 
 
-def predict_partition(
+def partition_log_probabilities(
     cfg: ExperimentConfig,
     catalog: Catalog,
     partition: Partition,
@@ -178,13 +179,13 @@ def predict_partition(
     local: LocalState,
     split: str = "test",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of the global model (with the client's own BatchNorm under FedBN) and target masks."""
+    """Log-probabilities of the global model (with the client's own BatchNorm under FedBN) and target masks."""
     device = select_device(cfg.train.device)
     model = new_model(cfg, catalog.task.num_classes)
     model.load_state_dict(starting_state(cfg, global_state, local))
     model = prepare_model(model, device)
     dataset = catalog.subset(partition.indices[split])
-    return predict_probabilities(model, make_loader(dataset, cfg.train.batch_size, False, device), device)
+    return predict_log_probabilities(model, make_loader(dataset, cfg.train.batch_size, False, device), device)
 
 
 def evaluate_partition(
@@ -194,9 +195,10 @@ def evaluate_partition(
     global_state: dict[str, torch.Tensor],
     local: LocalState,
     split: str = "test",
-) -> dict:
-    """Metrics of the global model on one split of the partition."""
-    probs, masks = predict_partition(cfg, catalog, partition, global_state, local, split)
-    metrics = classification_metrics(probs, masks, catalog.task)
+) -> tuple[dict, TemperatureLosses]:
+    """Metrics of the global model on one split of the partition, and its losses at every temperature of
+    the calibration grid (what the server fits the temperature from, nothing per image)."""
+    log_probs, masks = partition_log_probabilities(cfg, catalog, partition, global_state, local, split)
+    metrics = classification_metrics(np.exp(log_probs), masks, catalog.task)
     metrics["class_counts"] = catalog.class_counts(partition.indices[split])
-    return metrics
+    return metrics, temperature_losses(log_probs, masks)

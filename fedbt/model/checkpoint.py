@@ -6,6 +6,8 @@ Format ``fedbt-checkpoint`` version 1, a dict saved with ``torch.save``:
 - ``config``: the whole ExperimentConfig; ``provenance``: who trained it, when, on what
 - ``progress``: {'kind': 'central'|'federated', 'epoch' or 'round', 'history', ...}
 - ``optimizer_state`` (optional): for resuming
+- ``temperature`` (optional, a float): what the model's logits are divided by before the softmax
+  (fedbt.eval.calibration), fitted on validation data after training; absent means 1
 
 Only tensors and plain values (dicts, lists, strings, numbers) are stored, and files are read
 with ``torch.load(weights_only=True)``: a checkpoint can never run code when it is loaded. A file
@@ -99,6 +101,21 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None) -> dict[st
     if expect_task is not None and payload["task"] != expect_task:
         raise CheckpointError(f"{path}: checkpoint is for task {payload['task']!r}, not {expect_task!r}")
     return payload
+
+
+def store_temperature(path: str | Path, temperature: float) -> None:
+    """Write the fitted temperature into a saved checkpoint (it is fitted once training has ended)."""
+    payload = load_checkpoint(path)
+    payload["temperature"] = float(temperature)
+    atomic_write(path, lambda fh: torch.save(payload, fh), private=True)
+
+
+def temperature_of(payload: dict[str, Any]) -> float:
+    """The checkpoint's temperature; 1 (the probabilities as the model gives them) for one saved before calibration."""
+    temperature = payload.get("temperature", 1.0)
+    if type(temperature) is not float or not 0 < temperature < float("inf"):
+        raise CheckpointError(f"checkpoint temperature {temperature!r} is not a positive number")
+    return temperature
 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:

@@ -36,7 +36,8 @@ def summary_rows(m: dict) -> list[list[str]]:
         ["macro F1", pct(m.get("macro_f1")), _interval(ci.get("macro_f1"), pct)],
         ["macro ROC-AUC (one vs rest)", num(m.get("macro_auc")), _interval(ci.get("macro_auc"), num)],
         ["macro average precision", num(m.get("macro_average_precision")), ""],
-        ["expected calibration error (10 bins)", num(m.get("calibration", {}).get("ece")), ""],
+        ["expected calibration error (10 bins, calibrated)", num(m.get("calibration", {}).get("ece")), ""],
+        ["expected calibration error at temperature 1", num(m.get("calibration", {}).get("ece_untempered")), ""],
         ["set accuracy (coarse labels included)", pct(m.get("set_accuracy")), ""],
         ["tumour vs none: accuracy", pct(tv.get("accuracy")), ""],
         ["tumour vs none: sensitivity", pct(tv.get("sensitivity")), ""],
@@ -65,7 +66,9 @@ def _blocks(result: dict, figures: dict[str, str]) -> list[Block]:
     m, model = result["metrics"], result["model"]
     setup = (
         f"{model['architecture']} at {model['image_size']} px (crop to content: {model['crop_to_content']}), "
-        f"task {model['task']}, checkpoint {result['checkpoint']}; scored on the {result['data']['description']}."
+        f"task {model['task']}, checkpoint {result['checkpoint']}; scored on the {result['data']['description']}. "
+        f"Probabilities are calibrated: the logits divided by the temperature {model.get('temperature', 1.0):.3g} "
+        "fitted on validation data."
     )
     blocks: list[Block] = [("h1", "fedbt evaluation"), ("p", setup), ("table", (SUMMARY_HEADER, summary_rows(m)))]
     if "per_class" in m:

@@ -14,10 +14,11 @@ from fedbt.data.catalog import Catalog, MRIDataset
 from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.transforms import augmentation_for
-from fedbt.eval.inference import evaluate
+from fedbt.eval.calibration import calibration_summary
+from fedbt.eval.inference import evaluate, validation_temperature_losses
 from fedbt.fileio import write_json
 from fedbt.model.architectures import set_backbone_trainable
-from fedbt.model.checkpoint import load_checkpoint, save_checkpoint
+from fedbt.model.checkpoint import load_checkpoint, save_checkpoint, store_temperature
 from fedbt.model.device import select_device
 from fedbt.progress import headline, log, step_logger
 from fedbt.reports.plots import plot_training_curves
@@ -32,14 +33,16 @@ class TrainData:
     val: MRIDataset
 
 
-def evaluate_everywhere(model: nn.Module, catalog: Catalog, device: torch.device, batch_size: int) -> dict:
-    """Test metrics on the pooled test split and on every site's test split.
+def evaluate_everywhere(
+    model: nn.Module, catalog: Catalog, device: torch.device, batch_size: int, temperature: float = 1.0
+) -> dict:
+    """Test metrics, of the probabilities at the temperature, on the pooled test split and on every site's.
 
     When test images were held out (another site trains on their picture), the pooled split is
     scored with them too, to show how much the control moves the figures."""
 
     def score(dataset: MRIDataset) -> dict:
-        return evaluate(model, make_loader(dataset, batch_size, False, device), device, catalog.task)
+        return evaluate(model, make_loader(dataset, batch_size, False, device), device, catalog.task, temperature)
 
     scores = {
         "pooled": score(catalog.dataset(split="test", pooled=True)),
@@ -157,14 +160,20 @@ def run_central(cfg: ExperimentConfig, catalog: Catalog, out_dir: Path, resume: 
         model, history = train_model(cfg, data, out_dir, "central", resume, tracker)
         wall = time.perf_counter() - start
         device = select_device(cfg.train.device)
+        # Calibrated on the pooled validation split, as the federation is on the sum of its sites'.
+        val_loader = make_loader(data.val, cfg.train.batch_size, False, device)
+        losses = validation_temperature_losses(model, val_loader, device)
+        temperature = losses.best_temperature()
+        store_temperature(out_dir / "final.pt", temperature)
         result = {
             "kind": "central",
             "train_images": len(data.train),
             "epochs": cfg.train.epochs,
             "wall_seconds": wall,
             "history": history,
-            "test": evaluate_everywhere(model, catalog, device, cfg.train.batch_size),
+            "test": evaluate_everywhere(model, catalog, device, cfg.train.batch_size, temperature),
         }
+        result["calibration"] = calibration_summary(losses, "the pooled validation split", result["test"]["pooled"])
         if cfg.privacy.enabled:
             result["privacy"] = privacy_summary(cfg, history)
         write_json(out_dir / "metrics.json", result)
