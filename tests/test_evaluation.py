@@ -122,8 +122,8 @@ def test_clinical_metrics_on_a_known_confusion_matrix():
     # no_tumor's score is 0.7 for the 5 images called no_tumor (3 of them are), 0.1 for the other 7 (1 is):
     # AP = recall 3/4 at precision 3/5, then the last 1/4 at precision 4/12.
     assert m["per_class"]["no_tumor"]["average_precision"] == pytest.approx(3 / 4 * 3 / 5 + 1 / 4 * 4 / 12)
-    # Every confidence 0.7; right: 8 of the 12 fine images, neither coarse one (no_tumor is not in its set).
-    assert m["calibration"]["ece"] == pytest.approx(0.7 - 8 / 14)
+    # Every confidence 0.7; right: 8 of the 12 fine images (the two coarse ones are not counted).
+    assert m["calibration"]["ece"] == pytest.approx(0.7 - 8 / 12)
     for name in ("accuracy", "macro_f1", "macro_auc"):
         interval = m["confidence_intervals"][name]
         assert interval["low"] <= m[name] <= interval["high"], name

@@ -116,7 +116,7 @@ class ScoreAggregates:
             and agg.tumour_confusion.sum() == agg.tumour_scores.sum() == agg.n
             and (agg.class_scores.sum(axis=(1, 2)) == fine).all()
             and fine <= agg.n
-            and all(bins_agree(bins, agg.n) for bins in (agg.confidence_bins, agg.untempered_confidence_bins))
+            and all(bins_agree(bins, fine) for bins in (agg.confidence_bins, agg.untempered_confidence_bins))
         )
         if not consistent:
             raise ValueError("test aggregates disagree with each other")
@@ -124,8 +124,8 @@ class ScoreAggregates:
 
 
 def bins_agree(bins: np.ndarray, n: int) -> bool:
-    """Confidence bins of n images: finite, as many images as n, no bin with more confidence or right
-    predictions than images."""
+    """Confidence bins of n images (those with a one-class label): finite, as many images as n, no bin
+    with more confidence or right predictions than images."""
     count, confidence, correct = bins
     return bool(
         np.isfinite(bins).all()
