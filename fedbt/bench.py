@@ -29,7 +29,7 @@ from fedbt.data.transforms import augmentation_for
 from fedbt.eval.inference import predict_probabilities
 from fedbt.eval.timing import latency_ms
 from fedbt.fileio import write_json
-from fedbt.model.architectures import build_resnet18
+from fedbt.model.architectures import build_model, build_resnet18
 from fedbt.model.device import autocast_for, configure_threads, prepare_model, select_device
 from fedbt.progress import log
 from fedbt.train.engine import seed_everything
@@ -88,6 +88,9 @@ class BenchResult:
     # Measured only on request (--deployment: it starts a server and three sites); None, never a guess.
     deployment_overhead_seconds_per_round: float | None = None
     deployment_flower_defaults_seconds_per_round: float | None = None
+    # With --deployment: what the loopback carries of one model's bytes (MB/s per way of sending them).
+    model_megabytes: float | None = None
+    loopback_megabytes_per_second: dict[str, float] | None = None
 
 
 def describe_device(device: torch.device) -> str:
@@ -325,6 +328,9 @@ def format_table(result: BenchResult) -> str:
         rows.append(
             ("deployment overhead, Flower defaults", f"{result.deployment_flower_defaults_seconds_per_round:.1f} s")
         )
+    if result.loopback_megabytes_per_second is not None:
+        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in result.loopback_megabytes_per_second.items())
+        rows.append((f"loopback MB/s, one {result.model_megabytes:.1f} MB model", rates))
     width = max(len(label) for label, _ in rows)
     header = [
         f"device: {result.device}",
@@ -360,6 +366,12 @@ def deployment_overhead(cfg: ExperimentConfig, flower_defaults: bool, rounds: in
     return measured["overhead_seconds_per_round"]
 
 
+def model_megabytes(cfg: ExperimentConfig, catalog: Catalog) -> float:
+    """The bytes of the model a round moves, as float32."""
+    model = build_model(cfg.model, catalog.task.num_classes, cfg.data.image_size)
+    return sum(t.numel() * 4 for t in model.state_dict().values()) / 1e6
+
+
 def run_and_print(
     cfg: ExperimentConfig,
     steps: int,
@@ -373,6 +385,11 @@ def run_and_print(
     """The `fedbt bench` command."""
     catalog = build_catalog(cfg.data)
     result = run_bench(cfg, catalog, steps, warmup, images, sim_run)
+    if deployment is not None:
+        from fedbt.deployment.loopback import loopback_rates
+
+        result.model_megabytes = model_megabytes(cfg, catalog)
+        result.loopback_megabytes_per_second = loopback_rates(result.model_megabytes)
     if deployment in ("tuned", "both"):
         result.deployment_overhead_seconds_per_round = deployment_overhead(cfg, flower_defaults=False)
     if deployment in ("flower-defaults", "both"):

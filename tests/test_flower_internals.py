@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import flwr.serverapp.strategy
+import flwr.supercore.retry
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
+import httpx
 import pytest
 import tomli
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
@@ -189,3 +192,30 @@ def test_the_app_id_a_site_accepts_is_the_one_fedbts_pyproject_gives_its_runs():
     app_id = f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']}"
     assert flower_internals.FEDBT_APP_ID == app_id
     assert project["project"]["version"] == importlib.metadata.version("fedbt")
+
+
+class SuperNodeDroppingFirstPush:
+    """A task's Runtime API client whose first push of the task's output dies half-sent."""
+
+    def __init__(self, first_failure: Exception):
+        self.first_failure = first_failure
+        self.pushes = []
+
+    def PushTaskOutput(self, request):  # Flower's name
+        self.pushes.append(request)
+        if len(self.pushes) == 1:
+            raise self.first_failure
+        return "landed"
+
+
+def test_a_tasks_output_push_is_retried_after_an_interrupted_request_but_not_when_its_supernode_is_gone(monkeypatch):
+    monkeypatch.setattr(flwr.supercore.retry, "exponential", lambda max_delay: itertools.repeat(0.0))
+    push = flower_internals.output_push_retried(flwr.supernode.runtime.run_clientapp.push_task_output)
+
+    cut = SuperNodeDroppingFirstPush(httpx.WriteError("cut mid-body"))
+    push(client=cut, context=None, sub_status="completed", details="")
+    assert [request.sub_status for request in cut.pushes] == ["completed", "completed"]
+
+    gone = SuperNodeDroppingFirstPush(httpx.ConnectError("connection refused"))
+    push(client=gone, context=None, sub_status="completed", details="")  # Flower logs the failure and exits
+    assert len(gone.pushes) == 1

@@ -19,6 +19,8 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   isolates it) and inherits none of the loop's threads or connections; only the imports are
   shared. The ClientApp that runs is the one installed at the site, and only for a run of
   fedbt's own app at the site's version: any other run is refused (`installed_clientapp_loader`).
+  A task's last request to its SuperNode (the site's state and the task's status) is retried
+  until it lands, where Flower sends it once (`OutputPushRetried`).
 - `python -m fedbt.federated.flower_internals supernode ...`: `flower-supernode` with its idle
   waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
   uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
@@ -47,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+import httpx
 
 # The flwr whose source the declarations below were read from; any other version runs Flower's defaults.
 FLOWER_VERSION = "1.41.0"
@@ -309,6 +313,30 @@ RUN_CLIENTAPP = declare(
     Function(("runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install")),
     "called in each task: the body of `flwr-clientapp`",
 )
+TASK_OUTPUT_PUSH = declare(
+    "flwr.supernode.runtime.run_clientapp",
+    "push_task_output",
+    Function(("client", "context", "sub_status", "details")),
+    "wrapped in each task: its last request (the site's state and the task's status) is retried, not sent once",
+)
+RUNTIME_CLIENT = declare(
+    "flwr.supercore.runtime",
+    "RuntimeHttpClient",
+    Class(methods=("PushTaskOutput",)),
+    "called through OutputPushRetried: the request a task's output push sends",
+)
+RETRY_INVOKER = declare(
+    "flwr.supercore.retry",
+    "RetryInvoker",
+    Class(params=("wait_gen_factory", "recoverable_exceptions", "max_tries", "max_time"), methods=("invoke",)),
+    "constructed: retries a task's output push",
+)
+EXPONENTIAL_WAITS = declare(
+    "flwr.supercore.retry",
+    "exponential",
+    Function(("max_delay",)),
+    "called: the waits between a task's output pushes",
+)
 CLIENTAPP_LOADER = declare(
     "flwr.supernode.runtime.run_clientapp",
     "get_load_client_app_fn",
@@ -511,12 +539,67 @@ def installed_clientapp_loader(default_app_ref: str, app_path, multi_app: bool):
     return load
 
 
+# A request that died after reaching a live SuperNode: cut or timed out mid-body, or unanswered.
+# Not ConnectError: a SuperNode that is gone ends its tasks itself (their parent-process monitor).
+INTERRUPTED_PUSH = (
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.PoolTimeout,
+)
+# How long a task keeps pushing its output. The task's heartbeats go on meanwhile, so its
+# SuperNode neither declares it crashed nor takes another task's place for it.
+TASK_OUTPUT_PATIENCE_SECONDS = 600.0
+LONGEST_RETRY_WAIT_SECONDS = 10
+
+
+class OutputPushRetried:
+    """A task's Runtime API client whose PushTaskOutput is retried until it lands.
+
+    Flower pushes a task's output from its exit handler, once (it sets its client's retries to
+    one there, so that exiting never blocks). That request carries the site's whole context,
+    under fedbt the optimiser's state too (two ResNet18-sized tensors per weight under Adam),
+    with a 30 s client timeout; under load it can die half-sent. The SuperNode then keeps the
+    task running, never stores the context, and once the task's heartbeats are overdue declares
+    it crashed, with an error reply to whichever of the run's messages it is working on then.
+    """
+
+    def __init__(self, client):
+        self._client = client
+        self._retries = RETRY_INVOKER.get()(
+            wait_gen_factory=lambda: EXPONENTIAL_WAITS.get()(max_delay=LONGEST_RETRY_WAIT_SECONDS),
+            recoverable_exceptions=INTERRUPTED_PUSH,
+            max_tries=None,
+            max_time=TASK_OUTPUT_PATIENCE_SECONDS,
+            on_backoff=lambda state: print(
+                f"fedbt: site: pushing the task's output failed ({state.exception!r}); retrying",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
+
+    def PushTaskOutput(self, request):  # the name Flower calls
+        return self._retries.invoke(self._client.PushTaskOutput, request)
+
+
+def output_push_retried(flower_push: Callable) -> Callable:
+    """Flower's push of a task's output, sent through OutputPushRetried."""
+
+    def push(client, context, sub_status: str, details: str) -> None:
+        flower_push(client=OutputPushRetried(client), context=context, sub_status=sub_status, details=details)
+
+    return push
+
+
 def run_clientapp_task(spec) -> None:
     """One ClientApp task, in a forkserver child: what `flwr-clientapp` does, without its imports."""
     certificates = None
     if not spec.insecure and spec.root_certificates_path:
         certificates = Path(spec.root_certificates_path).read_bytes()
     CLIENTAPP_LOADER.replace(installed_clientapp_loader)
+    TASK_OUTPUT_PUSH.replace(output_push_retried(TASK_OUTPUT_PUSH.get()))
     # Ends in sys.exit with the task's exit code, which becomes this process's.
     RUN_CLIENTAPP.get()(
         runtime_api_address=spec.runtime_api_address,
