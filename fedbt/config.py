@@ -152,7 +152,8 @@ class FederatedConfig:
     restricted_softmax: bool = False
     # Score the global model (pooled validation on the server, each site's validation split
     # on the clients) every this many rounds and after the last; checkpoints are written every
-    # round regardless. On the CPU profile scoring takes about 5 s of a ~70 s round.
+    # round regardless. The sites score round k's model on round k+1's training message, before
+    # training on it. On the CPU profile scoring takes about 5 s of a ~70 s round.
     evaluate_every: PositiveInt = 1
     # Precision of the weights on the wire: float16 halves the ~45 MB a ResNet18 costs per
     # site per round each way. The server keeps and aggregates its copy in float32. (No

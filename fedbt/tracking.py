@@ -68,8 +68,8 @@ def epoch_metrics(entry: dict) -> dict[str, float]:
 
 
 def round_metrics(entry: dict) -> dict[str, float]:
-    """One federated round as the server saw it: each site's training reply and validation
-    score, the pooled validation score, how many sites answered or were dropped, the time so far."""
+    """One federated round as the server saw it: each site's training reply, the pooled validation
+    score, how many sites answered or were dropped, the time so far."""
     metrics = {
         "sites/answered": len(entry["train"]),
         "sites/dropped": len(entry["dropped"]),
@@ -78,6 +78,12 @@ def round_metrics(entry: dict) -> dict[str, float]:
     }
     for site, reply in entry["train"].items():
         metrics.update(numbers(reply, f"train/{site}"))
+    return metrics
+
+
+def site_score_metrics(entry: dict) -> dict[str, float]:
+    """Each site's validation score of a round's global model (they arrive with a later message)."""
+    metrics = {}
     for site, scores in entry["sites"].items():
         metrics.update(numbers(headline(scores), f"val/{site}"))
     return metrics
@@ -140,8 +146,16 @@ class Tracker:
         self.log_metrics(epoch_metrics(entry), step=entry["epoch"])
 
     def log_round(self, entry: dict) -> None:
-        """A round's metrics, and its whole record (which sites answered, why any was dropped) as a file."""
         self.log_metrics(round_metrics(entry), step=entry["round"])
+        self._log_round_record(entry)
+
+    def log_site_scores(self, entry: dict) -> None:
+        """The sites' scores of a round's model, and the round's record again, now holding them."""
+        self.log_metrics(site_score_metrics(entry), step=entry["round"])
+        self._log_round_record(entry)
+
+    def _log_round_record(self, entry: dict) -> None:
+        """A round's whole record (which sites answered, why any was dropped, their scores) as a file."""
         self._call(f"round {entry['round']}", "log_dict", entry, f"rounds/round-{entry['round']:03d}.json")
 
     def log_result(self, result: dict, *files: Path) -> None:

@@ -28,11 +28,13 @@ def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 
     return Message(content, metadata=metadata)
 
 
-def server_request(message_type: str, config: dict, arrays: ArrayRecord, node: int = 5) -> Message:
+def server_request(
+    message_type: str, config: dict, arrays: ArrayRecord, node: int = 5, message_id: str = "sent"
+) -> Message:
     """A message from the server as a site's ClientApp receives it."""
     metadata = Metadata(
         run_id=7,
-        message_id="sent",
+        message_id=message_id,
         src_node_id=0,
         dst_node_id=node,
         reply_to_message_id="",

@@ -20,6 +20,7 @@ from fedbt.eval.calibration import tempered_probabilities
 from fedbt.federated.client_privacy import clipped_at_site
 from fedbt.federated.common import (
     ROUND_KEY,
+    SCORE_FIRST_KEY,
     SPLIT_KEY,
     TEMPERATURE_KEY,
     TEMPERATURE_LOSSES_KEY,
@@ -115,9 +116,13 @@ def train(msg: Message, context: Context) -> Message:
         f"training on {len(partition.indices['train'])} images"
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
-    state, examples, metrics, local = train_partition(
-        cfg, catalog, partition, global_state, server_round, _load_local(context)
-    )
+    local = _load_local(context)
+    scores = {}
+    if config.get(SCORE_FIRST_KEY):
+        # The previous round's global model, as it arrived: scored here so it crosses the wire once.
+        validation, _ = evaluate_partition(cfg, catalog, partition, global_state, local, split="val")
+        scores = {"metrics-json": json.dumps(validation)}
+    state, examples, metrics, local = train_partition(cfg, catalog, partition, global_state, server_round, local)
     log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
     _save_local(context, local)
     if CLIPPING_NORM_KEY.get() in config:
@@ -128,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(torch_state_dict=transport_state(state, cfg.federated.transport_dtype)),
             "metrics": MetricRecord({**metrics, "num-examples": examples}),
-            "site": ConfigRecord({"name": partition.name}),
+            "site": ConfigRecord({"name": partition.name, **scores}),
         }
     )
     return Message(content=content, reply_to=msg)

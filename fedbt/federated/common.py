@@ -23,6 +23,10 @@ EXPERIMENT_KEY = "fedbt-experiment"
 ROUND_KEY = "server-round"
 # Which split an evaluate message asks for: "val" every round, "test" once at the end of a deployment.
 SPLIT_KEY = "split"
+# A training message that asks the site to score the model it brings on its validation split
+# before training on it: round r's global model is scored on round r+1's message, so the model
+# crosses the wire once per round, not twice (docs/performance.md).
+SCORE_FIRST_KEY = "score-first"
 # The temperature a test scoring divides the logits by (fedbt.eval.calibration); 1 when not sent.
 TEMPERATURE_KEY = "temperature"
 # A validation reply's losses at every temperature of the calibration grid, beside its metrics.

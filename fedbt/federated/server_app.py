@@ -33,6 +33,7 @@ from fedbt.federated.client_privacy import client_level_epsilon, train_config
 from fedbt.federated.common import (
     EXPERIMENT_KEY,
     ROUND_KEY,
+    SCORE_FIRST_KEY,
     SPLIT_KEY,
     TEMPERATURE_KEY,
     TEMPERATURE_LOSSES_KEY,
@@ -173,8 +174,15 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     trainable = [node for node in nodes if node not in run.spent_nodes]
     chosen = choose_sites(trainable, fc.fraction_train, run.min_train, run.rng)
     config = train_config(run.cfg.privacy.client_level)
+    # The previous round's model, due for scoring, is scored by the sites on this round's message.
+    previous = run.history[-1] if run.history else None
+    score_first = previous is not None and evaluation_due(previous["round"], fc)
+    if score_first:
+        config[SCORE_FIRST_KEY] = True
     messages = [run.message(node, MessageType.TRAIN, server_round, **config) for node in chosen]
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
+    if score_first:
+        record_site_scores(run, previous, site_contents(replies, run, read_validation_metrics, "a score"))
     accepted, dropped = screen_train_replies(run, replies)
     for who, reason in dropped.items():
         log(f"[federated] round {server_round}: dropped the reply of {who}: {reason}")
@@ -195,9 +203,8 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     }
     if run.cfg.privacy.client_level.enabled:
         entry["client_privacy"] = client_privacy_spent(run, server_round)
-    if evaluation_due(server_round, fc):
-        entry["sites"] = score_at_sites(grid, run, server_round)
-        entry["server"] = headline(score_on_server(run)) if run.server_has_data else {}
+    if evaluation_due(server_round, fc) and run.server_has_data:
+        entry["server"] = headline(score_on_server(run))
     entry["elapsed_seconds"] = time.perf_counter() - run.started
     run.history.append(entry)
     run.last_round = server_round
@@ -266,25 +273,27 @@ def update_global_model(run: FederatedRun, server_round: int, replies: list[Mess
         log(f"[federated] round {server_round}: aggregation gave non-finite weights; keeping the previous model")
 
 
-def score_at_sites(grid: Grid, run: FederatedRun, server_round: int) -> dict[str, dict]:
-    """Each connected site's metrics of the global model on its own validation split."""
-    return validation_at_sites(grid, run, server_round, read_validation_metrics, f"round {server_round}: the score")
+def record_site_scores(run: FederatedRun, entry: dict, scores: dict[str, dict]) -> None:
+    """The sites' validation scores of a round's global model, which arrive with a later message."""
+    entry["sites"] = scores
+    listed = ", ".join(f"{name} {100 * m.get('set_accuracy', float('nan')):.1f}%" for name, m in sorted(scores.items()))
+    log(f"[federated] round {entry['round']}/{run.cfg.federated.rounds} at the sites (validation): {listed or 'none'}")
+    run.tracker.log_site_scores(entry)
 
 
-def validation_losses_at_sites(grid: Grid, run: FederatedRun) -> dict[str, TemperatureLosses]:
-    """Each site's summed loss of the final model on its validation split at every temperature of the
-    calibration grid: what the temperature is fitted from, without an image leaving its site."""
-    return validation_at_sites(grid, run, run.cfg.federated.rounds, read_temperature_losses, "the calibration")
-
-
-def validation_at_sites(
-    grid: Grid, run: FederatedRun, server_round: int, read: Callable[[Message], T], what: str
-) -> dict[str, T]:
-    """Each connected site's scoring of the global model on its own validation split, as `read` reads it."""
+def final_validation_at_sites(grid: Grid, run: FederatedRun) -> dict[str, tuple[dict, TemperatureLosses]]:
+    """Each connected site's scoring of the final model on its own validation split: its metrics and its
+    summed loss at every temperature of the calibration grid (what the temperature is fitted from,
+    without an image leaving its site). The last round has no next message to ride on."""
     fc = run.cfg.federated
     nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
-    messages = [run.message(node, MessageType.EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes]
+    messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **{SPLIT_KEY: "val"}) for node in nodes]
     replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
+    return site_contents(replies, run, read_validation, "the final validation")
+
+
+def site_contents(replies: list[Message], run: FederatedRun, read: Callable[[Message], T], what: str) -> dict[str, T]:
+    """Each site's checked reply content, as `read` reads it; a malformed or unbound reply is left out."""
     scored = {}
     for reply in replies:
         if accepted := checked_site_content(reply, run, read, what):
@@ -297,9 +306,9 @@ def read_validation_metrics(reply: Message) -> dict:
     return json.loads(str(reply.content["site"]["metrics-json"]))
 
 
-def read_temperature_losses(reply: Message) -> TemperatureLosses:
+def read_validation(reply: Message) -> tuple[dict, TemperatureLosses]:
     arrays = {k: v.numpy() for k, v in reply.content[TEMPERATURE_LOSSES_KEY].to_torch_state_dict().items()}
-    return TemperatureLosses.from_arrays(arrays)
+    return read_validation_metrics(reply), TemperatureLosses.from_arrays(arrays)
 
 
 def checked_site_content(
@@ -331,13 +340,12 @@ def score_on_server(run: FederatedRun) -> dict:
 
 
 def log_round(entry: dict, rounds: int) -> None:
-    sites = ", ".join(
-        f"{name} {100 * m.get('set_accuracy', float('nan')):.1f}%" for name, m in sorted(entry["sites"].items())
-    )
+    """The round's training, and the server's own pooled validation score when it holds the data
+    (the sites' scores of this model come with the next message, see record_site_scores)."""
     server = entry["server"]
-    pooled = f"pooled val acc {100 * server['accuracy']:.1f}% " if "accuracy" in server else ""
-    scores = f"{pooled}sites: {sites}" if pooled or sites else "trained (not scored this round)"
-    log(f"[federated] round {entry['round']}/{rounds} {scores}")
+    trained = ", ".join(f"{name} loss {m.get('train_loss', float('nan')):.3f}" for name, m in entry["train"].items())
+    pooled = f"; pooled val acc {100 * server['accuracy']:.1f}%" if "accuracy" in server else ""
+    log(f"[federated] round {entry['round']}/{rounds} trained: {trained}{pooled}")
     if privacy := entry.get("client_privacy"):
         log(
             f"[federated] client-level DP: noise multiplier {privacy['noise_multiplier']:g}, "
@@ -348,8 +356,11 @@ def log_round(entry: dict, rounds: int) -> None:
 def finish(grid: Grid, run: FederatedRun) -> dict:
     """Checkpoint the final model, calibrate it on the sites' validation splits, and score it on the test
     splits, once, at that temperature."""
+    validations = final_validation_at_sites(grid, run)
+    if run.history:
+        record_site_scores(run, run.history[-1], {name: metrics for name, (metrics, _) in validations.items()})
     run.checkpoint("final.pt")
-    site_losses = validation_losses_at_sites(grid, run)
+    site_losses = {name: losses for name, (_, losses) in validations.items()}
     losses = sum(site_losses.values(), TemperatureLosses.empty())
     temperature = losses.best_temperature()
     log(f"[federated] calibration: temperature {temperature:.3g} from the validation of {len(site_losses)} sites")
