@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from flower_messages import reply
+from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
 from fedbt.config import FederatedConfig
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
@@ -58,7 +59,7 @@ def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
     global_state = {"w": torch.zeros(3)}
     first = make_strategy(fc)
     after_one = aggregate(first, 1, global_state, [reply("a", {"w": torch.ones(3)}, 1)], {"w"})
-    saved = strategy_state(first, list(global_state))
+    saved = strategy_state(first)
     assert set(saved) == {"momentum_vector"}
     assert all(isinstance(t, torch.Tensor) for t in saved["momentum_vector"].values())
     # Loadable with torch.load(weights_only=True): tensors in dicts only.
@@ -84,7 +85,34 @@ def test_fedadam_steps_from_the_servers_float32_model_not_a_float16_copy():
     assert new["w"].dtype == torch.float32
     assert new["w"][1].item() == torch.tensor(kept).item()
     assert new["w"][0] > 0.5  # the first weight moved towards the site's
-    assert set(strategy_state(strategy, ["w"])) == {"m_t", "v_t"}
+    assert set(strategy_state(strategy)) == {"m_t", "v_t"}
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimisers_step_the_parameters_and_average_the_batchnorm_buffers(name):
+    strategy = make_strategy(FederatedConfig(strategy=name, server_momentum=0.9))
+    global_state = {"w": torch.zeros(2), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(4)}
+
+    def site(variances: list[float], batches: int) -> dict:
+        counter = torch.tensor(batches)
+        return {"w": torch.ones(2), "bn.running_var": torch.tensor(variances), "bn.num_batches_tracked": counter}
+
+    replies = [reply("a", site([2.0, 4.0], 5), 10), reply("b", site([6.0, 8.0], 6), 30)]
+    first = aggregate(strategy, 1, global_state, replies, {"w"})
+    second = aggregate(strategy, 2, first, replies, {"w"})
+    # Statistics of the sites' data: their weighted average, whatever the optimiser's state.
+    assert torch.equal(second["bn.running_var"], torch.tensor([5.0, 7.0]))
+    # A batch count stays a count: the weighted mean 5.75, rounded.
+    assert second["bn.num_batches_tracked"].item() == 6
+    assert all(set(moments) == {"w"} for moments in strategy_state(strategy).values())
+    assert strategy_state(strategy)
+
+
+def test_server_learning_rates_default_to_flowers_own():
+    assert make_strategy(FederatedConfig(strategy="fedadam")).eta == FedAdam().eta
+    assert make_strategy(FederatedConfig(strategy="fedyogi")).eta == FedYogi().eta
+    assert make_strategy(FederatedConfig(strategy="fedavgm")).server_learning_rate == FedAvgM().server_learning_rate
+    assert make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.03)).eta == 0.03
 
 
 def test_replies_are_aggregated_in_site_order_whatever_arrives_first():

@@ -147,7 +147,7 @@ class FederatedRun:
             "round": self.last_round,
             "history": self.history,
             "initial": self.initial,
-            "server_optimizer": strategy_state(self.strategy, list(self.global_state)),
+            "server_optimizer": strategy_state(self.strategy),
         }
         save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
 
