@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 from flower_messages import reply
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
-from fedbt.config import FederatedConfig
+from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import choose_sites, in_site_order
-from fedbt.federated.server_app import evaluation_due
-from fedbt.federated.strategy import aggregate, make_strategy
+from fedbt.federated.server_app import FederatedRun, evaluation_due, screen_train_replies, update_global_model
+from fedbt.federated.strategy import SERVER_OPTIMISERS, STRATEGIES, aggregate, make_strategy
 from fedbt.federated.task import transport_state
 from fedbt.model.architectures import build_resnet18
 
@@ -113,6 +114,47 @@ def test_server_learning_rates_default_to_flowers_own():
     assert make_strategy(FederatedConfig(strategy="fedyogi")).eta == FedYogi().eta
     assert make_strategy(FederatedConfig(strategy="fedavgm")).server_learning_rate == FedAvgM().server_learning_rate
     assert make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.03)).eta == 0.03
+
+
+def stored_arrays(strategy: object) -> list[np.ndarray]:
+    """Every array a strategy object holds in its attributes (a model, moments, a momentum list)."""
+    found = []
+
+    def collect(value: object) -> None:
+        if isinstance(value, np.ndarray):
+            found.append(value)
+        elif isinstance(value, ArrayRecord):
+            found.extend(value.to_numpy_ndarrays())
+        elif isinstance(value, dict | list | tuple):
+            for item in value.values() if isinstance(value, dict) else value:
+                collect(item)
+
+    for attribute in vars(strategy).values():
+        collect(attribute)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_servers_copy_stays_float32_under_float16_transport(name, tmp_path):
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path),
+        data=DataConfig(image_size=8),  # the smallest the CNN takes: a fast test
+        model=ModelConfig(name="cnn"),
+        federated=FederatedConfig(strategy=name, transport_dtype="float16", server_momentum=0.9),
+    )
+    run = FederatedRun(cfg, server_has_data=False)
+    for server_round in (1, 2):
+        replies = []
+        for node, site in enumerate(("figshare", "sartaj", "br35h"), start=1):
+            trained = {k: v + 1e-3 * node if v.is_floating_point() else v for k, v in run.global_state.items()}
+            replies.append(reply(site, transport_state(trained, "float16"), 10, node=node))
+        accepted, dropped = screen_train_replies(run, replies)
+        assert not dropped
+        update_global_model(run, server_round, accepted)
+    assert all(v.dtype == torch.float32 for v in run.global_state.values())
+    held = [a for a in stored_arrays(run.strategy) if np.issubdtype(a.dtype, np.floating)]
+    assert all(a.dtype == np.float32 for a in held), sorted({str(a.dtype) for a in held})
+    assert held or not isinstance(run.strategy, SERVER_OPTIMISERS)  # each server optimiser holds its model
 
 
 def test_replies_are_aggregated_in_site_order_whatever_arrives_first():
