@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
 from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig
+from fedbt.federated import server_app
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import choose_sites, in_site_order
 from fedbt.federated.server_app import FederatedRun, evaluation_due, screen_train_replies, update_global_model
@@ -182,3 +183,15 @@ def test_a_server_optimiser_is_refused_at_start_when_flower_moved_its_state(monk
     with pytest.raises(ValueError, match="strategy fedadam cannot run on this Flower: flwr 9.9.9 is installed"):
         make_strategy(FederatedConfig(strategy="fedadam"))
     make_strategy(FederatedConfig(strategy="fedavg"))  # FedAvg keeps no server state: it still runs
+
+
+def test_under_fedbn_the_server_scores_nothing_itself_and_takes_the_sites_scores(data_config, tmp_path, monkeypatch):
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path), data=data_config, model=ModelConfig(name="cnn"), federated=FederatedConfig(fedbn=True)
+    )
+    run = FederatedRun(cfg, server_has_data=True)
+    sites_scores = {"pooled": {"accuracy": 0.5}, "sites": {}}
+    monkeypatch.setattr(server_app, "site_test_results", lambda grid, run: sites_scores)
+    # The server holds the data, but its averaged BatchNorm layers are used by no site: no pooled score of them.
+    assert server_app.score_on_server(run) == {}
+    assert server_app.finish(grid=None, run=run)["test"] is sites_scores

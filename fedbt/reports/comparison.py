@@ -13,6 +13,11 @@ SITE_NOTE = (
     "Per site: share of test images whose prediction is a class the label allows "
     "(4-class accuracy for fine labels; for a Br35H 'yes' any tumour type counts)."
 )
+FEDBN_NOTE = (
+    "FedBN: every site keeps its own BatchNorm layers, so the federated model was scored at each site with "
+    "that site's layers; its pooled test figures add up the sites' own scores. No pooled validation curve is "
+    "drawn for it: the server's averaged BatchNorm layers are used by no site."
+)
 GENERATED_DATA_NOTE = (
     "Generated demo data (synthetic MRI-like images), not patient data: "
     "the numbers show the mechanics, not clinical accuracy."
@@ -124,6 +129,7 @@ def write_report(
         ("h2", "Test results"),
         ("table", (header, rows)),
         ("p", SITE_NOTE),
+        *([("p", FEDBN_NOTE)] if cfg.federated.fedbn else []),
         ("p", _split_control(results)),
         ("h2", "Wall times"),
         ("table", (["run", "wall time"], _wall_times(results))),
