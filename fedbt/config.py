@@ -137,7 +137,11 @@ class FederatedConfig:
     max_update_ratio: Annotated[float, Field(gt=1)] | None = None
     proximal_mu: NonNegativeFloat = 0.0
     fedbn: bool = False
-    server_lr: PositiveFloat = 1.0
+    # Server learning rate of fedadam, fedyogi (eta) and fedavgm (server_learning_rate); None: Flower's
+    # own default for the strategy (fedadam 0.1, fedyogi 0.01, fedavgm 1.0). They step the trainable
+    # parameters only (BatchNorm statistics are averaged); the old fixed 1.0 made FedAdam's first step
+    # move every weight by about 0.7, ten times Flower's.
+    server_lr: PositiveFloat | None = None
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # Share of the connected sites asked to train each round.
     fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0

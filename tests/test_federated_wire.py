@@ -4,12 +4,15 @@ import numpy as np
 import pytest
 import torch
 from flower_messages import reply
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
-from fedbt.config import FederatedConfig
+from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig
+from fedbt.federated import server_app
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import choose_sites, in_site_order
-from fedbt.federated.server_app import evaluation_due
-from fedbt.federated.strategy import aggregate, make_strategy
+from fedbt.federated.server_app import FederatedRun, evaluation_due, screen_train_replies, update_global_model
+from fedbt.federated.strategy import SERVER_OPTIMISERS, STRATEGIES, aggregate, make_strategy
 from fedbt.federated.task import transport_state
 from fedbt.model.architectures import build_resnet18
 
@@ -58,7 +61,7 @@ def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():
     global_state = {"w": torch.zeros(3)}
     first = make_strategy(fc)
     after_one = aggregate(first, 1, global_state, [reply("a", {"w": torch.ones(3)}, 1)], {"w"})
-    saved = strategy_state(first, list(global_state))
+    saved = strategy_state(first)
     assert set(saved) == {"momentum_vector"}
     assert all(isinstance(t, torch.Tensor) for t in saved["momentum_vector"].values())
     # Loadable with torch.load(weights_only=True): tensors in dicts only.
@@ -84,7 +87,75 @@ def test_fedadam_steps_from_the_servers_float32_model_not_a_float16_copy():
     assert new["w"].dtype == torch.float32
     assert new["w"][1].item() == torch.tensor(kept).item()
     assert new["w"][0] > 0.5  # the first weight moved towards the site's
-    assert set(strategy_state(strategy, ["w"])) == {"m_t", "v_t"}
+    assert set(strategy_state(strategy)) == {"m_t", "v_t"}
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimisers_step_the_parameters_and_average_the_batchnorm_buffers(name):
+    strategy = make_strategy(FederatedConfig(strategy=name, server_momentum=0.9))
+    global_state = {"w": torch.zeros(2), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(4)}
+
+    def site(variances: list[float], batches: int) -> dict:
+        counter = torch.tensor(batches)
+        return {"w": torch.ones(2), "bn.running_var": torch.tensor(variances), "bn.num_batches_tracked": counter}
+
+    replies = [reply("a", site([2.0, 4.0], 5), 10), reply("b", site([6.0, 8.0], 6), 30)]
+    first = aggregate(strategy, 1, global_state, replies, {"w"})
+    second = aggregate(strategy, 2, first, replies, {"w"})
+    # Statistics of the sites' data: their weighted average, whatever the optimiser's state.
+    assert torch.equal(second["bn.running_var"], torch.tensor([5.0, 7.0]))
+    # A batch count stays a count: the weighted mean 5.75, rounded.
+    assert second["bn.num_batches_tracked"].item() == 6
+    assert all(set(moments) == {"w"} for moments in strategy_state(strategy).values())
+    assert strategy_state(strategy)
+
+
+def test_server_learning_rates_default_to_flowers_own():
+    assert make_strategy(FederatedConfig(strategy="fedadam")).eta == FedAdam().eta
+    assert make_strategy(FederatedConfig(strategy="fedyogi")).eta == FedYogi().eta
+    assert make_strategy(FederatedConfig(strategy="fedavgm")).server_learning_rate == FedAvgM().server_learning_rate
+    assert make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.03)).eta == 0.03
+
+
+def stored_arrays(strategy: object) -> list[np.ndarray]:
+    """Every array a strategy object holds in its attributes (a model, moments, a momentum list)."""
+    found = []
+
+    def collect(value: object) -> None:
+        if isinstance(value, np.ndarray):
+            found.append(value)
+        elif isinstance(value, ArrayRecord):
+            found.extend(value.to_numpy_ndarrays())
+        elif isinstance(value, dict | list | tuple):
+            for item in value.values() if isinstance(value, dict) else value:
+                collect(item)
+
+    for attribute in vars(strategy).values():
+        collect(attribute)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_servers_copy_stays_float32_under_float16_transport(name, tmp_path):
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path),
+        data=DataConfig(image_size=8),  # the smallest the CNN takes: a fast test
+        model=ModelConfig(name="cnn"),
+        federated=FederatedConfig(strategy=name, transport_dtype="float16", server_momentum=0.9),
+    )
+    run = FederatedRun(cfg, server_has_data=False)
+    for server_round in (1, 2):
+        replies = []
+        for node, site in enumerate(("figshare", "sartaj", "br35h"), start=1):
+            trained = {k: v + 1e-3 * node if v.is_floating_point() else v for k, v in run.global_state.items()}
+            replies.append(reply(site, transport_state(trained, "float16"), 10, node=node))
+        accepted, dropped = screen_train_replies(run, replies)
+        assert not dropped
+        update_global_model(run, server_round, accepted)
+    assert all(v.dtype == torch.float32 for v in run.global_state.values())
+    held = [a for a in stored_arrays(run.strategy) if np.issubdtype(a.dtype, np.floating)]
+    assert all(a.dtype == np.float32 for a in held), sorted({str(a.dtype) for a in held})
+    assert held or not isinstance(run.strategy, SERVER_OPTIMISERS)  # each server optimiser holds its model
 
 
 def test_replies_are_aggregated_in_site_order_whatever_arrives_first():
@@ -112,3 +183,15 @@ def test_a_server_optimiser_is_refused_at_start_when_flower_moved_its_state(monk
     with pytest.raises(ValueError, match="strategy fedadam cannot run on this Flower: flwr 9.9.9 is installed"):
         make_strategy(FederatedConfig(strategy="fedadam"))
     make_strategy(FederatedConfig(strategy="fedavg"))  # FedAvg keeps no server state: it still runs
+
+
+def test_under_fedbn_the_server_scores_nothing_itself_and_takes_the_sites_scores(data_config, tmp_path, monkeypatch):
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path), data=data_config, model=ModelConfig(name="cnn"), federated=FederatedConfig(fedbn=True)
+    )
+    run = FederatedRun(cfg, server_has_data=True)
+    sites_scores = {"pooled": {"accuracy": 0.5}, "sites": {}}
+    monkeypatch.setattr(server_app, "site_test_results", lambda grid, run: sites_scores)
+    # The server holds the data, but its averaged BatchNorm layers are used by no site: no pooled score of them.
+    assert server_app.score_on_server(run) == {}
+    assert server_app.finish(grid=None, run=run)["test"] is sites_scores

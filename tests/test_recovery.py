@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,25 @@ def test_a_damaged_earlier_result_is_trained_again_then_reused(finished, monkeyp
     assert read_json(folders[kind] / "metrics.json") == json.loads(json.dumps(again))
     assert baselines[kind]() == read_json(folders[kind] / "metrics.json")
     assert len(trainings) == 1  # the rewritten files are reused
+
+
+def test_a_local_model_is_reused_across_runtime_settings_but_not_across_partitionings(tmp_path):
+    iid = ExperimentConfig(federated=FederatedConfig(partition="iid"))
+    write_json(tmp_path / "metrics.json", {"kind": "local"})
+    (tmp_path / "fingerprint.json").write_text(simulation._fingerprint(iid, "client0"))
+
+    def variant(**sections) -> ExperimentConfig:
+        return replace(iid, **{name: replace(getattr(iid, name), **changes) for name, changes in sections.items()})
+
+    runtime = variant(train={"threads": 7, "device": "cpu", "num_workers": 2, "log_every": 0}, data={"cache_dir": "/x"})
+    assert simulation._reusable(tmp_path, runtime, "client0") == {"kind": "local"}
+    assert simulation._reusable(tmp_path, variant(federated={"partition": "dirichlet"}), "client0") is None
+    assert simulation._reusable(tmp_path, variant(federated={"num_clients": 4}), "client0") is None
+    assert simulation._reusable(tmp_path, iid, "client1") is None
+    assert simulation._reusable(tmp_path, variant(train={"lr": 0.1}), "client0") is None
+    # Alpha shapes Dirichlet partitions only.
+    assert simulation._reusable(tmp_path, variant(federated={"dirichlet_alpha": 9.0}), "client0") is not None
+    dirichlet = variant(federated={"partition": "dirichlet"})
+    (tmp_path / "fingerprint.json").write_text(simulation._fingerprint(dirichlet, "client0"))
+    other_alpha = variant(federated={"partition": "dirichlet", "dirichlet_alpha": 9.0})
+    assert simulation._reusable(tmp_path, other_alpha, "client0") is None

@@ -441,7 +441,7 @@ def set_strategy_model(strategy: object, state: dict) -> None:
         strategy.current_arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-def strategy_state(strategy: object, keys: list[str]) -> dict:
+def strategy_state(strategy: object) -> dict:
     """A server optimiser's moments or momentum as {name: {parameter key: tensor}} (empty without one)."""
     import numpy as np
     import torch
@@ -449,7 +449,10 @@ def strategy_state(strategy: object, keys: list[str]) -> dict:
     internal = _state_declaration(strategy)
     saved = {}
     if internal is FEDAVGM_STATE and strategy.momentum_vector is not None:
-        saved["momentum_vector"] = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, strategy.momentum_vector)}
+        # A list in the order of the model it stepped (the parameters it was given, not the whole state).
+        keys = list(strategy.current_arrays.keys())
+        momentum = zip(keys, strategy.momentum_vector, strict=True)
+        saved["momentum_vector"] = {k: torch.from_numpy(np.array(v)) for k, v in momentum}
     elif internal is not None:
         for name in MOMENT_ATTRIBUTES:
             if getattr(strategy, name):

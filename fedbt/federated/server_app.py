@@ -151,7 +151,7 @@ class FederatedRun:
             "round": self.last_round,
             "history": self.history,
             "initial": self.initial,
-            "server_optimizer": strategy_state(self.strategy, list(self.global_state)),
+            "server_optimizer": strategy_state(self.strategy),
         }
         save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
 
@@ -160,7 +160,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, server_has_data: bool = Tru
     configure_threads(cfg.train.threads)
     with experiment_run(cfg, "federated") as tracker:
         run = FederatedRun(cfg, server_has_data, tracker)
-        if run.last_round == 0 and server_has_data:
+        if run.last_round == 0 and scores_on_server(run):
             run.initial = headline(score_on_server(run))
             log(f"[federated] initial global model: pooled val {run.initial}")
         for server_round in range(run.last_round + 1, cfg.federated.rounds + 1):
@@ -203,7 +203,7 @@ def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
     }
     if run.cfg.privacy.client_level.enabled:
         entry["client_privacy"] = client_privacy_spent(run, server_round)
-    if evaluation_due(server_round, fc) and run.server_has_data:
+    if evaluation_due(server_round, fc) and scores_on_server(run):
         entry["server"] = headline(score_on_server(run))
     entry["elapsed_seconds"] = time.perf_counter() - run.started
     run.history.append(entry)
@@ -329,10 +329,14 @@ def checked_site_content(
     return name, content
 
 
+def scores_on_server(run: FederatedRun) -> bool:
+    """Whether the server scores the global model itself. Not under FedBN: each site scores it with
+    its own BatchNorm layers, and the averaged ones the server holds are used by no site."""
+    return run.server_has_data and not run.cfg.federated.fedbn
+
+
 def score_on_server(run: FederatedRun) -> dict:
     """The global model on the pooled validation split (rounds are watched on validation data, as epochs are)."""
-    if not run.server_has_data:
-        return {}
     device = select_device(run.cfg.train.device)
     catalog = load_catalog(run.cfg)
     loader = make_loader(catalog.dataset(split="val", pooled=True), run.cfg.train.batch_size, False, device)
@@ -368,7 +372,7 @@ def finish(grid: Grid, run: FederatedRun) -> dict:
     result = {"kind": "federated", "rounds": run.cfg.federated.rounds, "initial": run.initial, "history": run.history}
     if run.history and "client_privacy" in run.history[-1]:
         result["client_privacy"] = run.history[-1]["client_privacy"]
-    if run.server_has_data:
+    if scores_on_server(run):
         device = select_device(run.cfg.train.device)
         model = prepare_model(run.global_model(), device)
         catalog = load_catalog(run.cfg)
@@ -385,7 +389,8 @@ def finish(grid: Grid, run: FederatedRun) -> dict:
 
 
 def site_test_results(grid: Grid, run: FederatedRun, temperature: float) -> dict:
-    """Test metrics of the final model at the temperature, from the sites' own test splits (a server without data).
+    """Test metrics of the final model at the temperature, from the sites' own test splits (a server
+    without data, or FedBN).
 
     Each site returns the aggregates of its scoring (fedbt.eval.aggregates), nothing per image;
     their sum gives the pooled metrics, each site's its own.

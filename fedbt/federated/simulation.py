@@ -104,17 +104,30 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
     return metrics
 
 
-def _fingerprint(cfg: ExperimentConfig) -> str:
-    """What decides a baseline's result: data, model and training settings."""
-    return json.dumps(
-        {"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": to_dict(cfg.train)}, sort_keys=True
-    )
+# Settings that change where or how fast a run goes, never its result.
+RUNTIME_ONLY = {"data": ("cache_dir",), "train": ("threads", "device", "num_workers", "log_every")}
 
 
-def _reusable(out: Path, cfg: ExperimentConfig) -> dict | None:
+def _fingerprint(cfg: ExperimentConfig, partition_name: str | None = None) -> str:
+    """What decides a baseline's result: data, model, training and record-level privacy settings
+    and, for a local-only model, which client of which partitioning it trained on."""
+    settings = {section: to_dict(getattr(cfg, section)) for section in ("data", "model", "train", "privacy")}
+    for section, keys in RUNTIME_ONLY.items():
+        for key in keys:
+            del settings[section][key]
+    del settings["privacy"]["client_level"]  # the federation's, not a baseline's
+    if partition_name is not None:
+        fc = cfg.federated
+        settings["partition"] = {"scheme": fc.partition, "clients": fc.num_clients, "name": partition_name}
+        if fc.partition == "dirichlet":
+            settings["partition"]["dirichlet_alpha"] = fc.dirichlet_alpha
+    return json.dumps(settings, sort_keys=True)
+
+
+def _reusable(out: Path, cfg: ExperimentConfig, partition_name: str | None = None) -> dict | None:
     """An earlier run's results with the same settings; None (train again) when there is none,
     or its files are missing, cut short by a killed run or not JSON."""
-    if read_json(out / "fingerprint.json") != json.loads(_fingerprint(cfg)):
+    if read_json(out / "fingerprint.json") != json.loads(_fingerprint(cfg, partition_name)):
         return None
     metrics = read_json(out / "metrics.json")
     return metrics if isinstance(metrics, dict) else None
@@ -136,7 +149,7 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
     local_cfg = budget_matched(cfg)
     target = out / "local" / partition.name
     target.mkdir(parents=True, exist_ok=True)
-    if reuse and (earlier := _reusable(target, local_cfg)):
+    if reuse and (earlier := _reusable(target, local_cfg, partition.name)):
         log(f"[local {partition.name}] reusing the earlier run with the same settings")
         return earlier
     data = TrainData(
@@ -157,7 +170,7 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
             "test": evaluate_everywhere(model, catalog, select_device(cfg.train.device), cfg.train.batch_size),
         }
         write_json(target / "metrics.json", result)
-        write_text(target / "fingerprint.json", _fingerprint(local_cfg))
+        write_text(target / "fingerprint.json", _fingerprint(local_cfg, partition.name))
         tracker.log_result(result, target / "metrics.json", target / "final.pt")
     return result
 

@@ -19,6 +19,11 @@ SELECTION_RULE = (
     "central and local-only: the last epoch's, also when early stopping ends training). Validation scores are "
     "watched, never used to pick an earlier checkpoint."
 )
+FEDBN_NOTE = (
+    "FedBN: every site keeps its own BatchNorm layers, so the federated model was scored at each site with "
+    "that site's layers; its pooled test figures add up the sites' own scores. No pooled validation curve is "
+    "drawn for it: the server's averaged BatchNorm layers are used by no site."
+)
 GENERATED_DATA_NOTE = (
     "Generated demo data (synthetic MRI-like images), not patient data: "
     "the numbers show the mechanics, not clinical accuracy."
@@ -166,6 +171,7 @@ def write_report(
         ("table", (header, rows)),
         ("p", SITE_NOTE),
         ("p", SELECTION_RULE),
+        *([("p", FEDBN_NOTE)] if cfg.federated.fedbn else []),
         ("p", _split_control(results)),
         ("h2", "Calibration"),
         ("table", (CALIBRATION_HEADER, calibration_rows(results))),
