@@ -191,7 +191,8 @@ def test_under_fedbn_the_server_scores_nothing_itself_and_takes_the_sites_scores
     )
     run = FederatedRun(cfg, server_has_data=True)
     sites_scores = {"pooled": {"accuracy": 0.5}, "sites": {}}
-    monkeypatch.setattr(server_app, "site_test_results", lambda grid, run: sites_scores)
+    monkeypatch.setattr(server_app, "site_test_results", lambda grid, run, temperature: sites_scores)
+    monkeypatch.setattr(server_app, "final_validation_at_sites", lambda grid, run: {})
     # The server holds the data, but its averaged BatchNorm layers are used by no site: no pooled score of them.
-    assert server_app.score_on_server(run) == {}
+    assert not server_app.scores_on_server(run)
     assert server_app.finish(grid=None, run=run)["test"] is sites_scores

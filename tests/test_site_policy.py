@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flower_messages import server_request
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from fedbt.data.labels import get_task
-from fedbt.data.sites import load_site
+from fedbt.data.sites import SitePolicy, load_site
 from fedbt.data.synthetic import generate_demo_data
 from fedbt.eval.aggregates import SCORE_BINS, ScoreAggregates, aggregate_metrics
 from fedbt.eval.calibration import CONFIDENCE_BINS, tempered_probabilities
@@ -29,7 +30,7 @@ from fedbt.federated.common import (
     TEMPERATURE_KEY,
     experiment_record,
 )
-from fedbt.federated.policy import settable, settable_part
+from fedbt.federated.policy import PolicyRefusal, settable, settable_part
 from fedbt.federated.task import client_partition, load_catalog, partition_log_probabilities
 from fedbt.train.setup import new_model
 
@@ -48,6 +49,11 @@ def site(site_data, site_files, tmp_path) -> Context:
     """The sartaj node as `fedbt site --site sites/sartaj.yaml --data-root ... --cache-dir ...` starts it."""
     node = {NODE_SITE: site_files[1], NODE_DATA_ROOT: str(site_data), NODE_CACHE_DIR: str(tmp_path / "site-cache")}
     return Context(run_id=7, node_id=5, node_config=node, state=RecordDict(), run_config={})
+
+
+def fresh_context(context: Context, run_id: int = 7) -> Context:
+    """The node's context of a run as its SuperNode would hand it over had no task's context push ever landed."""
+    return Context(run_id=run_id, node_id=5, node_config=dict(context.node_config), state=RecordDict(), run_config={})
 
 
 def server_experiment() -> ExperimentConfig:
@@ -138,6 +144,44 @@ def assert_refused(reply, capsys, logged: str) -> None:
 def test_a_second_test_scoring_in_a_run_is_refused(site, capsys):
     assert not client_app.evaluate(request_from_server(honest()), site).has_error()
     assert_refused(client_app.evaluate(request_from_server(honest()), site), capsys, "test scoring number 2")
+
+
+def private_files(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mode & 0o777 for path in [folder, *folder.iterdir()]}
+
+
+def test_the_count_of_test_scorings_is_kept_at_the_site_not_in_the_context_it_pushes_back(site, tmp_path, capsys):
+    assert not client_app.evaluate(request_from_server(honest()), fresh_context(site)).has_error()
+    # The count is the site's, in its own files: a context that was never saved back does not reset it.
+    assert_refused(client_app.evaluate(request_from_server(honest()), fresh_context(site)), capsys, "number 2")
+    assert not client_app.evaluate(request_from_server(honest()), fresh_context(site, run_id=8)).has_error()
+    assert not site.state  # nothing of it travels in Flower's context
+    folder = tmp_path / "site-cache" / client_app.SITE_STATE_FOLDER / "sartaj"
+    assert private_files(folder) == {"sartaj": 0o700, "run-7-test-requests.pt": 0o600, "run-8-test-requests.pt": 0o600}
+
+
+def test_a_sites_optimiser_state_is_kept_at_the_site_not_in_the_context_it_pushes_back(site, tmp_path):
+    cfg = ExperimentConfig(data=DataConfig(cache_dir=str(tmp_path / "site-cache")))
+    local = client_app.LocalState(optimizer={"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []})
+    client_app._save_local(fresh_context(site), cfg, local)
+    assert client_app._load_local(fresh_context(site), cfg).optimizer["state"][0]["step"] == 3
+    assert client_app._load_local(fresh_context(site, run_id=8), cfg).optimizer is None
+    assert not site.state
+    folder = tmp_path / "site-cache" / client_app.SITE_STATE_FOLDER / "sartaj"
+    assert private_files(folder) == {"sartaj": 0o700, "run-7-local.pt": 0o600}
+
+
+def test_a_simulated_site_keeps_its_state_in_the_context(tmp_path):
+    simulated = Context(run_id=7, node_id=5, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                        run_config={})  # fmt: skip
+    cfg = ExperimentConfig(data=DataConfig(cache_dir=str(tmp_path / "cache")))
+    client_app.count_test_request(simulated, cfg, SitePolicy())
+    with pytest.raises(PolicyRefusal, match="test scoring number 2"):
+        client_app.count_test_request(simulated, cfg, SitePolicy())
+    client_app._save_local(simulated, cfg, client_app.LocalState(batchnorm={"bn.weight": torch.ones(2)}))
+    assert client_app._load_local(simulated, cfg).batchnorm["bn.weight"].tolist() == [1.0, 1.0]
+    assert set(simulated.state) == {client_app.LOCAL_STATE_KEY, client_app.TEST_REQUESTS_KEY}
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import json
 import math
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from fedbt.federated.common import (
     TEMPERATURE_KEY,
     TEMPERATURE_LOSSES_KEY,
     client_experiment,
+    site_setup,
 )
 from fedbt.federated.flower_internals import CLIPPING_NORM_KEY
 from fedbt.federated.policy import PolicyRefusal
@@ -37,12 +39,15 @@ from fedbt.federated.task import (
     train_partition,
     transport_state,
 )
+from fedbt.fileio import atomic_write
 from fedbt.progress import log
 from fedbt.train.setup import new_model
 
 app = ClientApp()
 LOCAL_STATE_KEY = "fedbt-local-state"
 TEST_REQUESTS_KEY = "fedbt-test-requests"
+# A hospital's own state of each run, in its cache folder (see _site_state_file).
+SITE_STATE_FOLDER = "site-state"
 # What the server learns when a site will not or cannot do what it asked: no exception text,
 # which carries local paths and file names (the detail goes to the site's log). fedbt's own
 # codes: Flower's run from 0 to 8.
@@ -77,14 +82,43 @@ def _partition_of(context: Context, cfg):
     return client_partition(cfg, 0, 1)
 
 
-def _load_local(context: Context) -> LocalState:
+def _site_state_file(context: Context, cfg, what: str) -> Path | None:
+    """Where a hospital's node keeps `what` of this run between its messages; None for a simulated site.
+
+    A simulated site keeps it in context.state, which Ray holds in memory. A SuperNode would push
+    the whole context back after every message, in one request that can be lost under load (with
+    the optimiser state, ~86 MB for ResNet18, and the count of test scorings the policy limits):
+    so a hospital keeps it in its own cache folder, its owner's alone.
+    """
+    setup = site_setup(context)
+    if setup is None:
+        return None
+    return Path(cfg.data.cache_dir) / SITE_STATE_FOLDER / setup.site.name / f"run-{context.run_id}-{what}.pt"
+
+
+def _read_site_state(path: Path, default):
+    return torch.load(path, weights_only=True) if path.exists() else default
+
+
+def _write_site_state(path: Path, value) -> None:
+    atomic_write(path, lambda fh: torch.save(value, fh), private=True)
+
+
+def _load_local(context: Context, cfg) -> LocalState:
+    path = _site_state_file(context, cfg, "local")
+    if path is not None:
+        return LocalState(**_read_site_state(path, {}))
     if LOCAL_STATE_KEY not in context.state:
         return LocalState()
     blob = context.state[LOCAL_STATE_KEY]["blob"]
     return LocalState(**torch.load(io.BytesIO(blob), weights_only=True))
 
 
-def _save_local(context: Context, local: LocalState) -> None:
+def _save_local(context: Context, cfg, local: LocalState) -> None:
+    path = _site_state_file(context, cfg, "local")
+    if path is not None:
+        _write_site_state(path, local.as_tensors())
+        return
     buffer = io.BytesIO()
     torch.save(local.as_tensors(), buffer)
     context.state[LOCAL_STATE_KEY] = ConfigRecord({"blob": buffer.getvalue()})
@@ -116,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         f"training on {len(partition.indices['train'])} images"
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
-    local = _load_local(context)
+    local = _load_local(context, cfg)
     scores = {}
     if config.get(SCORE_FIRST_KEY):
         # The previous round's global model, as it arrived: scored here so it crosses the wire once.
@@ -124,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
         scores = {"metrics-json": json.dumps(validation)}
     state, examples, metrics, local = train_partition(cfg, catalog, partition, global_state, server_round, local)
     log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
-    _save_local(context, local)
+    _save_local(context, cfg, local)
     if CLIPPING_NORM_KEY.get() in config:
         # Client-level DP clipped here: no unclipped update leaves the site.
         parameters = {name for name, _ in new_model(cfg, catalog.task.num_classes).named_parameters()}
@@ -145,13 +179,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, policy = client_experiment(msg, context)
     split = str(msg.content["config"].get(SPLIT_KEY, "val"))
     if split == "test":
-        count_test_request(context, policy)
+        count_test_request(context, cfg, policy)
     partition = _partition_of(context, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     if split == "test":
         return _test_aggregates(msg, context, cfg, partition, global_state)
     catalog = load_catalog(cfg)
-    metrics, losses = evaluate_partition(cfg, catalog, partition, global_state, _load_local(context), split="val")
+    metrics, losses = evaluate_partition(cfg, catalog, partition, global_state, _load_local(context, cfg), split="val")
     # Only numbers every site has, so Flower can average them; the full metrics travel as JSON.
     numbers = {
         "loss": metrics["loss"],
@@ -171,15 +205,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def count_test_request(context: Context, policy: SitePolicy) -> None:
-    """Count a final test scoring in this run's state; PolicyRefusal beyond the policy's number.
+def count_test_request(context: Context, cfg, policy: SitePolicy) -> None:
+    """Count a final test scoring of this run; PolicyRefusal beyond the policy's number.
     Each scoring tells the server more about the same test images."""
-    done = int(context.state[TEST_REQUESTS_KEY]["count"]) if TEST_REQUESTS_KEY in context.state else 0
+    path = _site_state_file(context, cfg, "test-requests")
+    if path is not None:
+        done = int(_read_site_state(path, 0))
+    else:
+        done = int(context.state[TEST_REQUESTS_KEY]["count"]) if TEST_REQUESTS_KEY in context.state else 0
     if done >= policy.max_test_requests:
         raise PolicyRefusal(
             f"test scoring number {done + 1} in this run; this site allows {policy.max_test_requests} per run"
         )
-    context.state[TEST_REQUESTS_KEY] = ConfigRecord({"count": done + 1})
+    if path is not None:
+        _write_site_state(path, done + 1)
+    else:
+        context.state[TEST_REQUESTS_KEY] = ConfigRecord({"count": done + 1})
 
 
 def _test_aggregates(msg: Message, context: Context, cfg, partition, global_state) -> Message:
@@ -193,7 +234,7 @@ def _test_aggregates(msg: Message, context: Context, cfg, partition, global_stat
     temperature = float(msg.content["config"].get(TEMPERATURE_KEY, 1.0))
     if not 0 < temperature < math.inf:
         raise ValueError(f"the server sent the temperature {temperature}, not a positive number")
-    local = _load_local(context)
+    local = _load_local(context, cfg)
     log_probs, masks = partition_log_probabilities(cfg, catalog, partition, global_state, local, "test")
     probs = tempered_probabilities(log_probs, temperature)
     arrays = aggregate_scores(probs, masks, catalog.task, untempered=np.exp(log_probs)).arrays()

@@ -25,7 +25,9 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
   uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
   interval a SuperLink accepts instead of 30 s (so a site that dies is marked offline, and can
-  rejoin, after 20 s instead of a minute).
+  rejoin, after 20 s instead of a minute). A task whose token expires after it replied (its
+  heartbeats starved while it finishes) gets no "crashed" reply, which Flower would send in place
+  of the run's next reply, shifting every later one (`RepliedTasks`).
 - `python -m fedbt.federated.flower_internals superlink ...`: `flower-superlink` whose run state
   (registered sites, runs, messages) stays in its SQLite `--database`, so a restarted server
   knows its sites, while the arrays of the messages live in memory. Flower would write every
@@ -230,6 +232,18 @@ SHORTEST_HEARTBEAT = declare(
     "HEARTBEAT_MIN_INTERVAL",
     Constant(int),
     "read: the shortest heartbeat interval a SuperLink accepts (a node counts as online for two)",
+)
+SUPERNODE_REPLY_HANDLER = declare(
+    "flwr.supernode.servicer.runtime.runtime_handlers",
+    "push_messages",
+    Function(("request", "state", "task")),
+    "wrapped: notes which ClientApp tasks have stored their reply",
+)
+SUPERNODE_STATE = declare(
+    "flwr.supernode.nodestate.in_memory_nodestate",
+    "InMemoryNodeState",
+    Class(methods=("_on_task_tokens_expired",)),
+    "its _on_task_tokens_expired wrapped: a task whose token expired after it replied gets no crash reply",
 )
 FLOWER_SUPERNODE = declare(
     "flwr.supernode.cli.flower_supernode",
@@ -483,11 +497,53 @@ class CappedSleep:
         time.sleep(min(seconds, self.cap))
 
 
+class RepliedTasks:
+    """The ClientApp tasks that have stored their reply at this SuperNode, by task id.
+
+    When a task's token expires (its heartbeats overdue), Flower replies "ClientApp stopped
+    responding" to every message of its run that a task has pulled and not answered. A task
+    that has already replied is then only finishing (pushing its output, starved of CPU), and
+    the message it answered is gone: the crash reply would go to the run's next message, which
+    another task is working on. That task's own reply then answers a message already answered,
+    every later reply answers the message before it, and the last one of a run is never sent
+    (the SuperNode pushes replies only after pulling a message). Such a task gets no crash reply.
+    """
+
+    def __init__(self):
+        self._ids: set[int] = set()
+
+    def noting_replies(self, flower_push_messages: Callable) -> Callable:
+        def push_messages(request, state, task):
+            response = flower_push_messages(request, state, task)
+            if any(response.message_ids):  # stored: Flower answers "" for a reply it did not store
+                self._ids.add(task.task_id)
+            return response
+
+        return push_messages
+
+    def crash_replies_for_unanswered(self, flower_on_expired: Callable) -> Callable:
+        def on_task_tokens_expired(state, tasks):
+            unanswered = [task for task in tasks if task.task_id not in self._ids]
+            self._ids.difference_update(task.task_id for task in tasks)
+            flower_on_expired(state, unanswered)
+
+        return on_task_tokens_expired
+
+
+def reply_once_per_message() -> None:
+    """Patch this process's SuperNode so that an expired task that has replied gets no crash reply (RepliedTasks)."""
+    replied = RepliedTasks()
+    SUPERNODE_REPLY_HANDLER.replace(replied.noting_replies(SUPERNODE_REPLY_HANDLER.get()))
+    state_class = SUPERNODE_STATE.get()
+    state_class._on_task_tokens_expired = replied.crash_replies_for_unanswered(state_class._on_task_tokens_expired)
+
+
 def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
     SUPERNODE_LOOP_TIME.replace(CappedSleep(poll_interval))
     SUPERNODE_PULL_OBJECTS.replace(functools.partial(SUPERNODE_PULL_OBJECTS.get(), initial_backoff=poll_interval))
     ANNOUNCED_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
     SENT_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
+    reply_once_per_message()
     sys.argv = ["flower-supernode", *flower_args]
     FLOWER_SUPERNODE.get()()
 
