@@ -32,7 +32,7 @@ def smoke_config(data: DataConfig, federated: FederatedConfig) -> ExperimentConf
 
 def validation_loss(cfg, catalog, partitions, global_state, local_states) -> float:
     """The loss per validation image over all sites, each scoring with its own state (FedBN: its BatchNorm)."""
-    scores = [evaluate_partition(cfg, catalog, p, global_state, local_states[p.name], "val") for p in partitions]
+    scores = [evaluate_partition(cfg, catalog, p, global_state, local_states[p.name], "val")[0] for p in partitions]
     return sum(s["loss"] * s["n"] for s in scores) / sum(s["n"] for s in scores)
 
 
