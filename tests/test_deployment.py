@@ -19,6 +19,7 @@ from fedbt.deployment.nodes import LOOPBACK, ServerSettings, SiteSettings, publi
 from fedbt.deployment.processes import DeploymentError, describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated import rounds
+from fedbt.federated.client_app import REFUSED_REASON
 from fedbt.federated.flower_internals import RUN_REFUSED
 from fedbt.federated.rounds import RunRefusedError, SitesMissingError
 
@@ -162,7 +163,8 @@ def error_reply(reason: str, node: int) -> Message:
 
 def test_a_site_that_failed_is_left_out_but_one_that_refused_the_app_stops_the_run():
     failed = error_reply("<class 'ValueError'>:<'no images'>", node=7)
-    assert rounds.answered([failed]) == []
+    declined = error_reply(REFUSED_REASON, node=8)  # its policy refused this request, not the run's app
+    assert rounds.answered([failed, declined]) == []
     refused = error_reply(f"<class 'fedbt.federated.flower_internals.RunRefused'>:<'{RUN_REFUSED}: ...'>", node=9)
     with pytest.raises(RunRefusedError, match=f"site node 9: {RUN_REFUSED}"):
         rounds.answered([failed, refused])

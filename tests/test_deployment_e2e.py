@@ -242,14 +242,24 @@ def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_throug
     assert len(nodes) == len(federation.sites) and "intruder" not in json.dumps(nodes)
 
 
-def another_app(folder: Path) -> Path:
-    """fedbt's code under another app name: what a run carrying someone else's ClientApp looks like."""
+def app_bundle(folder: Path, pyproject_changes: dict[str, str], *extra: Path) -> Path:
+    """fedbt's code and profiles in `folder`, with `extra` files beside them and each text of
+    `pyproject_changes` replaced in its pyproject.toml (each must be there)."""
     shutil.copytree(PROJECT_ROOT / "fedbt", folder / "fedbt", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(PROJECT_ROOT / "configs", folder / "configs")
+    for path in extra:
+        shutil.copy(path, folder / path.name)
     pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
-    assert '\nname = "fedbt"\n' in pyproject
-    (folder / "pyproject.toml").write_text(pyproject.replace('\nname = "fedbt"\n', '\nname = "not-fedbt"\n'))
+    for old, new in pyproject_changes.items():
+        assert old in pyproject, old
+        pyproject = pyproject.replace(old, new)
+    (folder / "pyproject.toml").write_text(pyproject)
     return folder
+
+
+def another_app(folder: Path) -> Path:
+    """fedbt's code under another app name: what a run carrying someone else's ClientApp looks like."""
+    return app_bundle(folder, {'\nname = "fedbt"\n': '\nname = "not-fedbt"\n'})
 
 
 def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(federation, tmp_path):

@@ -565,8 +565,9 @@ INSTALLED_CLIENTAPP = ("fedbt.federated.client_app", "app")
 TASK_PRELOAD = [INSTALLED_CLIENTAPP[0], RUN_CLIENTAPP.module]
 # The app id a run of fedbt carries: pyproject.toml's [tool.flwr.app] publisher, then its [project] name.
 FEDBT_APP_ID = "fedbt/fedbt"
-# What the server reads in a site's error reply when the site would not run the submitted app.
-RUN_REFUSED = "refused by the site"
+# What the server reads in a site's error reply when the site would not run the submitted app;
+# no part of the reply a site's policy refusal gives (client_app.REFUSED_REASON), which fails a request, not the run.
+RUN_REFUSED = "refused to run the app"
 
 
 class RunRefused(Exception):

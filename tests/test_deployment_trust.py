@@ -1,0 +1,211 @@
+"""End to end, what a site lets a server do and learn: a deployment on 127.0.0.1 (TLS, registered
+sites, the real `fedbt server` / `fedbt site` processes) under servers that overreach or record.
+
+A server may submit any ServerApp in a bundle named fedbt at fedbt's version: the sites accept
+the run and run their own ClientApp (tests/site_probe_apps.py holds the ServerApps). One
+federation serves the module (each deployment costs minutes on a small machine); the fixture
+kills its process groups at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from site_probe_apps import ANSWERS_FILE, OVERREACHES, REPLIES_FILE
+from test_deployment_e2e import RUN_TIMEOUT, TINY, app_bundle, fedbt, last_line, run_args, wait_for
+
+from fedbt.config import ExperimentConfig, from_dict
+from fedbt.data.labels import Task, get_task
+from fedbt.data.sites import load_site
+from fedbt.data.synthetic import generate_demo_data
+from fedbt.deployment.control import FlowerControl
+from fedbt.deployment.local import LocalFederation
+from fedbt.deployment.runs import COMPLETED, RunRequest, run_config_arg
+from fedbt.eval.aggregates import SCORE_BINS, score_bins
+from fedbt.eval.metrics import classification_metrics, safe_auc
+from fedbt.federated.client_app import REFUSED_REASON
+from fedbt.federated.policy import SiteSetup, settable_part, site_experiment
+from fedbt.federated.task import LocalState, client_partition, load_catalog, predict_partition
+from fedbt.model.checkpoint import load_checkpoint
+from fedbt.train.setup import new_model
+
+pytestmark = pytest.mark.e2e
+
+FEDBT_SERVER_APP = 'serverapp = "fedbt.federated.server_app:app"'
+PROBES = Path(__file__).with_name("site_probe_apps.py")
+SPLITS = ("train", "val", "test")
+# A model that learnt something: after two rounds at the profile's pace every P(tumour) lay within
+# 0.02 (3 to 7 of the histograms' 4096 bins), where the per-image AUC ranks differences the
+# aggregates count as ties (0.79 against 0.53), and binned AUCs would compare little but ties.
+# Five local epochs at lr 0.01 spread them over 28 bins and more.
+LEARNING = ("federated.rounds=2", "federated.local_epochs=5", "train.lr=0.01")
+# Training replies, validation and test scorings on 2 cores that other jobs share; a guard, not a bound.
+FULL_RUN_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> Path:
+    """40 images a class: every split holds more images than the task has classes, so a list as long
+    as a split stands out, and each test split has healthy and tumour images (both AUCs are defined)."""
+    return generate_demo_data(tmp_path_factory.mktemp("site-data"), per_class=40, seed=0, duplicates=3)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, site_data, site_files):
+    federation = LocalFederation(tmp_path_factory.mktemp("trust"), site_data, site_files, connect_timeout=30)
+    try:
+        yield federation.start()
+    finally:
+        federation.close()
+
+
+def run_probe(
+    federation: LocalFederation, server_app: str, work: Path, *overrides: str, timeout: float = RUN_TIMEOUT
+) -> tuple[int, str, str]:
+    """A run of fedbt whose ServerApp is site_probe_apps' `server_app`, to its end: (run id, status, details)."""
+    bundle = app_bundle(work / "app", {FEDBT_SERVER_APP: f'serverapp = "site_probe_apps:{server_app}"'}, PROBES)
+    operator = FlowerControl(federation.control_address, federation.certs / "ca.pem", work / "operator")
+    request = RunRequest(federation.control_address, federation.certs / "ca.pem", work / "results",
+                         overrides=[*TINY, "tracking.enabled=false", *overrides])  # fmt: skip
+    run_id = operator.submit(bundle, run_config_arg(request))
+    wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), timeout, "the run to end")
+    return run_id, *operator.run_status(run_id)
+
+
+def site_logs(federation: LocalFederation) -> str:
+    return "".join((federation.work / f"site-{name}.out").read_text() for name in federation.sites)
+
+
+def test_a_server_asking_for_another_data_root_or_a_second_test_scoring_is_refused_at_every_site(federation, tmp_path):
+    run_id, status, details = run_probe(federation, "overreaching", tmp_path)
+    assert status == COMPLETED, details
+    answers = json.loads((tmp_path / "results" / ANSWERS_FILE).read_text())
+    assert list(answers) == list(OVERREACHES)
+    sites = len(federation.sites)
+    refused = [{"code": 100, "reason": REFUSED_REASON}] * sites
+    assert [a["error"] for a in answers["another data root"]] == refused
+    assert [sorted(a["content"]) for a in answers["a first test scoring"]] == [["site", "test-aggregates"]] * sites
+    assert [a["error"] for a in answers["a second test scoring"]] == refused
+    # The reason is in each site's log, and only there.
+    logs = site_logs(federation)
+    refusal = f"refused the server's evaluate request of run {run_id}: "
+    assert logs.count(f"{refusal}the server asked for data.data_root='/elsewhere'") == sites
+    assert logs.count(f"{refusal}test scoring number 2 in this run; this site allows 1 per run") == sites
+
+
+def test_an_image_size_above_the_sites_limit_fails_the_run_and_the_reason_stays_at_the_sites(federation, tmp_path):
+    done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--set", "data.image_size=512"))
+    assert done.returncode == 2
+    message = last_line(done.stderr)
+    assert message.startswith("fedbt: error: run") and "only 0 of the required 3 sites returned a usable" in message
+    assert "limit" not in done.stdout + done.stderr
+    assert site_logs(federation).count("data.image_size=512 is above this site's limit of 256") == len(federation.sites)
+
+
+@dataclass
+class SiteFacts:
+    """What would give a site's images away: how many each split holds, their file names, its folders."""
+
+    name: str
+    counts: set[int]
+    secrets: set[str]
+    probs: np.ndarray  # the final model's per-image test probabilities, scored here
+    masks: np.ndarray
+
+
+def site_facts(federation: LocalFederation, name: str, cfg: ExperimentConfig, state: dict, cache: Path) -> SiteFacts:
+    """The site's split as its node makes it (its own site file, data root and policy), scored by `state`."""
+    site_file = federation.names[name]
+    setup = SiteSetup(site_file, load_site(site_file, federation.data_root), str(federation.data_root), str(cache))
+    site_cfg = site_experiment(settable_part(cfg), setup)
+    catalog = load_catalog(site_cfg)
+    partition = client_partition(site_cfg, 0, 1)
+    indices = [i for split in SPLITS for i in partition.indices[split]]
+    counts = {len(partition.indices[split]) for split in SPLITS} | {len(indices)}
+    files = {Path(catalog.records[i].path).name for i in indices}
+    probs, masks = predict_partition(site_cfg, catalog, partition, state, LocalState(), "test")
+    return SiteFacts(name, counts, files | {str(federation.data_root), str(federation.work)}, probs, masks)
+
+
+def leaks(value, facts: SiteFacts, shapes: set[tuple[int, ...]], where: str) -> list[str]:
+    """Every per-image value, file name or path of the site in a dumped reply (site_probe_apps.message_dump)."""
+    found = []
+    if isinstance(value, dict) and "shape" in value and "base64" in value:  # an array
+        if tuple(value["shape"]) not in shapes:
+            found.append(f"{where}: an array of shape {value['shape']}, not the model's or the aggregates'")
+        return found + leaks(base64.b64decode(value["base64"]), facts, shapes, where)
+    if isinstance(value, dict) and set(value) == {"base64"}:
+        return leaks(base64.b64decode(value["base64"]), facts, shapes, where)
+    if isinstance(value, bytes):
+        return [f"{where}: bytes holding {s!r}" for s in facts.secrets if s.encode() in value]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += leaks(key, facts, shapes, where) + leaks(item, facts, shapes, f"{where}/{key}")
+    elif isinstance(value, list):
+        if len(value) in facts.counts:
+            found.append(f"{where}: a list of {len(value)} values, as many as the images of one of its splits")
+        for i, item in enumerate(value):
+            found += leaks(item, facts, shapes, f"{where}[{i}]")
+    elif isinstance(value, str):
+        found += [f"{where}: the text {value!r} holds {s!r}" for s in facts.secrets if s in value]
+        if value.startswith(("{", "[")):  # JSON inside a text value (the validation metrics)
+            found += leaks(json.loads(value), facts, shapes, where)
+    return found
+
+
+def test_a_full_run_sends_only_aggregates_and_they_give_the_per_image_test_metrics(federation, tmp_path):
+    _, status, details = run_probe(federation, "recording", tmp_path, *LEARNING, timeout=FULL_RUN_TIMEOUT)
+    assert status == COMPLETED, details
+    results = tmp_path / "results"
+    replies = json.loads((results / REPLIES_FILE).read_text())
+    saved = load_checkpoint(results / "federated" / "final.pt")
+    cfg, state = from_dict(saved["config"]), saved["model_state"]
+    task = get_task(cfg.data.task)
+    facts = {name: site_facts(federation, name, cfg, state, tmp_path / "cache" / name) for name in federation.sites}
+
+    # Every reply a site sent: per site, two training rounds, two validation scorings, one test scoring.
+    assert not [reply for reply in replies if "error" in reply]
+    sent = {}
+    for reply in replies:
+        name = reply["content"]["site"]["values"]["name"]
+        sent.setdefault(name, []).append((reply["type"], sorted(reply["content"])))
+    train, val, test = ["arrays", "metrics", "site"], ["metrics", "site"], ["site", "test-aggregates"]
+    expected = [("train", train), ("evaluate", val)] * 2 + [("evaluate", test)]
+    assert sent == dict.fromkeys(federation.sites, expected)
+
+    # No array but the model's weights and the aggregates, whose shapes no number of images changes.
+    model = {tuple(v.shape) for v in new_model(cfg, task.num_classes).state_dict().values()}
+    classes = task.num_classes
+    shapes = model | {(), (classes, classes), (classes, 2, SCORE_BINS), (2, 2), (2, SCORE_BINS)}
+    found = [leak for r in replies for leak in leaks(r, facts[r["content"]["site"]["values"]["name"]], shapes, "")]
+    assert found == []
+
+    # The pooled test metrics the aggregates gave are the per-image ones of the final model on the same images:
+    # counts exactly; AUCs but for the order of images inside one bin (59 test images gave 0.877 against 0.878).
+    pooled = json.loads((results / "federated" / "metrics.json").read_text())["test"]["pooled"]
+    probs = np.concatenate([site.probs for site in facts.values()])
+    masks = np.concatenate([site.masks for site in facts.values()])
+    per_image = classification_metrics(probs, masks, task)
+    assert pooled["n"] == per_image["n"] == len(probs)
+    for exact in ("accuracy", "set_accuracy", "confusion_matrix"):
+        assert pooled[exact] == per_image[exact], exact
+    assert pooled["tumour_vs_none"]["accuracy"] == per_image["tumour_vs_none"]["accuracy"]
+    # The aggregates rank images by histogram bin: their AUCs are the per-image ones of the binned scores.
+    assert pooled["tumour_vs_none"]["auc"] == pytest.approx(binned_tumour_auc(probs, masks, task), abs=1e-12)
+    assert pooled["macro_auc"] == pytest.approx(binned_macro_auc(probs, masks, task), abs=1e-12)
+
+
+def binned_tumour_auc(probs: np.ndarray, masks: np.ndarray, task: Task) -> float:
+    return safe_auc(task.is_tumour(masks), score_bins(task.tumour_probability(probs)))
+
+
+def binned_macro_auc(probs: np.ndarray, masks: np.ndarray, task: Task) -> float:
+    fine = masks.sum(axis=1) == 1
+    y_true, scores = masks[fine].argmax(axis=1), score_bins(probs[fine])
+    aucs = [safe_auc(y_true == c, scores[:, c]) for c in range(task.num_classes)]
+    return float(np.mean([auc for auc in aucs if auc is not None]))
