@@ -34,7 +34,10 @@ from fedbt.eval.metrics import (
     with_class_aucs,
 )
 
-SCORE_BINS = 4096
+# 2^16 bins over +-32 log-odds: one bin is a 0.1% change in odds. With 4096 (a 1.6% change) a
+# deployment's 59 test images, their P(tumour) crowded between 0.73 and 0.89, shared bins across
+# classes enough to move the AUC by 0.002. The histograms cost 5 MB once per run per site.
+SCORE_BINS = 65536
 # Log-odds beyond +-32 (P within 1e-14 of 0 or 1) share the end bins; +-16 cut a confident
 # model's ranking of near-certain images enough to move an AUC by 0.001.
 LOGIT_LIMIT = 32.0
