@@ -27,10 +27,11 @@ from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.local import LocalFederation
 from fedbt.deployment.runs import COMPLETED, RunRequest, run_config_arg
 from fedbt.eval.aggregates import SCORE_BINS, score_bins
+from fedbt.eval.calibration import CONFIDENCE_BINS, TEMPERATURES, tempered_probabilities
 from fedbt.eval.metrics import classification_metrics, safe_auc
 from fedbt.federated.client_app import REFUSED_REASON
 from fedbt.federated.policy import SiteSetup, settable_part, site_experiment
-from fedbt.federated.task import LocalState, client_partition, load_catalog, predict_partition
+from fedbt.federated.task import LocalState, client_partition, load_catalog, partition_log_probabilities
 from fedbt.model.checkpoint import load_checkpoint
 from fedbt.train.setup import new_model
 
@@ -114,12 +115,12 @@ class SiteFacts:
     name: str
     counts: set[int]
     secrets: set[str]
-    probs: np.ndarray  # the final model's per-image test probabilities, scored here
+    probs: np.ndarray  # the final model's per-image test probabilities at its temperature, scored here
     masks: np.ndarray
 
 
-def site_facts(federation: LocalFederation, name: str, cfg: ExperimentConfig, state: dict, cache: Path) -> SiteFacts:
-    """The site's split as its node makes it (its own site file, data root and policy), scored by `state`."""
+def site_facts(federation: LocalFederation, name: str, cfg: ExperimentConfig, saved: dict, cache: Path) -> SiteFacts:
+    """The site's split as its node makes it (its own site file, data root and policy), scored by the saved model."""
     site_file = federation.names[name]
     setup = SiteSetup(site_file, load_site(site_file, federation.data_root), str(federation.data_root), str(cache))
     site_cfg = site_experiment(settable_part(cfg), setup)
@@ -128,7 +129,8 @@ def site_facts(federation: LocalFederation, name: str, cfg: ExperimentConfig, st
     indices = [i for split in SPLITS for i in partition.indices[split]]
     counts = {len(partition.indices[split]) for split in SPLITS} | {len(indices)}
     files = {Path(catalog.records[i].path).name for i in indices}
-    probs, masks = predict_partition(site_cfg, catalog, partition, state, LocalState(), "test")
+    log_probs, masks = partition_log_probabilities(site_cfg, catalog, partition, saved["model_state"], LocalState())
+    probs = tempered_probabilities(log_probs, saved["temperature"])
     return SiteFacts(name, counts, files | {str(federation.data_root), str(federation.work)}, probs, masks)
 
 
@@ -164,24 +166,27 @@ def test_a_full_run_sends_only_aggregates_and_they_give_the_per_image_test_metri
     results = tmp_path / "results"
     replies = json.loads((results / REPLIES_FILE).read_text())
     saved = load_checkpoint(results / "federated" / "final.pt")
-    cfg, state = from_dict(saved["config"]), saved["model_state"]
+    cfg = from_dict(saved["config"])
     task = get_task(cfg.data.task)
-    facts = {name: site_facts(federation, name, cfg, state, tmp_path / "cache" / name) for name in federation.sites}
+    facts = {name: site_facts(federation, name, cfg, saved, tmp_path / "cache" / name) for name in federation.sites}
 
-    # Every reply a site sent: per site, two training rounds, two validation scorings, one test scoring.
+    # Every reply a site sent: per site, two training rounds (the second also scoring the first round's model),
+    # the final model's validation (its scores and calibration sums), one test scoring.
     assert not [reply for reply in replies if "error" in reply]
     sent = {}
     for reply in replies:
         name = reply["content"]["site"]["values"]["name"]
         sent.setdefault(name, []).append((reply["type"], sorted(reply["content"])))
-    train, val, test = ["arrays", "metrics", "site"], ["metrics", "site"], ["site", "test-aggregates"]
-    expected = [("train", train), ("evaluate", val)] * 2 + [("evaluate", test)]
+    train, test = ["arrays", "metrics", "site"], ["site", "test-aggregates"]
+    val = ["metrics", "site", "temperature-losses"]
+    expected = [("train", train)] * 2 + [("evaluate", val), ("evaluate", test)]
     assert sent == dict.fromkeys(federation.sites, expected)
 
     # No array but the model's weights and the aggregates, whose shapes no number of images changes.
     model = {tuple(v.shape) for v in new_model(cfg, task.num_classes).state_dict().values()}
     classes = task.num_classes
-    shapes = model | {(), (classes, classes), (classes, 2, SCORE_BINS), (2, 2), (2, SCORE_BINS)}
+    calibration = {TEMPERATURES.shape, (3, CONFIDENCE_BINS)}  # loss sums on the temperature grid, confidence bins
+    shapes = model | calibration | {(), (classes, classes), (classes, 2, SCORE_BINS), (2, 2), (2, SCORE_BINS)}
     found = [leak for r in replies for leak in leaks(r, facts[r["content"]["site"]["values"]["name"]], shapes, "")]
     assert found == []
 
