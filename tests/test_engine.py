@@ -126,8 +126,8 @@ def test_central_reports_the_model_it_ends_with_though_validation_got_worse(data
     validation_losses = iter([1.0, 2.0])
     epoch_models = []
 
-    def scripted_validation(model, loader, device, task):
-        scores = real_evaluate(model, loader, device, task)
+    def scripted_validation(model, loader, device, task, temperature=1.0):
+        scores = real_evaluate(model, loader, device, task, temperature)
         # Every epoch's validation comes before the test scoring, which passes through.
         if (loss := next(validation_losses, None)) is not None:
             epoch_models.append(copy.deepcopy(model))
@@ -138,7 +138,10 @@ def test_central_reports_the_model_it_ends_with_though_validation_got_worse(data
     result = central.run_central(cfg, catalog, tmp_path)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     cpu = torch.device("cpu")
-    first, last = (central.evaluate_everywhere(m, catalog, cpu, 16)["pooled"]["loss"] for m in epoch_models)
+    temperature = result["calibration"]["temperature"]  # the test split is scored at the calibrated temperature
+    first, last = (
+        central.evaluate_everywhere(m, catalog, cpu, 16, temperature)["pooled"]["loss"] for m in epoch_models
+    )
     assert first != pytest.approx(last)
     assert result["test"]["pooled"]["loss"] == pytest.approx(last)
     final = load_checkpoint(tmp_path / "final.pt")["model_state"]
