@@ -147,7 +147,9 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def test_a_killed_site_leaves_a_run_that_finishes_and_it_rejoins_once_restarted(federation, tmp_path):
     out = tmp_path / "results"
-    args = run_args(federation, out, "--rounds", "3", "--min-sites", "2", "--round-timeout", "30")
+    # A round timeout long enough for a site's first task to start on a loaded machine (55 s seen with other jobs
+    # on both cores); the killed site costs round 1 that long.
+    args = run_args(federation, out, "--rounds", "3", "--min-sites", "2", "--round-timeout", "120")
     run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)  # fmt: skip
     try:
@@ -206,7 +208,10 @@ def test_a_restarted_server_resumes_from_the_last_rounds_checkpoint(federation, 
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "federated" / "metrics.json").read_text())
     assert [h["round"] for h in metrics["history"]] == [1, 2]
-    assert metrics["history"][0] == json.loads(json.dumps(round_one["history"][0]))  # round 1 was not redone
+    # Round 1 was not redone; its model was scored by the sites on round 2's message, after the restart.
+    before, after = json.loads(json.dumps(round_one["history"][0])), metrics["history"][0]
+    assert {k: v for k, v in after.items() if k != "sites"} == {k: v for k, v in before.items() if k != "sites"}
+    assert set(after["sites"]) == set(federation.sites)
 
 
 def test_run_against_an_unreachable_server_fails_in_one_line(tmp_path):
