@@ -11,7 +11,7 @@ from fedbt.config import ExperimentConfig
 from fedbt.federated.seeds import seed_config
 from fedbt.federated.simulation import _fingerprint, _reusable
 from fedbt.fileio import write_json, write_text
-from fedbt.reports.seeds import seed_summary, t_interval
+from fedbt.reports.seeds import seed_summary, site_gains, t_interval
 
 
 def test_t_interval_matches_a_hand_computed_one():
@@ -49,6 +49,17 @@ def test_summary_pairs_the_gap_by_seed_and_skips_scores_a_seed_lacks():
     assert pooled["gap"]["ci95"] == pytest.approx([-0.075 - half_width, -0.075 + half_width], abs=1e-3)
 
 
+def test_a_site_is_worse_off_at_the_seeds_where_federated_scores_below_its_local_model_on_its_own_split():
+    tests = {seed: {"federated": scores(0.9, value)} for seed, value in enumerate([0.70, 0.82, 0.90])}
+    # The local model is scored on every site; only its own site's split counts.
+    local = {"sartaj": {"pooled": {}, "sites": {"sartaj": {"set_accuracy": 0.80}, "br35h": {"set_accuracy": 0.1}}}}
+    gains = site_gains(tests, local)
+    assert set(gains) == {"sartaj"}
+    assert gains["sartaj"]["local"] == 0.80
+    assert gains["sartaj"]["federated"]["mean"] == pytest.approx(0.80666, abs=1e-4)
+    assert gains["sartaj"]["seeds_worse_off"] == 1
+
+
 def test_a_baseline_is_never_reused_from_another_training_seed(tmp_path):
     cfg = ExperimentConfig(output_dir=str(tmp_path))
     first, second = seed_config(cfg, 0), seed_config(cfg, 1)
@@ -77,6 +88,7 @@ def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args
     captured = capsys.readouterr()
     assert "seed 2 of 2" in captured.err
     assert "gap 95% interval" in captured.out
+    assert "seeds worse off" in captured.out  # local-only models trained with the first seed
 
     runs = {}
     for seed in (0, 1):
@@ -106,5 +118,6 @@ def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args
     low, high = pooled["gap"]["ci95"]
     assert low <= pooled["gap"]["mean"] <= high
     assert {"figshare", "sartaj", "br35h"} <= set(study["summary"])
+    assert set(study["site_gains"]) == {"figshare", "sartaj", "br35h"}
     report = (out / "report.html").read_text()
     assert "Selection rule" in report and "seed-1/report.html" in report

@@ -45,11 +45,12 @@ def run_seed_study(cfg: ExperimentConfig, count: int, skip_local: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seeds = training_seeds(cfg, count)
-    tests = {}
+    tests, local_tests = {}, {}
     for number, seed in enumerate(seeds, 1):
         log(f"[seeds] seed {number} of {count}: train.seed={seed}, split seed data.seed={cfg.data.seed}")
         results = run_experiment(seed_config(cfg, seed), skip_local=skip_local or number > 1, reuse=reuse)
         tests[seed] = {model: results[model]["test"] for model in ("federated", "central")}
+        local_tests |= {site: result["test"] for site, result in results.get("local", {}).items()}
     local_seed = None if skip_local else seeds[0]
-    summary = write_seed_report(tests, cfg, out, local_seed, is_generated_data(cfg.data.data_root))
+    summary = write_seed_report(tests, cfg, out, local_seed, local_tests, is_generated_data(cfg.data.data_root))
     return {"seeds": seeds, "summary": summary, "wall_seconds_total": time.perf_counter() - started}

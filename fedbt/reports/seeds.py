@@ -61,6 +61,21 @@ def seed_summary(tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return summary
 
 
+def site_gains(tests: dict[int, dict[str, dict]], local_tests: dict[str, dict]) -> dict[str, dict]:
+    """Is a site better off in the federation? On each site's own test split: its local-only model
+    against the federated model of every seed."""
+    gains = {}
+    for site, local in local_tests.items():
+        alone = local["sites"][site]["set_accuracy"]
+        federated = [t["federated"]["sites"][site]["set_accuracy"] for t in tests.values()]
+        gains[site] = {
+            "local": alone,
+            "federated": spread(federated),
+            "seeds_worse_off": sum(value < alone for value in federated),
+        }
+    return gains
+
+
 def points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -81,6 +96,21 @@ def summary_rows(summary: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["site (own test split)", "local-only", "federated mean ± sd", "federated min", "seeds worse off"]
+    rows = [
+        [
+            site,
+            pct(g["local"]),
+            f"{pct(g['federated']['mean'])} ± {100 * g['federated']['sd']:.1f}",
+            pct(min(g["federated"]["values"])),
+            f"{g['seeds_worse_off']} of {len(g['federated']['values'])}",
+        ]
+        for site, g in gains.items()
+    ]
+    return header, rows
+
+
 def _seeds_text(seeds: list[int], cfg: ExperimentConfig, local_seed: int | None) -> str:
     local = f"; local-only models once, with seed {local_seed}" if local_seed is not None else ""
     return (
@@ -94,11 +124,14 @@ def write_seed_report(
     cfg: ExperimentConfig,
     out: Path,
     local_seed: int | None,
+    local_tests: dict[str, dict],
     generated_data: bool = False,
 ) -> dict:
-    """seeds.json, report.md and report.html in out (beside the seeds' own folders); prints the table.
+    """seeds.json, report.md and report.html in out (beside the seeds' own folders); prints the tables.
+    local_tests: the local-only models' test metrics by site (none when local-only was skipped).
     Returns the summary."""
     summary = seed_summary(tests)
+    gains = site_gains(tests, local_tests)
     seeds = list(tests)
     write_json(
         out / "seeds.json",
@@ -108,6 +141,7 @@ def write_seed_report(
             "local_seed": local_seed,
             "selection_rule": SELECTION_RULE,
             "summary": summary,
+            "site_gains": gains,
             "config": to_dict(cfg),
         },
     )
@@ -122,6 +156,7 @@ def write_seed_report(
         ("p", GAP_NOTE),
         ("p", SITE_NOTE),
         ("p", SELECTION_RULE),
+        *([("h2", "Is each site better off in the federation?"), ("table", gain_rows(gains))] if gains else []),
         ("h2", "Each seed's runs"),
         ("links", [(f"seed {seed}", f"seed-{seed}/report.html") for seed in seeds] + [("numbers", "seeds.json")]),
     ]
@@ -130,6 +165,8 @@ def write_seed_report(
     print(format_table(*table))
     print(GAP_NOTE)
     print(SELECTION_RULE)
+    if gains:
+        print(format_table(*gain_rows(gains)))
     if generated_data:
         print(GENERATED_DATA_NOTE)
     return summary
