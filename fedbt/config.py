@@ -36,7 +36,9 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 PARTIAL = {"partial": True}
 
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "scaffold"
+]
 STRATEGY_NAMES = list(get_args(StrategyName))
 # The strategies whose aggregate is the average that client-level DP's noise is calibrated to.
 CLIENT_PRIVACY_STRATEGIES = ("fedavg", "fedprox")
@@ -127,6 +129,7 @@ class FederatedConfig:
     rounds: PositiveInt = 12
     local_epochs: PositiveInt = 1
     # fedmedian, fedtrimmedavg and krum resist a site sending outsized or crafted weights (docs/robustness.md).
+    # scaffold corrects each site's drift with control variates (SCAFFOLD) and averages as fedavg does.
     strategy: StrategyName = "fedavg"
     # fedtrimmedavg: share of the sites' values cut at each end of every weight before averaging.
     # Flower's default 0.2 cuts nothing with 3 sites (int(0.2 * 3) = 0); 0.34 cuts one at each end.
@@ -282,6 +285,23 @@ class ExperimentConfig:
             raise ValueError(
                 f"privacy.client_level needs federated.strategy fedavg or fedprox, not {self.federated.strategy}: "
                 "its noise is calibrated to a plain average of the clipped updates"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scaffold_corrects_plain_gradients(self, info: ValidationInfo) -> ExperimentConfig:
+        """SCAFFOLD adds c - c_i to every gradient of every trainable parameter, and sends the mean gradient."""
+        if self.federated.strategy != "scaffold" or info.context == PARTIAL:
+            return self
+        if self.privacy.enabled:
+            raise ValueError(
+                "federated.strategy scaffold cannot use privacy.enabled: DP-SGD replaces each gradient with a "
+                "clipped, noised sum the correction cannot reach, and the site's mean gradient would leave it unnoised"
+            )
+        if self.federated.fedbn:
+            raise ValueError(
+                "federated.strategy scaffold cannot use federated.fedbn: the BatchNorm weights it keeps at each "
+                "site have no global value for a control variate to correct towards"
             )
         return self
 

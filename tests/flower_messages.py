@@ -5,8 +5,18 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
+from fedbt.federated.common import CONTROL_DELTA_KEY
 
-def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 1, reply_to: str = "sent") -> Message:
+
+def reply(
+    site: str,
+    state: dict[str, torch.Tensor],
+    examples: int,
+    node: int = 1,
+    reply_to: str = "sent",
+    control_delta: dict[str, torch.Tensor] | None = None,
+) -> Message:
+    """A site's training reply; with `control_delta`, a SCAFFOLD site's change of its control variate."""
     content = RecordDict(
         {
             "arrays": ArrayRecord(torch_state_dict=state),
@@ -14,6 +24,8 @@ def reply(site: str, state: dict[str, torch.Tensor], examples: int, node: int = 
             "site": ConfigRecord({"name": site}),
         }
     )
+    if control_delta is not None:
+        content[CONTROL_DELTA_KEY] = ArrayRecord(torch_state_dict=control_delta)
     metadata = Metadata(
         run_id=1,
         message_id="",

@@ -148,11 +148,15 @@ def test_the_servers_copy_stays_float32_under_float16_transport(name, tmp_path):
         replies = []
         for node, site in enumerate(("figshare", "sartaj", "br35h"), start=1):
             trained = {k: v + 1e-3 * node if v.is_floating_point() else v for k, v in run.global_state.items()}
-            replies.append(reply(site, transport_state(trained, "float16"), 10, node=node))
+            # SCAFFOLD's sites send their control variate's change as well, at the same precision.
+            delta = {k: torch.full_like(v, 1e-3) for k, v in run.control.items()} if run.control else None
+            wire_delta = transport_state(delta, "float16") if delta else None
+            replies.append(reply(site, transport_state(trained, "float16"), 10, node=node, control_delta=wire_delta))
         accepted, dropped = screen_train_replies(run, replies)
         assert not dropped
         update_global_model(run, server_round, accepted)
     assert all(v.dtype == torch.float32 for v in run.global_state.values())
+    assert all(v.dtype == torch.float32 for v in (run.control or {}).values())
     held = [a for a in stored_arrays(run.strategy) if np.issubdtype(a.dtype, np.floating)]
     assert all(a.dtype == np.float32 for a in held), sorted({str(a.dtype) for a in held})
     assert held or not isinstance(run.strategy, SERVER_OPTIMISERS)  # each server optimiser holds its model

@@ -23,15 +23,19 @@ from fedbt.eval.calibration import CONFIDENCE_BINS, tempered_probabilities
 from fedbt.eval.metrics import classification_metrics
 from fedbt.federated import client_app
 from fedbt.federated.common import (
+    CONTROL_DELTA_KEY,
+    CONTROL_KEY,
     EXPERIMENT_KEY,
     NODE_CACHE_DIR,
     NODE_DATA_ROOT,
     NODE_SITE,
+    ROUND_KEY,
     TEMPERATURE_KEY,
+    client_experiment,
     experiment_record,
 )
 from fedbt.federated.policy import PolicyRefusal, settable, settable_part
-from fedbt.federated.task import client_partition, load_catalog, partition_log_probabilities
+from fedbt.federated.task import client_partition, load_catalog, partition_log_probabilities, zero_control
 from fedbt.train.setup import new_model
 
 TASK = get_task("4class")
@@ -182,6 +186,24 @@ def test_a_simulated_site_keeps_its_state_in_the_context(tmp_path):
     assert client_app._load_local(simulated, cfg).batchnorm["bn.weight"].tolist() == [1.0, 1.0]
     assert set(simulated.state) == {client_app.LOCAL_STATE_KEY, client_app.TEST_REQUESTS_KEY}
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_scaffold_training_request_is_accepted_and_the_site_keeps_its_control_variate_on_its_disk(site):
+    cfg = server_experiment()
+    cfg.federated.strategy = "scaffold"
+    request = request_from_server(experiment_record(cfg, settable_only=True), kind="train")
+    request.content["config"][ROUND_KEY] = 1
+    model = new_model(cfg, TASK.num_classes)
+    request.content[CONTROL_KEY] = ArrayRecord(torch_state_dict=zero_control(model))
+    answer = client_app.train(request, site)
+    assert not answer.has_error()
+    delta = answer.content[CONTROL_DELTA_KEY].to_torch_state_dict()
+    assert delta.keys() == {name for name, _ in model.named_parameters()}
+    assert any(v.abs().sum() > 0 for v in delta.values())
+    # Its first c_i is all of its change (it started from zeros), read back as tensors alone (weights_only).
+    site_cfg, _ = client_experiment(request, site)
+    kept = client_app._load_local(fresh_context(site), site_cfg).control
+    assert kept.keys() == delta.keys() and all(torch.equal(kept[k], delta[k]) for k in kept)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelCon
 from fedbt.data.catalog import build_catalog
 from fedbt.data.partition import make_partitions
 from fedbt.data.synthetic import generate_demo_data
-from fedbt.federated.strategy import STRATEGIES, aggregate, make_strategy
-from fedbt.federated.task import LocalState, evaluate_partition, train_partition
+from fedbt.federated.strategy import STRATEGIES, aggregate, make_strategy, updated_control
+from fedbt.federated.task import LocalState, control_update, evaluate_partition, train_partition, zero_control
 from fedbt.train.setup import new_model
 
 
@@ -44,17 +44,23 @@ def two_rounds(cfg: ExperimentConfig) -> tuple[float, float]:
     model = new_model(cfg, catalog.task.num_classes)
     global_state, parameter_keys = model.state_dict(), {name for name, _ in model.named_parameters()}
     strategy = make_strategy(fc)
+    scaffold = fc.strategy == "scaffold"
+    control = zero_control(model) if scaffold else None
     local_states = {p.name: LocalState() for p in partitions}
     before = validation_loss(cfg, catalog, partitions, global_state, local_states)
     for server_round in (1, 2):
         replies = []
         for node, partition in enumerate(partitions, start=1):
             local = local_states[partition.name]
-            state, examples, _, local_states[partition.name] = train_partition(
-                cfg, catalog, partition, global_state, server_round, local
+            state, examples, _, trained = train_partition(
+                cfg, catalog, partition, global_state, server_round, local, control
             )
-            replies.append(reply(partition.name, state, examples, node=node))
+            local_states[partition.name] = trained
+            delta = control_update(local, trained) if scaffold else None
+            replies.append(reply(partition.name, state, examples, node=node, control_delta=delta))
         global_state = aggregate(strategy, server_round, global_state, replies, parameter_keys)
+        if scaffold:
+            control = updated_control(control, replies, len(partitions))
     return before, validation_loss(cfg, catalog, partitions, global_state, local_states)
 
 

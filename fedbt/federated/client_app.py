@@ -20,6 +20,8 @@ from fedbt.eval.aggregates import aggregate_scores
 from fedbt.eval.calibration import tempered_probabilities
 from fedbt.federated.client_privacy import clipped_at_site
 from fedbt.federated.common import (
+    CONTROL_DELTA_KEY,
+    CONTROL_KEY,
     ROUND_KEY,
     SCORE_FIRST_KEY,
     SPLIT_KEY,
@@ -33,6 +35,7 @@ from fedbt.federated.policy import PolicyRefusal
 from fedbt.federated.task import (
     LocalState,
     client_partition,
+    control_update,
     evaluate_partition,
     load_catalog,
     partition_log_probabilities,
@@ -156,9 +159,13 @@ def train(msg: Message, context: Context) -> Message:
         # The previous round's global model, as it arrived: scored here so it crosses the wire once.
         validation, _ = evaluate_partition(cfg, catalog, partition, global_state, local, split="val")
         scores = {"metrics-json": json.dumps(validation)}
-    state, examples, metrics, local = train_partition(cfg, catalog, partition, global_state, server_round, local)
+    scaffold = cfg.federated.strategy == "scaffold"
+    server_control = msg.content[CONTROL_KEY].to_torch_state_dict() if scaffold else None
+    state, examples, metrics, trained = train_partition(
+        cfg, catalog, partition, global_state, server_round, local, server_control
+    )
     log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
-    _save_local(context, cfg, local)
+    _save_local(context, cfg, trained)
     if CLIPPING_NORM_KEY.get() in config:
         # Client-level DP clipped here: no unclipped update leaves the site.
         parameters = {name for name, _ in new_model(cfg, catalog.task.num_classes).named_parameters()}
@@ -170,6 +177,9 @@ def train(msg: Message, context: Context) -> Message:
             "site": ConfigRecord({"name": partition.name, **scores}),
         }
     )
+    if scaffold:
+        delta = transport_state(control_update(local, trained), cfg.federated.transport_dtype)
+        content[CONTROL_DELTA_KEY] = ArrayRecord(torch_state_dict=delta)
     return Message(content=content, reply_to=msg)
 
 

@@ -31,6 +31,9 @@ SCORE_FIRST_KEY = "score-first"
 TEMPERATURE_KEY = "temperature"
 # A validation reply's losses at every temperature of the calibration grid, beside its metrics.
 TEMPERATURE_LOSSES_KEY = "temperature-losses"
+# SCAFFOLD: the server's control variate c, beside the model in a training message, and a site's
+# change of its own c_i, beside its model in the reply (both at the transport precision).
+CONTROL_KEY, CONTROL_DELTA_KEY = "control", "control-delta"
 # A SuperNode's node config names its own site file, data root and decode cache (`fedbt site`).
 NODE_SITE, NODE_DATA_ROOT, NODE_CACHE_DIR = "site", "data-root", "cache-dir"
 

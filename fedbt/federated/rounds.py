@@ -22,6 +22,7 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedbt.federated.common import CONTROL_DELTA_KEY
 from fedbt.federated.flower_internals import RUN_REFUSED
 
 
@@ -145,17 +146,30 @@ def examples_problem(examples: object, known: int | None) -> str | None:
     return None
 
 
-def state_problem(state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> str | None:
-    """Same keys, shapes and kinds of number as the global model, and every value finite."""
+def control_delta_problem(reply: Message, control: dict[str, torch.Tensor] | None) -> str | None:
+    """SCAFFOLD: why a reply's change of its control variate cannot be used (None: it can, or no SCAFFOLD)."""
+    if control is None:
+        return None
+    try:
+        delta = reply.content[CONTROL_DELTA_KEY].to_torch_state_dict()
+    except (KeyError, TypeError, ValueError) as err:
+        return f"malformed control variate ({type(err).__name__}: {err})"
+    return state_problem(delta, control, "the control variate")
+
+
+def state_problem(
+    state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], what: str = "the global model"
+) -> str | None:
+    """Same keys, shapes and kinds of number as `what` (the global model), and every value finite."""
     missing, unexpected = sorted(set(global_state) - set(state)), sorted(set(state) - set(global_state))
     if missing or unexpected:
-        return f"weights differ from the global model's (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        return f"weights differ from {what}'s (missing {missing[:3]}, unexpected {unexpected[:3]})"
     for key, expected in global_state.items():
         value = state[key]
         if value.shape != expected.shape:
-            return f"{key} has shape {tuple(value.shape)}, the global model's is {tuple(expected.shape)}"
+            return f"{key} has shape {tuple(value.shape)}, {what}'s is {tuple(expected.shape)}"
         if value.is_floating_point() != expected.is_floating_point():
-            return f"{key} is {value.dtype}, the global model's is {expected.dtype}"
+            return f"{key} is {value.dtype}, {what}'s is {expected.dtype}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{key} holds NaN or infinite values"
     return None

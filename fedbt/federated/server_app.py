@@ -31,6 +31,8 @@ from fedbt.eval.calibration import TemperatureLosses, calibration_summary
 from fedbt.eval.inference import evaluate
 from fedbt.federated.client_privacy import client_level_epsilon, train_config
 from fedbt.federated.common import (
+    CONTROL_DELTA_KEY,
+    CONTROL_KEY,
     EXPERIMENT_KEY,
     ROUND_KEY,
     SCORE_FIRST_KEY,
@@ -47,6 +49,7 @@ from fedbt.federated.rounds import (
     answered,
     choose_sites,
     claimed_site,
+    control_delta_problem,
     in_site_order,
     outsized_updates,
     send_and_collect,
@@ -55,8 +58,8 @@ from fedbt.federated.rounds import (
     update_norms,
     wait_for_sites,
 )
-from fedbt.federated.strategy import aggregate, make_strategy
-from fedbt.federated.task import load_catalog, transport_state
+from fedbt.federated.strategy import aggregate, make_strategy, updated_control
+from fedbt.federated.task import load_catalog, transport_state, zero_control
 from fedbt.fileio import write_json
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint, store_temperature
 from fedbt.model.device import configure_threads, prepare_model, select_device
@@ -99,6 +102,8 @@ class FederatedRun:
         self.global_state = model.state_dict()
         # What a gradient moves: all that client-level DP clips and noises (BatchNorm's buffers are not).
         self.parameter_keys = {name for name, _ in model.named_parameters()}
+        # SCAFFOLD's control variate c: zeros at the start, one float32 tensor per trainable parameter.
+        self.control = zero_control(model) if fc.strategy == "scaffold" else None
         # Sites whose record-level privacy budget is spent: they are asked to train no more.
         self.spent_nodes: set[int] = set()
         self.history: list[dict] = []
@@ -124,6 +129,8 @@ class FederatedRun:
         progress = saved["progress"]
         self.history, self.last_round, self.initial = progress["history"], progress["round"], progress["initial"]
         restore_strategy_state(self.strategy, progress["server_optimizer"])
+        if self.control is not None and progress.get("control") is not None:
+            self.control = progress["control"]
         log(f"[federated] resuming after round {self.last_round} of {self.cfg.federated.rounds}")
 
     def global_model(self) -> torch.nn.Module:
@@ -144,6 +151,9 @@ class FederatedRun:
             }
         )
         content = RecordDict({"arrays": self.wire_arrays(), "config": record})
+        if self.control is not None and message_type == MessageType.TRAIN:
+            control = transport_state(self.control, self.cfg.federated.transport_dtype)
+            content[CONTROL_KEY] = ArrayRecord(torch_state_dict=control)
         return Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
 
     def checkpoint(self, path_name: str) -> None:
@@ -152,6 +162,7 @@ class FederatedRun:
             "history": self.history,
             "initial": self.initial,
             "server_optimizer": strategy_state(self.strategy),
+            "control": self.control,
         }
         save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
 
@@ -217,7 +228,8 @@ def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[lis
     """The replies that can be aggregated (in float32), and why each other one was dropped."""
     accepted, dropped = [], {}
     for reply in replies:
-        if problem := train_reply_problem(reply, run.global_state, run.sites):
+        problem = train_reply_problem(reply, run.global_state, run.sites) or control_delta_problem(reply, run.control)
+        if problem:
             dropped[reply_author(reply, run.sites)] = problem
             continue
         node, name = claimed_site(reply)
@@ -228,8 +240,9 @@ def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[lis
             dropped[name] = "its privacy budget is spent: it did not train and is not asked again"
             continue
         # The server aggregates in float32 whatever precision crossed the wire.
-        state = transport_state(reply.content["arrays"].to_torch_state_dict(), "float32")
-        reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
+        to_float32(reply, "arrays")
+        if run.control is not None:
+            to_float32(reply, CONTROL_DELTA_KEY)
         accepted.append(reply)
     ratio = run.cfg.federated.max_update_ratio
     if ratio is not None:
@@ -238,6 +251,11 @@ def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[lis
             reason = f"its update ({norms[i]:.3g}) is more than {ratio:g} times the median of the others'"
             dropped[site_name(accepted.pop(i))] = reason
     return accepted, dropped
+
+
+def to_float32(reply: Message, key: str) -> None:
+    state = transport_state(reply.content[key].to_torch_state_dict(), "float32")
+    reply.content[key] = ArrayRecord(torch_state_dict=state)
 
 
 def client_privacy_spent(run: FederatedRun, server_round: int) -> dict[str, float]:
@@ -265,12 +283,15 @@ def reply_author(reply: Message, sites: SiteRegistry) -> str:
 
 
 def update_global_model(run: FederatedRun, server_round: int, replies: list[Message]) -> None:
-    """Aggregate with the strategy; a non-finite result is never kept, saved or sent."""
+    """Aggregate with the strategy; a non-finite result is never kept, saved or sent. Under SCAFFOLD,
+    step the control variate by the replies' checked changes (the sites have already taken theirs)."""
     new_state = aggregate(run.strategy, server_round, run.global_state, replies, run.parameter_keys)
     if all(torch.isfinite(v).all() for v in new_state.values() if v.is_floating_point()):
         run.global_state = new_state
     else:
         log(f"[federated] round {server_round}: aggregation gave non-finite weights; keeping the previous model")
+    if run.control is not None:
+        run.control = updated_control(run.control, replies, run.cfg.federated.num_clients)
 
 
 def record_site_scores(run: FederatedRun, entry: dict, scores: dict[str, dict]) -> None:

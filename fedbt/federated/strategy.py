@@ -9,7 +9,8 @@ pseudo-gradient may move, so they (and the batch counters) are plain weighted av
 sites', by Flower's FedAvg. Server-side optimiser state (FedAdam's and FedYogi's moments,
 FedAvgM's momentum) lives in Flower internals, which fedbt.federated.flower_internals reads
 and restores as plain tensors for checkpoints. Client-level differential privacy puts Flower's
-clipping wrapper around the averaging strategy (fedbt.federated.client_privacy).
+clipping wrapper around the averaging strategy (fedbt.federated.client_privacy). SCAFFOLD
+averages the models as FedAvg does; its control variate's server step is `updated_control`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flwr.serverapp.strategy import (
 
 from fedbt.config import ClientPrivacyConfig, FederatedConfig
 from fedbt.federated.client_privacy import CLIPPING_WRAPPERS, EQUAL_WEIGHT_KEY, clipping_strategy, private_aggregate
+from fedbt.federated.common import CONTROL_DELTA_KEY
 from fedbt.federated.flower_internals import set_strategy_model, strategy_state_problem
 
 STRATEGIES = {
@@ -39,6 +41,8 @@ STRATEGIES = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    # The sites correct their gradients by control variates; the models are averaged as FedAvg does.
+    "scaffold": FedAvg,
 }
 # The metric each reply carries for weighting the average (Flower's default key).
 WEIGHT_KEY = "num-examples"
@@ -93,9 +97,26 @@ def aggregate(
     return in_global_dtypes(new_state, global_state)
 
 
+def updated_control(control: dict, replies: list[Message], num_sites: int) -> dict:
+    """SCAFFOLD's server step: c + (the sum of the replying sites' delta_i) / N.
+
+    N is every site of the federation, not only those that replied: c stays the mean of all the
+    sites' c_i, and a site that did not train this round still holds the c_i counted in it.
+    """
+    deltas = [reply.content[CONTROL_DELTA_KEY].to_torch_state_dict() for reply in replies]
+    return {name: c + sum(delta[name] for delta in deltas) / num_sites for name, c in control.items()}
+
+
 def aggregate_arrays(strategy: FedAvg, server_round: int, replies: list[Message]) -> dict:
-    arrays, _ = strategy.aggregate_train(server_round, replies)
+    arrays, _ = strategy.aggregate_train(server_round, [model_and_metrics(reply) for reply in replies])
     return arrays.to_torch_state_dict()
+
+
+def model_and_metrics(reply: Message) -> Message:
+    """A reply as a Flower strategy takes it: one ArrayRecord (SCAFFOLD's second one, its control
+    variate's change, is the server's own business) and its metrics."""
+    content = RecordDict({"arrays": reply.content["arrays"], "metrics": reply.content["metrics"]})
+    return Message(content, metadata=reply.metadata)
 
 
 def only_arrays(reply: Message, keys: set[str]) -> Message:

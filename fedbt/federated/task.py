@@ -24,6 +24,7 @@ from fedbt.eval.calibration import TemperatureLosses, temperature_losses
 from fedbt.eval.inference import predict_log_probabilities
 from fedbt.eval.metrics import classification_metrics
 from fedbt.model.device import prepare_model, select_device
+from fedbt.train.engine import DriftCorrection
 from fedbt.train.privacy import PrivacyAccount
 from fedbt.train.schedules import StepSchedule
 from fedbt.train.setup import make_private, new_model, steps_per_epoch, train_epoch, training_setup
@@ -78,15 +79,22 @@ def local_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LocalState:
-    """What a client keeps between rounds: its BatchNorm layers (FedBN), its optimiser, its privacy account."""
+    """What a client keeps between rounds: its BatchNorm layers (FedBN), its optimiser, its privacy
+    account, its SCAFFOLD control variate c_i (by parameter name; None: zeros, it has not trained yet)."""
 
     batchnorm: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
     privacy: dict | None = None
+    control: dict[str, torch.Tensor] | None = None
 
     def as_tensors(self) -> dict:
         """Tensors, numbers and strings only, so it loads with torch.load(weights_only=True)."""
-        return {"batchnorm": self.batchnorm, "optimizer": self.optimizer, "privacy": self.privacy}
+        return {
+            "batchnorm": self.batchnorm,
+            "optimizer": self.optimizer,
+            "privacy": self.privacy,
+            "control": self.control,
+        }
 
 
 def privacy_metrics(account: PrivacyAccount, trained: bool) -> dict[str, float]:
@@ -106,6 +114,46 @@ def starting_state(cfg: ExperimentConfig, global_state: dict[str, torch.Tensor],
     return global_state
 
 
+def zero_control(model: nn.Module) -> dict[str, torch.Tensor]:
+    """SCAFFOLD's control variate at the start of a run: zeros, one float32 tensor per trainable parameter."""
+    return {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters()}
+
+
+def drift_correction(
+    model: nn.Module, server_control: dict[str, torch.Tensor], site_control: dict[str, torch.Tensor] | None
+) -> DriftCorrection:
+    """SCAFFOLD's c - c_i for each of the model's parameters, on its device."""
+    parameters = dict(model.named_parameters())
+    if server_control.keys() != parameters.keys() or any(
+        server_control[name].shape != p.shape for name, p in parameters.items()
+    ):
+        raise ValueError("the server's control variate does not match the model's parameters")
+    site_control = site_control or {}
+    correction = []
+    for name, parameter in parameters.items():
+        c = server_control[name].to(parameter.device, torch.float32)
+        c_i = site_control[name].to(parameter.device) if name in site_control else torch.zeros_like(c)
+        correction.append(c - c_i)
+    return DriftCorrection(correction)
+
+
+def site_control(model: nn.Module, drift: DriftCorrection) -> dict[str, torch.Tensor]:
+    """The site's new c_i: the mean of the minibatch gradients it computed this round, as computed.
+
+    Not the paper's option II, (x - y_i) / (K * lr): under Adam and a one-cycle learning rate the
+    distance travelled over K steps divided by a learning rate has no clean meaning, while the mean
+    gradient is what option I estimates, at no extra pass over the data.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    return {name: mean.detach().cpu() for name, mean in zip(names, drift.mean_gradients(), strict=True)}
+
+
+def control_update(before: LocalState, after: LocalState) -> dict[str, torch.Tensor]:
+    """What a SCAFFOLD site sends back: delta_i = c_i(new) - c_i(old), by parameter name."""
+    old = before.control or {}
+    return {name: new - old[name] if name in old else new.clone() for name, new in after.control.items()}
+
+
 def train_partition(
     cfg: ExperimentConfig,
     catalog: Catalog,
@@ -113,8 +161,12 @@ def train_partition(
     global_state: dict[str, torch.Tensor],
     server_round: int,
     local: LocalState,
+    server_control: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float], LocalState]:
-    """Train the global model for E local epochs on the partition's training split."""
+    """Train the global model for E local epochs on the partition's training split.
+
+    server_control: SCAFFOLD's c, which corrects every gradient by c - c_i; the new c_i is in the
+    returned LocalState."""
     tc, fc = cfg.train, cfg.federated
     dataset = catalog.subset(partition.indices["train"], augment=augmentation_for(tc))
     setup = training_setup(cfg, catalog.task.num_classes, dataset.masks, starting_state(cfg, global_state, local))
@@ -130,6 +182,7 @@ def train_partition(
     # FedProx pulls every local epoch towards the round's global model, not towards the previous epoch.
     proximal = fc.strategy == "fedprox" and fc.proximal_mu > 0
     anchor = [p.detach().clone() for p in setup.model.parameters()] if proximal else None
+    drift = drift_correction(setup.model, server_control, local.control) if server_control is not None else None
     steps = steps_per_epoch(dataset, cfg, setup.device)
     # The LR follows one curve over all rounds, as the central run's does over its epochs.
     total_steps = fc.rounds * fc.local_epochs * steps
@@ -150,12 +203,14 @@ def train_partition(
             cfg.training_seed + global_epoch,
             anchor=anchor,
             present_classes=present,
+            drift=drift,
         )
         epochs.append(stats)
     new_local = LocalState(
         batchnorm=local_batchnorm(setup.model) if fc.fedbn else None,
         optimizer=setup.optimizer.state_dict() if fc.keep_optimizer_state else None,
         privacy=setup.privacy.as_plain() if setup.privacy is not None else None,
+        control=site_control(setup.model, drift) if drift is not None else None,
     )
     state = {k: v.detach().cpu() for k, v in setup.model.state_dict().items()}
     seconds = sum(e["seconds"] for e in epochs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +50,48 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor) if p.requires_grad)
 
 
+@dataclass
+class DriftCorrection:
+    """SCAFFOLD's correction of a site's drift (Karimireddy et al. 2020), one tensor per trainable parameter
+    in `model.parameters()` order: `correction` (c - c_i, the server's control variate minus the site's)
+    is added to every minibatch gradient before the optimiser steps; `gradient_sum` adds up the gradients
+    as computed, uncorrected, whose mean over the `steps` is the site's next c_i."""
+
+    correction: list[torch.Tensor]
+    gradient_sum: list[torch.Tensor] = field(init=False)
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.gradient_sum = [torch.zeros_like(c) for c in self.correction]
+
+    def mean_gradients(self) -> list[torch.Tensor]:
+        return [total / max(self.steps, 1) for total in self.gradient_sum]
+
+
+def correct_drift(
+    model: nn.Module, drift: DriftCorrection, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Record this step's gradients, then move them by c - c_i (a parameter without a gradient is left alone)."""
+    if scaler is not None:
+        # The correction is in gradient units, so the gradients are unscaled first (scaler.step knows they are).
+        scaler.unscale_(optimizer)
+        if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+            return  # an overflow: the scaler skips this step, and it is no gradient of the site's data either
+    for parameter, correction, total in zip(model.parameters(), drift.correction, drift.gradient_sum, strict=True):
+        if parameter.grad is not None:
+            total += parameter.grad
+            parameter.grad += correction
+    drift.steps += 1
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -63,11 +106,13 @@ def train_one_epoch(
     present_classes: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     batch_augmentation: Augmentation | None = None,
+    drift: DriftCorrection | None = None,
 ) -> dict[str, float]:
     """One pass over the loader. Returns mean loss, images seen, seconds and images/second.
 
     batch_augmentation: applied to each whole batch on the device (else the loader's items
-    arrive augmented, or not at all)."""
+    arrive augmented, or not at all). drift: SCAFFOLD's gradient correction, which also
+    records the gradients it corrects."""
     model.train()
     weights = class_weights.to(device) if class_weights is not None else None
     total_loss, seen, start = 0.0, 0, time.perf_counter()
@@ -83,13 +128,10 @@ def train_one_epoch(
         if anchor is not None and proximal_mu > 0:
             loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if drift is not None:
+            correct_drift(model, drift, optimizer, scaler)
+        optimizer_step(optimizer, scaler)
         total_loss += loss.item() * len(images)
         seen += len(images)
         if on_step is not None:

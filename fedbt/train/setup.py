@@ -22,7 +22,13 @@ from fedbt.data.loader import make_loader
 from fedbt.data.transforms import Augmentation
 from fedbt.model.architectures import build_model
 from fedbt.model.device import configure_threads, prepare_model, select_device
-from fedbt.train.engine import build_optimizer, make_grad_scaler, seed_everything, train_one_epoch
+from fedbt.train.engine import (
+    DriftCorrection,
+    build_optimizer,
+    make_grad_scaler,
+    seed_everything,
+    train_one_epoch,
+)
 from fedbt.train.losses import class_weights_from_masks
 from fedbt.train.privacy import PrivacyAccount, open_account, poisson_batches, private_optimizer, restore_account
 from fedbt.train.schedules import StepSchedule
@@ -138,6 +144,7 @@ def train_epoch(
     anchor: list[torch.Tensor] | None = None,
     present_classes: torch.Tensor | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    drift: DriftCorrection | None = None,
 ) -> dict[str, float]:
     """One pass over the dataset, seeded so that a resumed or repeated run draws the same batches.
 
@@ -164,6 +171,7 @@ def train_epoch(
         present_classes=present_classes,
         label_smoothing=cfg.train.label_smoothing,
         batch_augmentation=batch_augmentation,
+        drift=drift,
     )
     if setup.privacy is not None:
         stats["epsilon"] = setup.privacy.epsilon()
