@@ -103,6 +103,8 @@ class FederatedRun:
         # What a gradient moves: all that client-level DP clips and noises (BatchNorm's buffers are not).
         self.parameter_keys = {name for name, _ in model.named_parameters()}
         # SCAFFOLD's control variate c: zeros at the start, one float32 tensor per trainable parameter.
+        # Also after --resume, which is a new Flower run whose sites start their c_i at zeros: c stays
+        # the mean of the c_i, which a checkpointed c would no longer be.
         self.control = zero_control(model) if fc.strategy == "scaffold" else None
         # Sites whose record-level privacy budget is spent: they are asked to train no more.
         self.spent_nodes: set[int] = set()
@@ -129,8 +131,6 @@ class FederatedRun:
         progress = saved["progress"]
         self.history, self.last_round, self.initial = progress["history"], progress["round"], progress["initial"]
         restore_strategy_state(self.strategy, progress["server_optimizer"])
-        if self.control is not None and progress.get("control") is not None:
-            self.control = progress["control"]
         log(f"[federated] resuming after round {self.last_round} of {self.cfg.federated.rounds}")
 
     def global_model(self) -> torch.nn.Module:
@@ -162,7 +162,6 @@ class FederatedRun:
             "history": self.history,
             "initial": self.initial,
             "server_optimizer": strategy_state(self.strategy),
-            "control": self.control,
         }
         save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
 
