@@ -76,6 +76,11 @@ def site_gains(tests: dict[int, dict[str, dict]], local_tests: dict[str, dict]) 
     return gains
 
 
+def mean_sd(values: dict) -> str:
+    """A spread() as 'mean% ± sd' (the sd in percentage points)."""
+    return f"{pct(values['mean'])} ± {100 * values['sd']:.1f}"
+
+
 def points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -88,7 +93,7 @@ def summary_rows(summary: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 name,
-                *(f"{pct(s[m]['mean'])} ± {100 * s[m]['sd']:.1f}" for m in COMPARED),
+                *(mean_sd(s[m]) for m in COMPARED),
                 points(s["gap"]["mean"]),
                 f"[{points(low)}, {points(high)}]",
             ]
@@ -102,7 +107,7 @@ def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         [
             site,
             pct(g["local"]),
-            f"{pct(g['federated']['mean'])} ± {100 * g['federated']['sd']:.1f}",
+            mean_sd(g["federated"]),
             pct(min(g["federated"]["values"])),
             f"{g['seeds_worse_off']} of {len(g['federated']['values'])}",
         ]
@@ -145,7 +150,7 @@ def write_seed_report(
             "config": to_dict(cfg),
         },
     )
-    table = summary_rows(summary)
+    table, gain_table = summary_rows(summary), gain_rows(gains)
     blocks: list[Block] = [
         ("h1", f"fedbt seed study: {cfg.name}"),
         *([("p", GENERATED_DATA_NOTE)] if generated_data else []),
@@ -156,7 +161,7 @@ def write_seed_report(
         ("p", GAP_NOTE),
         ("p", SITE_NOTE),
         ("p", SELECTION_RULE),
-        *([("h2", "Is each site better off in the federation?"), ("table", gain_rows(gains))] if gains else []),
+        *([("h2", "Is each site better off in the federation?"), ("table", gain_table)] if gains else []),
         ("h2", "Each seed's runs"),
         ("links", [(f"seed {seed}", f"seed-{seed}/report.html") for seed in seeds] + [("numbers", "seeds.json")]),
     ]
@@ -166,7 +171,7 @@ def write_seed_report(
     print(GAP_NOTE)
     print(SELECTION_RULE)
     if gains:
-        print(format_table(*gain_rows(gains)))
+        print(format_table(*gain_table))
     if generated_data:
         print(GENERATED_DATA_NOTE)
     return summary
