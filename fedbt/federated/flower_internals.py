@@ -25,9 +25,11 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
   uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
   interval a SuperLink accepts instead of 30 s (so a site that dies is marked offline, and can
-  rejoin, after 20 s instead of a minute). A task whose token expires after it replied (its
-  heartbeats starved while it finishes) gets no "crashed" reply, which Flower would send in place
-  of the run's next reply, shifting every later one (`RepliedTasks`).
+  rejoin, after 20 s instead of a minute). Each message gets one reply: a task whose token
+  expires after it replied (its heartbeats starved while it finishes) gets no "crashed" reply,
+  which Flower would send in place of the run's next reply, shifting every later one
+  (`RepliedTasks`); a reply still uploading when its task's token expires, which Flower would
+  store after the crash reply with the same effect, is not stored (`storing_open_replies_only`).
 - `python -m fedbt.federated.flower_internals superlink ...`: `flower-superlink` whose run state
   (registered sites, runs, messages) stays in its SQLite `--database`, so a restarted server
   knows its sites, while the arrays of the messages live in memory. Flower would write every
@@ -242,8 +244,29 @@ SUPERNODE_REPLY_HANDLER = declare(
 SUPERNODE_STATE = declare(
     "flwr.supernode.nodestate.in_memory_nodestate",
     "InMemoryNodeState",
-    Class(methods=("_on_task_tokens_expired",)),
-    "its _on_task_tokens_expired wrapped: a task whose token expired after it replied gets no crash reply",
+    Class(methods=("_on_task_tokens_expired", "store_message_and_object_tree")),
+    "its _on_task_tokens_expired wrapped: a task whose token expired after it replied gets no crash reply; "
+    "its store_message_and_object_tree (Runtime.PushMessages' only store) wrapped: a reply to a message "
+    "already answered, or no longer held, is not stored",
+)
+
+
+def _in_memory_node_state(state_class: type) -> object:
+    return state_class(OBJECT_STORE_FACTORY.get()(IN_MEMORY_DATABASE.get()).store())
+
+
+SUPERNODE_MESSAGES = declare(
+    "flwr.supernode.nodestate.in_memory_nodestate",
+    "InMemoryNodeState",
+    InstanceState(("msg_store", "lock_msg_store", "_lock_object_push_sessions"), make=_in_memory_node_state),
+    "read under both locks, taken in Flower's order: the messages and replies the SuperNode holds "
+    "(a dict by message id), the lock its crash replies are stored under",
+)
+SUPERNODE_MESSAGE_ENTRY = declare(
+    "flwr.supernode.nodestate.in_memory_nodestate",
+    "MessageEntry",
+    Class(fields=("message",)),
+    "read: the message each of msg_store's values holds",
 )
 FLOWER_SUPERNODE = declare(
     "flwr.supernode.cli.flower_supernode",
@@ -530,12 +553,46 @@ class RepliedTasks:
         return on_task_tokens_expired
 
 
+def answers_an_open_message(state, reply) -> bool:
+    """Whether the SuperNode still holds the message this reply answers, answered by no other reply."""
+    answered = reply.metadata.reply_to_message_id
+    if answered not in state.msg_store:
+        return False  # its reply was sent, and the message forgotten with it
+    others = (entry.message for msg_id, entry in state.msg_store.items() if msg_id != reply.metadata.message_id)
+    return all(other.metadata.reply_to_message_id != answered for other in others)
+
+
+def storing_open_replies_only(flower_store: Callable) -> Callable:
+    """A ClientApp's reply is stored only while its message is held and unanswered.
+
+    A task whose token expires while its reply is still being uploaded (the request admitted
+    before the expiry) has a crash reply stored for its message first. Flower then stores the
+    real reply too: a second answer to that message or, once the crash reply was sent, an answer
+    to a message that is gone, sent after the SuperNode's next pull in place of that message's
+    reply, shifting every later one. Such a reply is not stored; Flower answers the task as for
+    any reply it did not store (no message id, no objects to upload), and the task goes on.
+    """
+
+    def store_message_and_object_tree(state, message, *args, **kwargs):
+        # The crash replies are stored under lock_msg_store (_store_error_replies): holding it
+        # from the check to the store leaves exactly one reply per message. The push-session
+        # lock first, as Flower's own store takes them (both reentrant).
+        with state._lock_object_push_sessions, state.lock_msg_store:
+            if not answers_an_open_message(state, message):
+                return False, []  # Flower's "not stored"
+            return flower_store(state, message, *args, **kwargs)
+
+    return store_message_and_object_tree
+
+
 def reply_once_per_message() -> None:
-    """Patch this process's SuperNode so that an expired task that has replied gets no crash reply (RepliedTasks)."""
+    """Patch this process's SuperNode so that each message gets one reply: an expired task that has
+    replied gets no crash reply (RepliedTasks), a reply landing after its crash reply is not stored."""
     replied = RepliedTasks()
     SUPERNODE_REPLY_HANDLER.replace(replied.noting_replies(SUPERNODE_REPLY_HANDLER.get()))
     state_class = SUPERNODE_STATE.get()
     state_class._on_task_tokens_expired = replied.crash_replies_for_unanswered(state_class._on_task_tokens_expired)
+    state_class.store_message_and_object_tree = storing_open_replies_only(state_class.store_message_and_object_tree)
 
 
 def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
