@@ -344,7 +344,7 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(header + [""] + [f"{label.ljust(width)}  {value}" for label, value in rows])
 
 
-def deployment_overhead(cfg: ExperimentConfig, flower_defaults: bool, rounds: int = 3) -> float:
+def deployment_overhead(cfg: ExperimentConfig, flower_defaults: bool, rounds: int = 5) -> float:
     """Seconds per round a loopback deployment (server + one SuperNode per site) spends beyond training."""
     from fedbt.deployment.local import measure_overhead
 
