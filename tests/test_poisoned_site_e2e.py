@@ -31,7 +31,8 @@ ATTACKS = {
     6: ("scaled", "more than 10 times the median of the others'"),
 }
 
-poisoned_app = ClientApp()
+# The site's own mods: the server packs its messages, and the spoiling is done on the unpacked reply.
+poisoned_app = ClientApp(mods=sites.CLIENT_MODS)
 
 
 def spoil(reply: Message, attack: str, global_state: dict) -> None:

@@ -31,6 +31,7 @@ from fedbt.federated.common import (
     site_setup,
 )
 from fedbt.federated.flower_internals import CLIPPING_NORM_KEY
+from fedbt.federated.packing import packing_mod
 from fedbt.federated.policy import PolicyRefusal
 from fedbt.federated.task import (
     LocalState,
@@ -46,7 +47,10 @@ from fedbt.fileio import atomic_write
 from fedbt.progress import log
 from fedbt.train.setup import new_model
 
-app = ClientApp()
+# packing_mod first, so it is outermost: every other mod and handler sees the request unpacked
+# and the reply is packed after all of them (fedbt.federated.packing).
+CLIENT_MODS = [packing_mod]
+app = ClientApp(mods=CLIENT_MODS)
 LOCAL_STATE_KEY = "fedbt-local-state"
 TEST_REQUESTS_KEY = "fedbt-test-requests"
 # A hospital's own state of each run, in its cache folder (see _site_state_file).
