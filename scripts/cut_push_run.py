@@ -12,6 +12,7 @@ pushes each task needed and the wall time, and exits non-zero when the run did n
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,15 @@ RUN = ["federated.rounds=3", "federated.min_clients=3", "federated.round_timeout
 
 def main(data_root: Path, work: Path) -> int:
     federation = LocalFederation(work, data_root, SITES, connect_timeout=60)
-    processes, proxy, started = [], None, time.monotonic()
-    try:
+    started = time.monotonic()
+    # Stopped last in, first out: figshare's processes, its proxy, then the server and the other sites.
+    with contextlib.ExitStack() as stop:
+        stop.callback(federation.close)
         federation.start_server()
         processes, proxy = start_site_behind(federation, "figshare", CuttingProxy)
+        stop.callback(proxy.close)
+        for process in processes:
+            stop.callback(process.stop)
         for name in ("sartaj", "br35h"):
             federation.start_site(name)
         for site in federation.sites.values():
@@ -40,12 +46,6 @@ def main(data_root: Path, work: Path) -> int:
         request = RunRequest(federation.control_address, federation.certs / "ca.pem", work / "results",
                              config="configs/cpu.yaml", overrides=RUN)  # fmt: skip
         outcome = submit_and_follow(request)
-    finally:
-        for process in processes:
-            process.stop()
-        if proxy:
-            proxy.close()
-        federation.close()
     print(f"run: {outcome.status} {outcome.details or ''}".rstrip())
     print(f"rounds: {[entry['round'] for entry in outcome.metrics['history']] if outcome.metrics else None}")
     print(f"figshare's pushes per task: {sorted(proxy.pushes.values())}")
