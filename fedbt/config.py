@@ -168,6 +168,10 @@ class FederatedConfig:
     transport_dtype: Literal["float32", "float16"] = "float32"
     # Ray cluster to join ("auto" or host:port) so a simulation spans machines; None: local.
     ray_address: str | None = None
+    # A simulation on a GPU: how many clients train on one GPU at once (each asks Ray for that
+    # share of it, and of the cores); None: all of them. Lower it when that many models and
+    # batches do not fit in the GPU's memory together. Ignored without CUDA.
+    clients_per_gpu: PositiveInt | None = None
     # Seconds the server waits for a round's replies before going on with those it has, and
     # for the minimum number of sites to be connected before it stops the run.
     round_timeout: PositiveFloat = 3600.0

@@ -33,11 +33,20 @@ def budget_matched(cfg: ExperimentConfig) -> ExperimentConfig:
     return replace(cfg, train=train)
 
 
+def client_resources(cfg: ExperimentConfig, cores: int, cuda: bool) -> dict:
+    """What each client asks Ray for: never more CPUs than exist (Ray would wait for them forever)."""
+    if not cuda:
+        # Every core: on CPU the clients train one after another, each at full speed.
+        return {"num_cpus": cores, "num_gpus": 0.0}
+    # A share of the GPU, so that the sites train at once instead of queueing for a whole card
+    # each; the cores are shared out the same way.
+    together = min(cfg.federated.clients_per_gpu or cfg.federated.num_clients, cfg.federated.num_clients)
+    return {"num_cpus": max(1, cores // together), "num_gpus": 1.0 / together}
+
+
 def backend_config(cfg: ExperimentConfig) -> dict:
     cores = os.cpu_count() or 1
-    # Each client gets every core: clients then train one after another at full speed, and a
-    # client never asks Ray for more CPUs than exist (Ray would wait for them forever).
-    resources = {"num_cpus": cores, "num_gpus": 1.0 if torch.cuda.is_available() else 0.0}
+    resources = client_resources(cfg, cores, torch.cuda.is_available())
     init_args: dict = {"num_cpus": cores, "include_dashboard": False}
     if cfg.federated.ray_address:
         init_args = {"address": cfg.federated.ray_address}
