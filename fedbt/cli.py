@@ -302,7 +302,9 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--clients", type=int, help="number of virtual clients (default 3: one per site)")
     parser.add_argument("--rounds", type=int, help="federated rounds")
-    parser.add_argument("--local-epochs", type=int, help="local epochs per round")
+    parser.add_argument(
+        "--local-epochs", type=float, help="local epochs per round; 0.5 or 0.25: one epoch over 2 or 4 rounds"
+    )
     parser.add_argument("--strategy", choices=STRATEGY_NAMES)
     parser.add_argument(
         "--partition",

@@ -127,7 +127,9 @@ class TrainConfig:
 class FederatedConfig:
     num_clients: PositiveInt = 3
     rounds: PositiveInt = 12
-    local_epochs: PositiveInt = 1
+    # Passes over the site's training split per round. A fraction 1/k (0.5, 0.25) splits each
+    # local epoch over k rounds: the sites are averaged k times as often for the same budget.
+    local_epochs: PositiveInt | PositiveFloat = 1
     # fedmedian, fedtrimmedavg and krum resist a site sending outsized or crafted weights (docs/robustness.md).
     # scaffold corrects each site's drift with control variates (SCAFFOLD) and averages as fedavg does.
     strategy: StrategyName = "fedavg"
@@ -178,6 +180,21 @@ class FederatedConfig:
     # Seconds between the server's checks for replies (Flower's deployment Grid waits 3 s).
     poll_interval: PositiveFloat = 0.2
     resume: bool = False
+
+    @field_validator("local_epochs")
+    @classmethod
+    def _whole_epochs_or_one_kth(cls, value: float) -> int | float:
+        if float(value).is_integer():
+            return int(value)
+        k = round(1 / value)
+        if value > 1 or abs(k * value - 1) > 1e-9:
+            raise ValueError(f"must be a whole number of epochs or one k-th of an epoch (0.5, 0.25), got {value}")
+        return value
+
+    @property
+    def total_epochs(self) -> int:
+        """Passes over every site's training split in the whole run: the central and local-only budget."""
+        return round(self.rounds * self.local_epochs)
 
     @field_validator("transport_dtype", mode="before")
     @classmethod
@@ -246,6 +263,19 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _rounds_hold_whole_epochs(self, info: ValidationInfo) -> ExperimentConfig:
+        """The central and local-only runs train the same number of epochs, which must be whole."""
+        fc = self.federated
+        if info.context != PARTIAL and abs(fc.rounds * fc.local_epochs - fc.total_epochs) > 1e-9:
+            per_epoch = round(1 / fc.local_epochs)
+            raise ValueError(
+                f"federated.rounds x federated.local_epochs must be a whole number of epochs (the central "
+                f"run's budget), got {fc.rounds} x {fc.local_epochs}: with {per_epoch} rounds an epoch, "
+                f"make rounds a multiple of {per_epoch}, or set --local-epochs 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _private_training_is_per_sample(self, info: ValidationInfo) -> ExperimentConfig:

@@ -1,11 +1,12 @@
 """README's "Run across hospitals" on one machine, with one site's replies cut on their way out.
 
 A server and three sites on loopback (what `fedbt server` and `fedbt site` start), the sites'
-data under DATA_ROOT, `configs/cpu.yaml`, 3 rounds, every site required. figshare's ClientApp
-tasks reach their SuperNode through tests/test_lost_replies_e2e.py's CuttingProxy, which cuts
-each task's first push of its output half way (once per round and per final scoring), as a
-SuperNode under load dropped them. The run must complete; the script prints its outcome, the
-pushes each task needed and the wall time, and exits non-zero when the run did not complete.
+data under DATA_ROOT, `configs/cpu.yaml`, 3 rounds of one local epoch, every site required.
+figshare's ClientApp tasks reach their SuperNode through tests/test_lost_replies_e2e.py's
+CuttingProxy, which cuts each task's first push of its output half way (once per round and per
+final scoring), as a SuperNode under load dropped them. The run must complete; the script prints
+its outcome, the pushes each task needed and the wall time, and exits non-zero when the run did
+not complete.
 
     .venv/bin/python scripts/cut_push_run.py ../shared/data/brain-mri /tmp/cut-run
 """
@@ -25,7 +26,7 @@ from fedbt.deployment.runs import RunRequest, submit_and_follow  # noqa: E402
 from tests.test_lost_replies_e2e import CuttingProxy, start_site_behind  # noqa: E402
 
 SITES = ["sites/figshare.yaml", "sites/sartaj.yaml", "sites/br35h.yaml"]
-RUN = ["federated.rounds=3", "federated.min_clients=3", "federated.round_timeout=1800"]
+RUN = ["federated.rounds=3", "federated.local_epochs=1", "federated.min_clients=3", "federated.round_timeout=1800"]
 
 
 def main(data_root: Path, work: Path) -> int:

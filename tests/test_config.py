@@ -86,6 +86,16 @@ def test_bfloat16_transport_is_refused_with_the_reason():
     assert "federated.transport_dtype" in message and "numpy has no bfloat16" in message
 
 
+def test_a_round_holds_whole_epochs_or_one_kth_of_an_epoch_and_the_run_whole_epochs():
+    quarter = load_config([], ["federated.rounds=48", "federated.local_epochs=0.25"]).federated
+    assert (quarter.local_epochs, quarter.total_epochs) == (0.25, 12)
+    assert load_config([], ["federated.local_epochs=2.0"]).federated.local_epochs == 2  # a whole number stays one
+    assert "one k-th of an epoch" in config_error(overrides=["federated.local_epochs=0.3"])
+    assert "one k-th of an epoch" in config_error(overrides=["federated.local_epochs=1.5"])
+    message = config_error(overrides=["federated.rounds=3", "federated.local_epochs=0.5"])
+    assert "whole number of epochs" in message and "3 x 0.5" in message
+
+
 def test_assignment_and_replace_are_checked_too():
     cfg = ExperimentConfig()
     with pytest.raises(ValueError, match="epochs"):

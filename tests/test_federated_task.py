@@ -1,5 +1,7 @@
-"""A site's local training (Flower-free): what each local epoch is anchored to and what it reports."""
+"""A site's local training (Flower-free): what each local epoch is anchored to, which batches a
+round trains, and what it reports."""
 
+import pytest
 import torch
 
 import fedbt.federated.task as task
@@ -37,3 +39,42 @@ def test_fedprox_anchors_every_local_epoch_to_the_rounds_global_model(data_confi
     assert metrics["train_seconds"] == sum(e["seconds"] for e in epochs)
     images = sum(e["images"] for e in epochs)
     assert metrics["train_loss"] == sum(e["loss"] * e["images"] for e in epochs) / images
+
+
+@pytest.mark.parametrize(("local_epochs", "rounds"), [(1, 3), (2, 2), (0.5, 6), (0.25, 8), (1 / 3, 6)])
+def test_rounds_share_out_every_epochs_batches_once_and_in_order(local_epochs, rounds):
+    steps = 10
+    trained = [
+        (epoch, batch)
+        for server_round in range(1, rounds + 1)
+        for epoch, batches in task.round_batches(local_epochs, server_round, steps)
+        for batch in batches
+    ]
+    total_epochs = round(rounds * local_epochs)
+    assert trained == [(epoch, batch) for epoch in range(total_epochs) for batch in range(steps)]
+
+
+def test_two_rounds_of_half_an_epoch_train_the_batches_of_one_whole_epoch(data_config):
+    def site_config(rounds, local_epochs):
+        # Nothing random but the batch order: no augmentation, no dropout. A constant LR, so that the
+        # second half's steps move the weights as much as the first's.
+        return ExperimentConfig(
+            data=data_config,
+            model=ModelConfig(name="cnn", dropout=0.0),
+            train=TrainConfig(batch_size=4, schedule="constant", threads=1, log_every=0, augment=False),
+            federated=FederatedConfig(rounds=rounds, local_epochs=local_epochs),
+        )
+
+    whole, halves = site_config(1, 1), site_config(2, 0.5)
+    catalog = build_catalog(data_config, progress=False)
+    partition = make_partitions(catalog, 3)[0]
+    global_state = new_model(whole, catalog.task.num_classes).state_dict()
+
+    after_epoch, *_ = task.train_partition(whole, catalog, partition, global_state, 1, task.LocalState())
+    after_first_half, _, _, local = task.train_partition(halves, catalog, partition, global_state, 1, task.LocalState())
+    after_second_half, *_ = task.train_partition(halves, catalog, partition, after_first_half, 2, local)
+
+    weight = "classifier.4.weight"
+    assert not torch.allclose(after_first_half[weight], after_epoch[weight])  # half an epoch is not the epoch
+    for key, value in after_epoch.items():
+        assert torch.allclose(after_second_half[key].float(), value.float(), atol=1e-6), key

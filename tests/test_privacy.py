@@ -10,6 +10,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
+import fedbt.train.setup as trainer
 from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, PrivacyConfig, TrainConfig, load_config
 from fedbt.data.catalog import build_catalog
 from fedbt.data.loader import make_loader
@@ -96,6 +97,29 @@ def test_the_last_steps_of_a_budget_are_taken_and_no_more():
     accountant.history = [(2.0, 0.25, steps + 1)]
     assert accountant.get_epsilon(1e-5) > 2.0
     assert steps % 4 != 0  # the budget ran out within an epoch, which stopped early
+
+
+def test_halves_of_an_epoch_draw_the_epochs_poisson_batches_and_spend_its_steps(monkeypatch):
+    dataset = generated_images(64)  # 4 Poisson batches an epoch
+    cfg = config(PrivacyConfig(enabled=True, target_epsilon=3.0, noise_multiplier=2.0))
+    drawn, real_epoch = [], trainer.train_one_epoch
+
+    def recording_epoch(model, loader, *args, **kwargs):
+        drawn.append([labels for _, labels in loader])
+        return real_epoch(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", recording_epoch)
+    whole = make_private(training_setup(cfg, 4), dataset, cfg, planned_epochs=1, saved=None)
+    train_epoch(whole, dataset, cfg, None, seed=0, loader_seed=0)
+    halves = make_private(training_setup(cfg, 4), dataset, cfg, planned_epochs=1, saved=None)
+    for batches in (range(0, 2), range(2, 4)):
+        train_epoch(halves, dataset, cfg, None, seed=0, loader_seed=0, batches=batches)
+
+    epoch, first_half, second_half = drawn
+    assert len(first_half) == len(second_half) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first_half + second_half, epoch, strict=True))
+    assert halves.privacy.as_plain()["history"] == [[2.0, 0.25, 4]]  # one epoch of steps
+    assert halves.privacy.epsilon() == pytest.approx(whole.privacy.epsilon())
 
 
 def test_the_groupnorm_resnet18_trains_with_per_sample_gradients():

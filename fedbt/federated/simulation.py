@@ -29,7 +29,7 @@ from fedbt.train.central import TrainData, evaluate_everywhere, run_central, tra
 
 def budget_matched(cfg: ExperimentConfig) -> ExperimentConfig:
     """Same number of passes over every training image as the federation: rounds x local epochs."""
-    train = replace(cfg.train, epochs=cfg.federated.rounds * cfg.federated.local_epochs)
+    train = replace(cfg.train, epochs=cfg.federated.total_epochs)
     return replace(cfg, train=train)
 
 

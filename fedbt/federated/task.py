@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -154,6 +155,23 @@ def control_update(before: LocalState, after: LocalState) -> dict[str, torch.Ten
     return {name: new - old[name] if name in old else new.clone() for name, new in after.control.items()}
 
 
+def round_batches(local_epochs: float, server_round: int, steps: int) -> list[tuple[int, range]]:
+    """(epoch of the run, its batches) that round `server_round` trains, for epochs of `steps` batches.
+
+    The rounds cut the run's sequence of batches into equal consecutive parts: whole epochs for
+    local_epochs >= 1, and for 1/k each epoch's batches over k rounds, in the epoch's own order.
+    """
+    # 1/3 as a float times 3 is not exactly 1: the exact fraction keeps round r's end round r+1's start.
+    share = Fraction(local_epochs).limit_denominator(1000)
+    first, last = round((server_round - 1) * share * steps), round(server_round * share * steps)
+    pieces = []
+    for epoch in range(first // steps, -(-last // steps)):
+        start, stop = max(first - epoch * steps, 0), min(last - epoch * steps, steps)
+        if stop > start:
+            pieces.append((epoch, range(start, stop)))
+    return pieces
+
+
 def train_partition(
     cfg: ExperimentConfig,
     catalog: Catalog,
@@ -163,7 +181,7 @@ def train_partition(
     local: LocalState,
     server_control: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float], LocalState]:
-    """Train the global model for E local epochs on the partition's training split.
+    """Train the global model for its round's share of local epochs on the partition's training split.
 
     server_control: SCAFFOLD's c, which corrects every gradient by c - c_i; the new c_i is in the
     returned LocalState."""
@@ -172,7 +190,7 @@ def train_partition(
     setup = training_setup(cfg, catalog.task.num_classes, dataset.masks, starting_state(cfg, global_state, local))
     if cfg.privacy.enabled:
         # The noise is fixed for the whole run (rounds x local epochs) when the first round opens the account.
-        setup = make_private(setup, dataset, cfg, fc.rounds * fc.local_epochs, local.privacy)
+        setup = make_private(setup, dataset, cfg, fc.total_epochs, local.privacy)
         if setup.privacy.budget_spent():
             # Nothing more may be learnt from this site's records: the global model goes back as it came.
             return global_state, len(dataset), privacy_metrics(setup.privacy, trained=False), local
@@ -185,15 +203,14 @@ def train_partition(
     drift = drift_correction(setup.model, server_control, local.control) if server_control is not None else None
     steps = steps_per_epoch(dataset, cfg, setup.device)
     # The LR follows one curve over all rounds, as the central run's does over its epochs.
-    total_steps = fc.rounds * fc.local_epochs * steps
+    total_steps = fc.total_epochs * steps
     epochs = []
-    for epoch in range(fc.local_epochs):
+    for global_epoch, batches in round_batches(fc.local_epochs, server_round, steps):
         if setup.privacy is not None and setup.privacy.budget_spent():
             break
-        global_epoch = (server_round - 1) * fc.local_epochs + epoch
         # Seeds differ per client (crc32 of its name: stable across processes, unlike hash()).
         seed = cfg.training_seed + 1000 * global_epoch + zlib.crc32(partition.name.encode()) % 1000
-        schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps)
+        schedule = StepSchedule(tc.lr, tc.schedule, total_steps, global_epoch * steps + batches.start)
         stats = train_epoch(
             setup,
             dataset,
@@ -204,6 +221,7 @@ def train_partition(
             anchor=anchor,
             present_classes=present,
             drift=drift,
+            batches=batches,
         )
         epochs.append(stats)
     new_local = LocalState(

@@ -106,7 +106,7 @@ def setup_text(cfg: ExperimentConfig) -> str:
     fc = cfg.federated
     return (
         f"{fc.num_clients} clients ({fc.partition} partition), strategy {fc.strategy}, {fc.rounds} rounds x "
-        f"{fc.local_epochs} local epoch(s); central and local-only models: {fc.rounds * fc.local_epochs} epochs; "
+        f"{fc.local_epochs} local epoch(s); central and local-only models: {fc.total_epochs} epochs; "
         f"{cfg.model.name} at {cfg.data.image_size} px, task {cfg.data.task}."
     )
 

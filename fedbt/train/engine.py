@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedbt.config import TrainConfig
 from fedbt.data.transforms import Augmentation, to_device_batch
@@ -94,7 +93,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable,  # a DataLoader or a BatchRange of one: batches with a length
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     schedule: StepSchedule | None = None,

@@ -8,7 +8,8 @@ of them trains, and a change to how training is set up lands in one place. Under
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,6 +92,20 @@ def epoch_loader(dataset: Dataset, cfg: ExperimentConfig, device: torch.device, 
     return make_loader(dataset, cfg.train.batch_size, shuffled, device, seed=seed, workers=cfg.train.num_workers)
 
 
+class BatchRange:
+    """Batches [start, stop) of a loader's epoch. The batches before `start` are drawn and dropped,
+    so that the ranges of an epoch hold the images of the whole epoch's batches, in its order."""
+
+    def __init__(self, loader: Iterable, batches: range) -> None:
+        self.loader, self.batches = loader, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(self.loader, self.batches.start, self.batches.stop)
+
+
 def steps_per_epoch(dataset: Dataset, cfg: ExperimentConfig, device: torch.device) -> int:
     return len(epoch_loader(dataset, cfg, device))
 
@@ -145,18 +160,25 @@ def train_epoch(
     present_classes: torch.Tensor | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     drift: DriftCorrection | None = None,
+    batches: range | None = None,
 ) -> dict[str, float]:
     """One pass over the dataset, seeded so that a resumed or repeated run draws the same batches.
 
-    Under privacy: Poisson batches, as many as the budget allows, and the epsilon spent after.
+    batches: only these batches of the epoch (a federated round of a fraction of an epoch), with
+    the images the whole epoch would put in them. Under privacy: Poisson batches, as many as
+    the budget allows, and the epsilon spent after.
     """
     seed_everything(seed)
     dataset, batch_augmentation = place_augmentation(dataset, cfg, setup.device)
     loader = epoch_loader(dataset, cfg, setup.device, seed=loader_seed)
+    batches = batches if batches is not None else range(len(loader))
     if cfg.privacy.enabled:
         if setup.privacy is None:
             raise ValueError("privacy.enabled, but this trainer does not train with differential privacy")
-        loader = poisson_batches(loader, setup.privacy.steps_within_budget(len(loader)))
+        batches = batches[: setup.privacy.steps_within_budget(len(batches))]
+        loader = poisson_batches(loader, batches.stop)
+    if batches != range(len(loader)):
+        loader = BatchRange(loader, batches)
     stats = train_one_epoch(
         setup.model,
         loader,
