@@ -87,3 +87,23 @@ def test_float16_transport_and_sparse_evaluation_still_train_the_global_model(de
     assert not fed["history"][0]["sites"] and not fed["history"][0]["server"]
     assert set(fed["history"][0]["train"]) == {"figshare", "sartaj", "br35h"}  # round 1 still trained
     assert fed["history"][-1]["server"]["loss"] < fed["initial"]["loss"]
+
+
+def test_rounds_of_half_an_epoch_share_out_each_sites_epoch_and_central_trains_the_same_epochs(demo_args, tmp_path):
+    out = tmp_path / "results"
+    # Batches of 4, so that every site's epoch has several batches to share out (a site of 27 images).
+    code = main(["simulate", *demo_args, "--out", str(out), "--rounds", "4", "--local-epochs", "0.5",
+                 "--set", "train.batch_size=4", "--skip-local"])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    history = results["federated"]["history"]
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    assert results["central"]["epochs"] == 2  # 4 rounds x half an epoch
+    for site in ("figshare", "sartaj", "br35h"):
+        seen = [h["train"][site]["images_per_second"] * h["train"][site]["train_seconds"] for h in history]
+        examples, batch = history[0]["train"][site]["num-examples"], 4
+        epoch = examples // batch * batch  # the loader drops the last, partial batch
+        # Two rounds make one epoch of the site's batches; each round is only part of it.
+        assert seen[0] + seen[1] == pytest.approx(epoch) and seen[2] + seen[3] == pytest.approx(epoch)
+        assert 0 < seen[0] < epoch
+    assert "4 rounds x 0.5 local epoch(s); central and local-only models: 2 epochs" in (out / "report.md").read_text()
