@@ -35,10 +35,10 @@ def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
 
 
 def run_seed_study(cfg: ExperimentConfig, count: int, skip_local: bool = False, reuse: bool = True) -> dict:
-    """Federated and central once per training seed, each seed in <out>/seed-<seed>/ with its own
-    report; then seeds.json and the summary report in <out>. Local-only models, which answer
-    whether a site gains by joining rather than how far federation is from pooling, train once:
-    with the first seed."""
+    """Federated, central and (unless skipped) local-only once per training seed, each seed in
+    <out>/seed-<seed>/ with its own report; then seeds.json and the summary report in <out>.
+    Whether a site gains by joining is judged seed by seed: a local-only model varies with the
+    seed as much as a federated one."""
     if count < 2:
         raise ValueError(f"a seed study needs at least 2 seeds to measure a spread, got {count}")
     out = Path(cfg.output_dir)
@@ -48,9 +48,9 @@ def run_seed_study(cfg: ExperimentConfig, count: int, skip_local: bool = False, 
     tests, local_tests = {}, {}
     for number, seed in enumerate(seeds, 1):
         log(f"[seeds] seed {number} of {count}: train.seed={seed}, split seed data.seed={cfg.data.seed}")
-        results = run_experiment(seed_config(cfg, seed), skip_local=skip_local or number > 1, reuse=reuse)
+        results = run_experiment(seed_config(cfg, seed), skip_local=skip_local, reuse=reuse)
         tests[seed] = {model: results[model]["test"] for model in ("federated", "central")}
-        local_tests |= {site: result["test"] for site, result in results.get("local", {}).items()}
-    local_seed = None if skip_local else seeds[0]
-    summary = write_seed_report(tests, cfg, out, local_seed, local_tests, is_generated_data(cfg.data.data_root))
+        if not skip_local:
+            local_tests[seed] = {site: result["test"] for site, result in results["local"].items()}
+    summary = write_seed_report(tests, cfg, out, local_tests, is_generated_data(cfg.data.data_root))
     return {"seeds": seeds, "summary": summary, "wall_seconds_total": time.perf_counter() - started}

@@ -61,17 +61,22 @@ def seed_summary(tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return summary
 
 
-def site_gains(tests: dict[int, dict[str, dict]], local_tests: dict[str, dict]) -> dict[str, dict]:
-    """Is a site better off in the federation? On each site's own test split: its local-only model
-    against the federated model of every seed."""
+def site_gains(tests: dict[int, dict[str, dict]], local_tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Is a site better off in the federation? On each site's own test split, seed by seed: the
+    federated model against the local-only model trained with the same seed.
+    local_tests: {seed: {site: the local-only model's test metrics}}."""
     gains = {}
-    for site, local in local_tests.items():
-        alone = local["sites"][site]["set_accuracy"]
-        federated = [t["federated"]["sites"][site]["set_accuracy"] for t in tests.values()]
+    for site in sorted({site for local in local_tests.values() for site in local}):
+        pairs = [
+            (t["federated"]["sites"][site]["set_accuracy"], local_tests[seed][site]["sites"][site]["set_accuracy"])
+            for seed, t in tests.items()
+            if site in local_tests.get(seed, {})
+        ]
+        federated, alone = [f for f, _ in pairs], [a for _, a in pairs]
         gains[site] = {
-            "local": alone,
+            "local": spread(alone),
             "federated": spread(federated),
-            "seeds_worse_off": sum(value < alone for value in federated),
+            "seeds_worse_off": sum(f < a for f, a in pairs),
         }
     return gains
 
@@ -102,13 +107,12 @@ def summary_rows(summary: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["site (own test split)", "local-only", "federated mean ± sd", "federated min", "seeds worse off"]
+    header = ["site (own test split)", "local-only mean ± sd", "federated mean ± sd", "seeds worse off (same seed)"]
     rows = [
         [
             site,
-            pct(g["local"]),
+            mean_sd(g["local"]),
             mean_sd(g["federated"]),
-            pct(min(g["federated"]["values"])),
             f"{g['seeds_worse_off']} of {len(g['federated']['values'])}",
         ]
         for site, g in gains.items()
@@ -116,11 +120,11 @@ def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _seeds_text(seeds: list[int], cfg: ExperimentConfig, local_seed: int | None) -> str:
-    local = f"; local-only models once, with seed {local_seed}" if local_seed is not None else ""
+def _seeds_text(seeds: list[int], cfg: ExperimentConfig, with_local: bool) -> str:
+    models = "federated, central and local-only models are" if with_local else "federated and central are"
     return (
         f"{len(seeds)} training seeds (train.seed {', '.join(map(str, seeds))}) over one split "
-        f"(data.seed {cfg.data.seed}): federated and central are trained once per seed{local}."
+        f"(data.seed {cfg.data.seed}): {models} trained once per seed."
     )
 
 
@@ -128,12 +132,11 @@ def write_seed_report(
     tests: dict[int, dict[str, dict]],
     cfg: ExperimentConfig,
     out: Path,
-    local_seed: int | None,
-    local_tests: dict[str, dict],
+    local_tests: dict[int, dict[str, dict]],
     generated_data: bool = False,
 ) -> dict:
     """seeds.json, report.md and report.html in out (beside the seeds' own folders); prints the tables.
-    local_tests: the local-only models' test metrics by site (none when local-only was skipped).
+    local_tests: the local-only models' test metrics by seed and site (none when local-only was skipped).
     Returns the summary."""
     summary = seed_summary(tests)
     gains = site_gains(tests, local_tests)
@@ -143,7 +146,7 @@ def write_seed_report(
         {
             "seeds": seeds,
             "split_seed": cfg.data.seed,
-            "local_seed": local_seed,
+            "local_seeds": list(local_tests),
             "selection_rule": SELECTION_RULE,
             "summary": summary,
             "site_gains": gains,
@@ -155,7 +158,7 @@ def write_seed_report(
         ("h1", f"fedbt seed study: {cfg.name}"),
         *([("p", GENERATED_DATA_NOTE)] if generated_data else []),
         ("p", setup_text(cfg)),
-        ("p", _seeds_text(seeds, cfg, local_seed)),
+        ("p", _seeds_text(seeds, cfg, bool(local_tests))),
         ("h2", "Test results over seeds"),
         ("table", table),
         ("p", GAP_NOTE),
@@ -166,7 +169,7 @@ def write_seed_report(
         ("links", [(f"seed {seed}", f"seed-{seed}/report.html") for seed in seeds] + [("numbers", "seeds.json")]),
     ]
     write_pages(blocks, out, "fedbt seed study")
-    print(_seeds_text(seeds, cfg, local_seed))
+    print(_seeds_text(seeds, cfg, bool(local_tests)))
     print(format_table(*table))
     print(GAP_NOTE)
     print(SELECTION_RULE)
