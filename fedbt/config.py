@@ -37,7 +37,17 @@ PARTIAL = {"partial": True}
 
 
 StrategyName = Literal[
-    "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "scaffold"
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedavgm",
+    "fedexp",
+    "fednova",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "scaffold",
 ]
 STRATEGY_NAMES = list(get_args(StrategyName))
 # The strategies whose aggregate is the average that client-level DP's noise is calibrated to.
@@ -132,6 +142,8 @@ class FederatedConfig:
     local_epochs: PositiveInt | PositiveFloat = 1
     # fedmedian, fedtrimmedavg and krum resist a site sending outsized or crafted weights (docs/robustness.md).
     # scaffold corrects each site's drift with control variates (SCAFFOLD) and averages as fedavg does.
+    # fedexp averages as fedavg does, then steps further along the average the more the sites disagree.
+    # fednova averages the sites' updates per local step, so a site counts by its data, not its data squared.
     strategy: StrategyName = "fedavg"
     # fedtrimmedavg: share of the sites' values cut at each end of every weight before averaging.
     # Flower's default 0.2 cuts nothing with 3 sites (int(0.2 * 3) = 0); 0.34 cuts one at each end.

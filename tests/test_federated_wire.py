@@ -1,5 +1,7 @@
 """The federation's wire format, evaluation schedule and server-side arithmetic, without starting Flower."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,13 +9,13 @@ from flower_messages import reply
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
-from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig
+from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig, TrainConfig
 from fedbt.federated import server_app
 from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
 from fedbt.federated.rounds import choose_sites, in_site_order
 from fedbt.federated.server_app import FederatedRun, evaluation_due, screen_train_replies, update_global_model
 from fedbt.federated.strategy import SERVER_OPTIMISERS, STRATEGIES, aggregate, make_strategy
-from fedbt.federated.task import transport_state
+from fedbt.federated.task import round_steps, transport_state
 from fedbt.model.architectures import build_resnet18
 
 
@@ -54,6 +56,57 @@ def test_fedavg_weights_sites_by_their_examples_and_keeps_the_global_dtypes():
     new = aggregate(make_strategy(FederatedConfig()), 1, global_state, replies, {"w"})
     assert torch.allclose(new["w"], torch.tensor([1.75, 0.75]))
     assert new["count"].dtype == torch.int64 and new["w"].dtype == torch.float32
+
+
+def fedexp_round(updates: list[list[float]], examples: list[int]) -> dict:
+    """FedExP's new global model when sites at `examples` move the weights w (from zeros) by `updates`;
+    a BatchNorm statistic each site reports as 2 + its index."""
+    global_state = {"w": torch.zeros(2), "bn.running_mean": torch.zeros(1)}
+    replies = [
+        reply(f"s{i}", {"w": torch.tensor(update), "bn.running_mean": torch.tensor([2.0 + i])}, n)
+        for i, (update, n) in enumerate(zip(updates, examples))
+    ]
+    return aggregate(make_strategy(FederatedConfig(strategy="fedexp")), 1, global_state, replies, {"w"})
+
+
+def test_fedexp_is_fedavg_when_the_sites_agree():
+    new = fedexp_round([[1.0, 2.0], [1.0, 2.0]], [10, 30])
+    assert torch.equal(new["w"], torch.tensor([1.0, 2.0]))
+
+
+def test_fedexp_steps_further_along_the_mean_the_more_the_sites_disagree():
+    # Updates (1, 0) and (-0.5, 0), equal weight: mean d = (0.25, 0), |d|^2 = 1/16,
+    # sum p_i |d_i|^2 = (1 + 1/4) / 2 = 5/8, so eta = (5/8) / (2/16 + epsilon), about 5.
+    new = fedexp_round([[1.0, 0.0], [-0.5, 0.0]], [20, 20])
+    eta = (5 / 8) / (2 / 16 + 1e-3)
+    assert torch.allclose(new["w"], torch.tensor([0.25 * eta, 0.0]))
+    # Statistics of the sites' data are averaged, never extrapolated.
+    assert torch.equal(new["bn.running_mean"], torch.tensor([2.5]))
+    assert new["w"].dtype == torch.float32
+
+
+def fednova_round(updates: list[list[float]], examples: list[int], steps: dict[int, int]) -> torch.Tensor:
+    strategy = make_strategy(FederatedConfig(strategy="fednova"), local_steps=lambda n, server_round: steps[n])
+    replies = [reply(f"s{i}", {"w": torch.tensor(u)}, n) for i, (u, n) in enumerate(zip(updates, examples))]
+    return aggregate(strategy, 1, {"w": torch.zeros(2)}, replies, {"w"})["w"]
+
+
+def test_fednova_weighs_each_site_by_its_data_however_many_steps_it_took():
+    # Shares 1/4 and 3/4; 1 and 3 steps. Per step (1, 0) and (0, 1), averaged by share: (1/4, 3/4),
+    # times 1/4 * 1 + 3/4 * 3 = 2.5 steps. FedAvg would take (1/4, 9/4): the big site's share squared.
+    new = fednova_round([[1.0, 0.0], [0.0, 3.0]], [10, 30], {10: 1, 30: 3})
+    assert torch.allclose(new, torch.tensor([0.625, 1.875]))
+    # With equal steps it is FedAvg.
+    same_steps = fednova_round([[1.0, 0.0], [0.0, 3.0]], [10, 30], {10: 2, 30: 2})
+    assert torch.allclose(same_steps, torch.tensor([0.25, 2.25]))
+
+
+def test_fednova_counts_a_sites_steps_from_its_examples_and_the_round_not_from_its_reply():
+    cfg = ExperimentConfig(train=TrainConfig(batch_size=32), federated=FederatedConfig(rounds=8, local_epochs=0.25))
+    # 100 images: 3 batches of 32 an epoch (the last, short one dropped), shared out over 4 rounds.
+    steps = [round_steps(cfg, 100, r) for r in range(1, 9)]
+    assert set(steps) == {0, 1} and sum(steps[:4]) == sum(steps[4:]) == 3
+    assert round_steps(replace(cfg, federated=FederatedConfig(rounds=2)), 1963, 1) == 1963 // 32
 
 
 def test_fedavgm_momentum_survives_a_checkpoint_as_plain_tensors():

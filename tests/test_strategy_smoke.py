@@ -2,6 +2,7 @@
 aggregation, without Flower's simulation, lower the global model's validation loss at the sites."""
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 from flower_messages import reply
@@ -11,7 +12,14 @@ from fedbt.data.catalog import build_catalog
 from fedbt.data.partition import make_partitions
 from fedbt.data.synthetic import generate_demo_data
 from fedbt.federated.strategy import STRATEGIES, aggregate, make_strategy, updated_control
-from fedbt.federated.task import LocalState, control_update, evaluate_partition, train_partition, zero_control
+from fedbt.federated.task import (
+    LocalState,
+    control_update,
+    evaluate_partition,
+    round_steps,
+    train_partition,
+    zero_control,
+)
 from fedbt.train.setup import new_model
 
 
@@ -45,7 +53,7 @@ def two_rounds(cfg: ExperimentConfig) -> tuple[float, float]:
     partitions = make_partitions(catalog, fc.num_clients, fc.partition, fc.dirichlet_alpha, cfg.data.seed)
     model = new_model(cfg, catalog.task.num_classes)
     global_state, parameter_keys = model.state_dict(), {name for name, _ in model.named_parameters()}
-    strategy = make_strategy(fc)
+    strategy = make_strategy(fc, local_steps=partial(round_steps, cfg))
     scaffold = fc.strategy == "scaffold"
     control = zero_control(model) if scaffold else None
     local_states = {p.name: LocalState() for p in partitions}

@@ -60,7 +60,7 @@ from fedbt.federated.rounds import (
     wait_for_sites,
 )
 from fedbt.federated.strategy import aggregate, make_strategy, updated_control
-from fedbt.federated.task import load_catalog, transport_state, zero_control
+from fedbt.federated.task import load_catalog, round_steps, transport_state, zero_control
 from fedbt.fileio import write_json
 from fedbt.model.checkpoint import load_checkpoint, save_checkpoint, store_temperature
 from fedbt.model.device import configure_threads, prepare_model, select_device
@@ -98,7 +98,7 @@ class FederatedRun:
         if self.min_sites > fc.num_clients:
             raise ValueError(f"min_clients {self.min_sites} is more than the {fc.num_clients} clients")
         self.min_train = max(1, min(self.min_sites, round(fc.fraction_train * fc.num_clients)))
-        self.strategy = make_strategy(fc, cfg.privacy.client_level)
+        self.strategy = make_strategy(fc, cfg.privacy.client_level, functools.partial(round_steps, cfg))
         model = new_model(cfg, self.task.num_classes)
         self.global_state = model.state_dict()
         # What a gradient moves: all that client-level DP clips and noises (BatchNorm's buffers are not).

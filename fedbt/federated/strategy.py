@@ -11,9 +11,13 @@ FedAvgM's momentum) lives in Flower internals, which fedbt.federated.flower_inte
 and restores as plain tensors for checkpoints. Client-level differential privacy puts Flower's
 clipping wrapper around the averaging strategy (fedbt.federated.client_privacy). SCAFFOLD
 averages the models as FedAvg does; its control variate's server step is `updated_control`.
+FedExP and FedNova (not Flower's) average as FedAvg does and take their own step (`ServerStep`).
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import (
@@ -31,6 +35,76 @@ from fedbt.config import ClientPrivacyConfig, FederatedConfig
 from fedbt.federated.client_privacy import CLIPPING_WRAPPERS, EQUAL_WEIGHT_KEY, clipping_strategy, private_aggregate
 from fedbt.federated.common import CONTROL_DELTA_KEY
 from fedbt.federated.flower_internals import set_strategy_model, strategy_state_problem
+from fedbt.progress import log
+
+
+class ServerStep(FedAvg, ABC):
+    """FedAvg's averaging of the BatchNorm statistics, and a step of its own for the trainable
+    parameters, from the site updates d_i = (site's weights) - (global weights) and the sites'
+    training examples n_i."""
+
+    @abstractmethod
+    def new_parameters(self, server_round: int, global_params: dict, updates: list[dict], examples: list[int]) -> dict:
+        """The trainable parameters of the new global model."""
+
+
+def weighted_sum(updates: list[dict], weights: list[float]) -> dict:
+    return {key: sum(w * update[key] for w, update in zip(weights, updates, strict=True)) for key in updates[0]}
+
+
+def squared_norm(update: dict) -> float:
+    return float(sum(value.double().square().sum() for value in update.values()))
+
+
+def shares_of(examples: list[int]) -> list[float]:
+    return [n / sum(examples) for n in examples]
+
+
+class FedExP(ServerStep):
+    """FedAvg with FedExP's server step size (Jhunjhunwala, Wang and Joshi, ICLR 2023).
+
+    Averaging updates that point different ways (sites with different label spaces) leaves a
+    short mean step, shorter than any site's. FedExP lengthens the step along the mean d by
+    eta = max(1, sum_i p_i |d_i|^2 / (2 |d|^2 + epsilon)), p_i = n_i / n: 1 (plain FedAvg)
+    when the sites agree, more the more they disagree.
+    """
+
+    # The paper's epsilon keeps eta finite when the mean update is ~0; a ResNet18's |d|^2 per
+    # round is orders of magnitude larger, so it matters only then.
+    epsilon = 1e-3
+
+    def new_parameters(self, server_round: int, global_params: dict, updates: list[dict], examples: list[int]) -> dict:
+        shares = shares_of(examples)
+        mean = weighted_sum(updates, shares)
+        spread = sum(share * squared_norm(update) for share, update in zip(shares, updates, strict=True))
+        eta = max(1.0, spread / (2 * squared_norm(mean) + self.epsilon))
+        log(f"[server] round {server_round}: FedExP server step {eta:.2f} x the sites' mean update")
+        return {key: value + eta * mean[key] for key, value in global_params.items()}
+
+
+class FedNova(ServerStep):
+    """FedNova's normalised averaging (Wang, Liu, Liang, Joshi and Poor, NeurIPS 2020).
+
+    A site that takes tau_i local steps moves about tau_i times as far, so FedAvg's mean of the
+    updates by p_i = n_i / n optimises the sites' losses weighted by p_i * tau_i, not p_i: with
+    an epoch (or a share of one) a round tau_i grows with n_i, and a small site counts for less
+    than its data. FedNova averages the updates per step, d_i / tau_i, by p_i, and takes
+    sum_i p_i tau_i steps of that mean: the pooled data's objective, the one central trains on.
+    tau_i is the server's own count from the site's checked example count and the run's
+    settings (`local_steps`), never a number a site reports.
+    """
+
+    def __init__(self, local_steps: Callable[[int, int], int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.local_steps = local_steps  # (a site's training examples, round) -> its optimiser steps
+
+    def new_parameters(self, server_round: int, global_params: dict, updates: list[dict], examples: list[int]) -> dict:
+        shares = shares_of(examples)
+        steps = [self.local_steps(n, server_round) for n in examples]
+        per_step = weighted_sum(updates, [p / tau for p, tau in zip(shares, steps, strict=True)])
+        effective_steps = sum(p * tau for p, tau in zip(shares, steps, strict=True))
+        return {key: value + effective_steps * per_step[key] for key, value in global_params.items()}
+
 
 STRATEGIES = {
     "fedavg": FedAvg,
@@ -38,6 +112,8 @@ STRATEGIES = {
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedavgm": FedAvgM,
+    "fedexp": FedExP,
+    "fednova": FedNova,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
@@ -50,12 +126,21 @@ WEIGHT_KEY = "num-examples"
 SERVER_OPTIMISERS = (FedAdam, FedYogi, FedAvgM)
 
 
-def make_strategy(fc: FederatedConfig, client_privacy: ClientPrivacyConfig | None = None) -> FedAvg:
-    """The configured strategy; behind Flower's clipping and noise when client-level DP is on."""
+def make_strategy(
+    fc: FederatedConfig,
+    client_privacy: ClientPrivacyConfig | None = None,
+    local_steps: Callable[[int, int], int] | None = None,
+) -> FedAvg:
+    """The configured strategy; behind Flower's clipping and noise when client-level DP is on.
+    local_steps: (a site's training examples, round) -> its optimiser steps, which FedNova needs."""
     private = client_privacy is not None and client_privacy.enabled
     base = STRATEGIES[fc.strategy]
     kwargs: dict = {"weighted_by_key": EQUAL_WEIGHT_KEY if private else WEIGHT_KEY}
-    if base is FedProx:
+    if base is FedNova:
+        if local_steps is None:
+            raise ValueError("FedNova needs the sites' local steps per round")
+        kwargs["local_steps"] = local_steps
+    elif base is FedProx:
         kwargs["proximal_mu"] = fc.proximal_mu
     elif base in (FedAdam, FedYogi):
         # eta_l is only logged by Flower; the sites' learning rate is train.lr.
@@ -86,6 +171,8 @@ def aggregate(
     """
     if isinstance(strategy, tuple(CLIPPING_WRAPPERS.values())):
         return private_aggregate(strategy, server_round, global_state, replies, parameter_keys)
+    if isinstance(strategy, ServerStep):
+        return stepped(strategy, server_round, global_state, replies, parameter_keys)
     if not isinstance(strategy, SERVER_OPTIMISERS):
         return in_global_dtypes(aggregate_arrays(strategy, server_round, replies), global_state)
     parameters = {key: value for key, value in global_state.items() if key in parameter_keys}
@@ -95,6 +182,20 @@ def aggregate(
         averaging = FedAvg(weighted_by_key=strategy.weighted_by_key)
         new_state |= aggregate_arrays(averaging, server_round, [only_arrays(r, buffer_keys) for r in replies])
     return in_global_dtypes(new_state, global_state)
+
+
+def stepped(
+    strategy: ServerStep, server_round: int, global_state: dict, replies: list[Message], parameter_keys: set[str]
+) -> dict:
+    """FedAvg's average, its trainable parameters replaced by the strategy's own step from the global model."""
+    new_state = in_global_dtypes(aggregate_arrays(strategy, server_round, replies), global_state)
+    parameters = {key: value for key, value in global_state.items() if key in parameter_keys}
+    updates = []
+    for reply in replies:
+        state = reply.content["arrays"].to_torch_state_dict()
+        updates.append({key: state[key].float() - value for key, value in parameters.items()})
+    examples = [int(reply.content["metrics"][WEIGHT_KEY]) for reply in replies]
+    return new_state | strategy.new_parameters(server_round, parameters, updates, examples)
 
 
 def updated_control(control: dict, replies: list[Message], num_sites: int) -> dict:

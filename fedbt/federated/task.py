@@ -172,6 +172,13 @@ def round_batches(local_epochs: float, server_round: int, steps: int) -> list[tu
     return pieces
 
 
+def round_steps(cfg: ExperimentConfig, examples: int, server_round: int) -> int:
+    """The optimiser steps a site with `examples` training images takes in round `server_round`
+    (fewer only where its record-level privacy budget runs out)."""
+    steps = steps_per_epoch(range(examples), cfg, torch.device("cpu"))
+    return sum(len(batches) for _, batches in round_batches(cfg.federated.local_epochs, server_round, steps))
+
+
 def train_partition(
     cfg: ExperimentConfig,
     catalog: Catalog,
