@@ -99,6 +99,10 @@ def test_fednova_weighs_each_site_by_its_data_however_many_steps_it_took():
     # With equal steps it is FedAvg.
     same_steps = fednova_round([[1.0, 0.0], [0.0, 3.0]], [10, 30], {10: 2, 30: 2})
     assert torch.allclose(same_steps, torch.tensor([0.25, 2.25]))
+    # A site that took no step this round sent the global model back: the round is the other's.
+    idle_site = fednova_round([[0.0, 0.0], [0.0, 3.0]], [10, 30], {10: 0, 30: 3})
+    assert torch.allclose(idle_site, torch.tensor([0.0, 3.0]))
+    assert torch.equal(fednova_round([[0.0, 0.0]], [10], {10: 0}), torch.zeros(2))
 
 
 def test_fednova_counts_a_sites_steps_from_its_examples_and_the_round_not_from_its_reply():

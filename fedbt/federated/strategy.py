@@ -99,9 +99,15 @@ class FedNova(ServerStep):
         self.local_steps = local_steps  # (a site's training examples, round) -> its optimiser steps
 
     def new_parameters(self, server_round: int, global_params: dict, updates: list[dict], examples: list[int]) -> dict:
-        shares = shares_of(examples)
         steps = [self.local_steps(n, server_round) for n in examples]
-        per_step = weighted_sum(updates, [p / tau for p, tau in zip(shares, steps, strict=True)])
+        # A site with fewer batches an epoch than rounds an epoch takes no step in some rounds and
+        # sends the global model back: it has no update per step, and the round is the others'.
+        moved = [i for i, tau in enumerate(steps) if tau > 0]
+        if not moved:
+            return global_params
+        shares = shares_of([examples[i] for i in moved])
+        steps = [steps[i] for i in moved]
+        per_step = weighted_sum([updates[i] for i in moved], [p / tau for p, tau in zip(shares, steps, strict=True)])
         effective_steps = sum(p * tau for p, tau in zip(shares, steps, strict=True))
         return {key: value + effective_steps * per_step[key] for key, value in global_params.items()}
 
