@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbt.data.labels import get_task
 from fedbt.federated.common import EXPERIMENT_KEY, ROUND_KEY, SPLIT_KEY, experiment_from_context
-from fedbt.federated.policy import settable_part
+from fedbt.fl.policy import settable_part
 from fedbt.federated.rounds import send_and_collect, wait_for_sites
 from fedbt.federated.server_app import run_federated
 from fedbt.fileio import write_json

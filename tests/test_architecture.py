@@ -26,7 +26,7 @@ LAYERS = (
 )
 FLOWER_ALLOWED = ("fedbt.federated", "fedbt.deployment")
 # Inside fedbt.federated, the Flower-free task module is what the data/model/training code may be driven by.
-FLOWER_FREE = ("fedbt.federated.task",)
+FLOWER_FREE = ("fedbt.fl.task",)
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:

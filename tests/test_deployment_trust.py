@@ -30,8 +30,8 @@ from fedbt.eval.aggregates import SCORE_BINS, score_bins
 from fedbt.eval.calibration import CONFIDENCE_BINS, TEMPERATURES, tempered_probabilities
 from fedbt.eval.metrics import classification_metrics, safe_auc
 from fedbt.federated.client_app import REFUSED_REASON
-from fedbt.federated.policy import SiteSetup, settable_part, site_experiment
-from fedbt.federated.task import LocalState, client_partition, load_catalog, partition_log_probabilities
+from fedbt.fl.policy import SiteSetup, settable_part, site_experiment
+from fedbt.fl.task import LocalState, client_partition, load_catalog, partition_log_probabilities
 from fedbt.model.checkpoint import load_checkpoint
 from fedbt.train.setup import new_model
 

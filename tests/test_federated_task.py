@@ -4,7 +4,7 @@ round trains, and what it reports."""
 import pytest
 import torch
 
-import fedbt.federated.task as task
+import fedbt.fl.task as task
 from fedbt.config import ExperimentConfig, FederatedConfig, ModelConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.data.partition import make_partitions

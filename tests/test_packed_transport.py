@@ -35,7 +35,7 @@ from fedbt.federated.packing import (
     unpacked_reply,
 )
 from fedbt.federated.rounds import answered
-from fedbt.federated.task import LocalState, transport_state
+from fedbt.fl.task import LocalState, transport_state
 from fedbt.train.setup import new_model
 from tests.flower_messages import reply, server_request
 

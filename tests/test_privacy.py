@@ -15,7 +15,7 @@ from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig,
 from fedbt.data.catalog import build_catalog
 from fedbt.data.loader import make_loader
 from fedbt.data.partition import make_partitions
-from fedbt.federated.task import LocalState, train_partition
+from fedbt.fl.task import LocalState, train_partition
 from fedbt.model.architectures import build_model
 from fedbt.model.device import prepare_model, select_device
 from fedbt.train.engine import build_optimizer, seed_everything, train_one_epoch

@@ -13,7 +13,7 @@ from fedbt.data.transforms import to_device_batch
 from fedbt.federated.common import CONTROL_KEY
 from fedbt.federated.server_app import FederatedRun, screen_train_replies, update_global_model
 from fedbt.federated.strategy import updated_control
-from fedbt.federated.task import LocalState, control_update
+from fedbt.fl.task import LocalState, control_update
 from fedbt.train.engine import DriftCorrection, train_one_epoch
 from fedbt.train.losses import coarse_label_loss
 

@@ -34,8 +34,8 @@ from fedbt.federated.common import (
     client_experiment,
     experiment_record,
 )
-from fedbt.federated.policy import PolicyRefusal, settable, settable_part
-from fedbt.federated.task import client_partition, load_catalog, partition_log_probabilities, zero_control
+from fedbt.fl.policy import PolicyRefusal, settable, settable_part
+from fedbt.fl.task import client_partition, load_catalog, partition_log_probabilities, zero_control
 from fedbt.train.setup import new_model
 
 TASK = get_task("4class")

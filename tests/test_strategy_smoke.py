@@ -12,7 +12,7 @@ from fedbt.data.catalog import build_catalog
 from fedbt.data.partition import make_partitions
 from fedbt.data.synthetic import generate_demo_data
 from fedbt.federated.strategy import STRATEGIES, aggregate, make_strategy, updated_control
-from fedbt.federated.task import (
+from fedbt.fl.task import (
     LocalState,
     control_update,
     evaluate_partition,

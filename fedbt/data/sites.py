@@ -49,7 +49,7 @@ class SplitPolicy:
 
 @validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SitePolicy:
-    """What a site decides whatever a server asks (fedbt.federated.policy enforces it).
+    """What a site decides whatever a server asks (fedbt.fl.policy enforces it).
 
     Its data root comes from `fedbt site --data-root` (or the site file's absolute root), its
     split from `split:` and split_seed; the server may set training hyper-parameters within

@@ -23,7 +23,7 @@ from fedbt.deployment.processes import (
     install_stop_handlers,
     wait_forever,
 )
-from fedbt.federated.common import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
+from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
 from fedbt.federated.flower_internals import (
     FLOWER_VERSION,
     SUPEREXEC_POLL_ENV,

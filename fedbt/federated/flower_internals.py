@@ -56,6 +56,8 @@ from types import ModuleType
 
 import httpx
 
+from fedbt.fl.protocol import RUN_REFUSED
+
 # The flwr whose source the declarations below were read from; any other version runs Flower's defaults.
 FLOWER_VERSION = "1.41.0"
 
@@ -382,131 +384,6 @@ CLIENTAPP_LOADER = declare(
 )
 
 
-# Server-side optimiser state of Flower's strategies (the ServerApp's round, not the processes).
-# Flower keeps it in instance attributes that its own round loop fills in `configure_train`;
-# fedbt's explicit round sets the starting model itself and checkpoints the state as tensors.
-FEDADAM_STATE, FEDYOGI_STATE = (
-    declare(
-        "flwr.serverapp.strategy",
-        name,
-        InstanceState(("current_arrays", "m_t", "v_t")),
-        "set and read: the model it steps from (dict of numpy arrays) and its moments",
-    )
-    for name in ("FedAdam", "FedYogi")
-)
-FEDAVGM_STATE = declare(
-    "flwr.serverapp.strategy",
-    "FedAvgM",
-    InstanceState(("current_arrays", "momentum_vector")),
-    "set and read: the model it steps from (an ArrayRecord) and its momentum (list in key order)",
-)
-MOMENT_ATTRIBUTES = ("m_t", "v_t")
-
-
-def _wrapping_fedavg(wrapper: type) -> object:
-    """A DP wrapper as fedbt makes one: around FedAvg."""
-    from flwr.serverapp.strategy import FedAvg
-
-    return wrapper(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=1)
-
-
-# Client-level DP (fedbt.federated.client_privacy): Flower's round sets both in `configure_train`,
-# which fedbt's explicit round does not call.
-SERVER_CLIPPING_STATE = declare(
-    "flwr.serverapp.strategy",
-    "DifferentialPrivacyServerSideFixedClipping",
-    InstanceState(("current_arrays", "num_sampled_clients"), make=_wrapping_fedavg),
-    "set each round: the global model (an ArrayRecord) the updates are clipped against, "
-    "and the number of updates the noise's standard deviation is divided by",
-)
-CLIENT_CLIPPING_STATE = declare(
-    "flwr.serverapp.strategy",
-    "DifferentialPrivacyClientSideFixedClipping",
-    InstanceState(("num_sampled_clients",), make=_wrapping_fedavg),
-    "set each round: the number of updates the noise's standard deviation is divided by",
-)
-CLIPPING_NORM_KEY = declare(
-    "flwr.supercore.differential_privacy",
-    "KEY_CLIPPING_NORM",
-    Constant(str),
-    "read: the train message's config key fixedclipping_mod takes the clipping norm from",
-)
-
-
-def _state_declaration(strategy: object) -> FlowerInternal | None:
-    for internal in (FEDADAM_STATE, FEDYOGI_STATE, FEDAVGM_STATE):
-        if type(strategy) is internal.get():
-            return internal
-    return None
-
-
-def strategy_state_problem(strategy: object) -> str | None:
-    """Why this strategy's server state cannot be reached in the installed flwr (None: it can)."""
-    internal = _state_declaration(strategy)
-    if internal is None:
-        return None
-    installed = installed_flower_version()
-    if installed != FLOWER_VERSION:
-        return f"flwr {installed} is installed; {internal.name}'s server state was read from {FLOWER_VERSION}"
-    return internal.problem()
-
-
-def clipping_problem() -> str | None:
-    """Why client-level DP's wrappers cannot be driven by fedbt's round in the installed flwr (None: they can)."""
-    installed = installed_flower_version()
-    if installed != FLOWER_VERSION:
-        return f"flwr {installed} is installed; the clipping wrappers' state was read from {FLOWER_VERSION}"
-    return SERVER_CLIPPING_STATE.problem() or CLIENT_CLIPPING_STATE.problem() or CLIPPING_NORM_KEY.problem()
-
-
-def set_clipping_round(wrapper: object, updates: int, global_arrays: object | None = None) -> None:
-    """What a wrapper's `configure_train` would set: how many updates it averages, and (server-side
-    clipping) the model to clip against."""
-    wrapper.num_sampled_clients = updates
-    if global_arrays is not None:
-        wrapper.current_arrays = global_arrays
-
-
-def set_strategy_model(strategy: object, state: dict) -> None:
-    """The global model (torch state dict) a server optimiser steps from in its next aggregation."""
-    from flwr.app import ArrayRecord
-
-    internal = _state_declaration(strategy)
-    if internal is FEDAVGM_STATE:
-        strategy.current_arrays = ArrayRecord(torch_state_dict=state)
-    elif internal is not None:
-        strategy.current_arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
-def strategy_state(strategy: object) -> dict:
-    """A server optimiser's moments or momentum as {name: {parameter key: tensor}} (empty without one)."""
-    import numpy as np
-    import torch
-
-    internal = _state_declaration(strategy)
-    saved = {}
-    if internal is FEDAVGM_STATE and strategy.momentum_vector is not None:
-        # A list in the order of the model it stepped (the parameters it was given, not the whole state).
-        keys = list(strategy.current_arrays.keys())
-        momentum = zip(keys, strategy.momentum_vector, strict=True)
-        saved["momentum_vector"] = {k: torch.from_numpy(np.array(v)) for k, v in momentum}
-    elif internal is not None:
-        for name in MOMENT_ATTRIBUTES:
-            if getattr(strategy, name):
-                saved[name] = {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
-    return saved
-
-
-def restore_strategy_state(strategy: object, saved: dict) -> None:
-    for name, tensors in saved.items():
-        if name == "momentum_vector":
-            strategy.momentum_vector = [t.numpy() for t in tensors.values()]
-        elif name in MOMENT_ATTRIBUTES:
-            setattr(strategy, name, {k: t.numpy() for k, t in tensors.items()})
-        else:
-            raise ValueError(f"unknown server optimiser state {name!r} in the checkpoint")
-
-
 class CappedSleep:
     """Stands in for the `time` module inside Flower's SuperNode loop: waits at most `cap` seconds."""
 
@@ -624,7 +501,6 @@ TASK_PRELOAD = [INSTALLED_CLIENTAPP[0], RUN_CLIENTAPP.module]
 FEDBT_APP_ID = "fedbt/fedbt"
 # What the server reads in a site's error reply when the site would not run the submitted app;
 # no part of the reply a site's policy refusal gives (client_app.REFUSED_REASON), which fails a request, not the run.
-RUN_REFUSED = "refused to run the app"
 
 
 class RunRefused(Exception):

@@ -1,13 +1,23 @@
-"""Packed transport: a message's ArrayRecords cross the wire as one flat array per dtype.
+"""The wire: the federated core's Requests and Replies as Flower Messages, their arrays packed.
 
-Flower 1.41 sends a message as a tree of objects, one HTTP request each, on every hop
+A Request or Reply maps onto a Message one to one (`request_message`, `request_of`,
+`reply_message`, `reply_of`): every tensor group is an ArrayRecord under its name, a request's
+settings the ConfigRecord "config", a reply's numbers the MetricRecord "metrics" and its site
+name and validation metrics the ConfigRecord "site"; a failed reply is a Flower Error. A reply
+that cannot be read becomes a failed Reply that says why: the round treats it as a site that
+did not answer.
+
+Packing: a message's ArrayRecords cross the wire as one flat array per dtype.
+
+Flower sends a message as a tree of objects, one HTTP request each, on every hop
 (ServerApp to SuperLink, SuperLink to SuperNode and back). A ResNet18 state dict is about 210
 objects, most of them small BatchNorm tensors, and in a deployment each request costs more in
 HTTP framing, SQLite and TLS than its bytes do. Packed, the same model is about a dozen objects.
 
-The packing sits at the transport boundary only: the server's Grid is wrapped (PackingGrid)
-and the ClientApp's outermost mod (packing_mod) unpacks what arrives and packs what leaves, so
-no fedbt code, Flower strategy or other mod sees a packed record. A message is unpacked only
+The packing sits at the transport boundary only: the server's GridTransport packs what it
+sends and unpacks what it receives (fedbt.federated.server_app), and the ClientApp's outermost
+mod (packing_mod) unpacks what arrives and packs what leaves, so no other code or mod sees a
+packed record. A message is unpacked only
 when it carries a layout, and a site packs its reply only when the request came packed:
 handlers called with plain messages (tests, probe apps) work as before.
 
@@ -22,16 +32,13 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.proto.node_pb2 import NodeInfo
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from fedbt.fl.protocol import EVALUATE, MALFORMED_CODE, ROUND_KEY, TRAIN, Reply, Request
 from fedbt.progress import log
 
 # The packed content: the flat arrays, keyed by dtype name, and the layout that cuts them back.
@@ -39,8 +46,9 @@ FLAT_KEY, LAYOUT_KEY = "fedbt-packed-arrays", "fedbt-packed-layout"
 LAYOUT_FIELD = "layout"
 # Every dtype a model, a control variate or a site's score sums can hold; object arrays never.
 ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"})
-# fedbt's error code for a packed message that does not unpack (after the ClientApp's 100 and 101).
-MALFORMED_PACKING_CODE = 102
+# A request's settings, a reply's numbers, a reply's site name and metrics.
+CONFIG_RECORD, METRICS_RECORD, SITE_RECORD = "config", "metrics", "site"
+MESSAGE_TYPES = {TRAIN: MessageType.TRAIN, EVALUATE: MessageType.EVALUATE}
 
 
 class PackingError(ValueError):
@@ -192,43 +200,7 @@ def unpacked_reply(reply: Message) -> Message:
     except PackingError as err:
         reason = f"malformed packed reply: {err}"
         log(f"[federated] the reply of node {reply.metadata.src_node_id} is not used: {reason}")
-        return Message(Error(MALFORMED_PACKING_CODE, reason), metadata=reply.metadata)
-
-
-class PackingGrid(Grid):
-    """The run's Grid, packing the messages it sends and unpacking the replies it pulls; all else
-    is the wrapped Grid's."""
-
-    def __init__(self, grid: Grid):
-        self.grid = grid
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages([packed(message) for message in messages])
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [unpacked_reply(reply) for reply in self.grid.pull_messages(message_ids)]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = self.grid.send_and_receive([packed(message) for message in messages], timeout=timeout)
-        return [unpacked_reply(reply) for reply in replies]
+        return Message(Error(MALFORMED_CODE, reason), metadata=reply.metadata)
 
 
 def packing_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -241,5 +213,52 @@ def packing_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     except PackingError as err:
         reason = f"malformed packed request: {err}"
         log(f"[site] refused the server's {msg.metadata.message_type} request of run {msg.metadata.run_id}: {reason}")
-        return Message(Error(MALFORMED_PACKING_CODE, reason), reply_to=msg)
+        return Message(Error(MALFORMED_CODE, reason), reply_to=msg)
     return packed(call_next(request, context))
+
+
+def tensor_records(tensors: dict) -> RecordDict:
+    return RecordDict({key: ArrayRecord(torch_state_dict=group) for key, group in tensors.items()})
+
+
+def request_message(request: Request) -> Message:
+    content = tensor_records(request.tensors)
+    content[CONFIG_RECORD] = ConfigRecord(dict(request.config))
+    message_type = MESSAGE_TYPES[request.kind]
+    return Message(content, dst_node_id=request.node, message_type=message_type, group_id=str(request.round))
+
+
+def request_of(message: Message) -> Request:
+    """The Request a message carries (ValueError, KeyError or TypeError when it carries none)."""
+    kinds = {value: key for key, value in MESSAGE_TYPES.items()}
+    config = dict(message.content[CONFIG_RECORD])
+    tensors = {key: record.to_torch_state_dict() for key, record in message.content.array_records.items()}
+    node = message.metadata.dst_node_id
+    return Request(node, kinds[message.metadata.message_type], int(config.get(ROUND_KEY, 0)), config, tensors)
+
+
+def reply_message(reply: Reply, request: Message) -> Message:
+    if reply.failed:
+        return Message(Error(reply.error_code, reply.error_reason), reply_to=request)
+    content = tensor_records(reply.tensors)
+    if reply.metrics:
+        content[METRICS_RECORD] = MetricRecord(dict(reply.metrics))
+    content[SITE_RECORD] = ConfigRecord(dict(reply.site))
+    return Message(content, reply_to=request)
+
+
+def reply_of(message: Message) -> Reply:
+    """The Reply a site's message carries; a failed Reply, logged, when it cannot be read."""
+    node = message.metadata.src_node_id
+    if message.has_error():
+        return Reply.error(node, message.error.code, message.error.reason)
+    content = message.content
+    try:
+        tensors = {key: record.to_torch_state_dict() for key, record in content.array_records.items()}
+        metrics = dict(content[METRICS_RECORD]) if METRICS_RECORD in content else {}
+        site = dict(content[SITE_RECORD]) if SITE_RECORD in content else {}
+    except (KeyError, TypeError, ValueError) as err:
+        reason = f"malformed reply ({type(err).__name__}: {err})"
+        log(f"[federated] the reply of node {node} is not used: {reason}")
+        return Reply.error(node, MALFORMED_CODE, reason)
+    return Reply(node, tensors, metrics, site)

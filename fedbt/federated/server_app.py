@@ -1,459 +1,67 @@
-"""Flower ServerApp: the federated round, written out step by step.
-
-Each round: wait for enough sites, choose which train, send them the global model, collect
-their models within the round timeout, keep the replies that can be used, aggregate them with
-the configured Flower strategy, score the new global model when due (at the sites and, when
-the server holds data, on the pooled validation split), checkpoint. After the last round the
-final model is scored on the test splits.
-"""
+"""Flower ServerApp: Flower's Grid as the federated core's Transport (the round is fedbt.fl.server)."""
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
-import random
-import time
-from collections.abc import Callable
+import os
 from pathlib import Path
-from typing import TypeVar
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedbt.config import ExperimentConfig, FederatedConfig
-from fedbt.data.labels import get_task
-from fedbt.data.loader import make_loader
-from fedbt.data.partition import Partition, make_partitions
-from fedbt.eval.aggregates import ScoreAggregates, aggregate_metrics
-from fedbt.eval.calibration import TemperatureLosses, calibration_summary
-from fedbt.eval.inference import evaluate
-from fedbt.federated.client_privacy import client_level_epsilon, train_config
-from fedbt.federated.common import (
-    CONTROL_DELTA_KEY,
-    CONTROL_KEY,
-    EXPERIMENT_KEY,
-    ROUND_KEY,
-    SCORE_FIRST_KEY,
-    SPLIT_KEY,
-    TEMPERATURE_KEY,
-    TEMPERATURE_LOSSES_KEY,
-    experiment_from_context,
-    experiment_record,
-)
-from fedbt.federated.flower_internals import restore_strategy_state, strategy_state
-from fedbt.federated.packing import PackingGrid
-from fedbt.federated.rounds import (
-    SiteRegistry,
-    SitesMissingError,
-    answered,
-    choose_sites,
-    claimed_site,
-    control_delta_problem,
-    in_site_order,
-    outsized_updates,
-    send_and_collect,
-    site_name,
-    train_reply_problem,
-    update_norms,
-    wait_for_sites,
-)
-from fedbt.federated.strategy import aggregate, make_strategy, updated_control
-from fedbt.federated.task import load_catalog, round_steps, transport_state, zero_control
-from fedbt.fileio import write_json
-from fedbt.model.checkpoint import load_checkpoint, save_checkpoint, store_temperature
-from fedbt.model.device import configure_threads, prepare_model, select_device
-from fedbt.progress import headline, log
-from fedbt.tracking import Tracker, experiment_run
-from fedbt.train.central import evaluate_everywhere
-from fedbt.train.setup import new_model
+from fedbt.config import PROJECT_ROOT, ExperimentConfig, from_dict, load_config
+from fedbt.data.synthetic import ensure_demo_data
+from fedbt.federated.packing import packed, reply_of, request_message, unpacked_reply
+from fedbt.fl.protocol import Reply, Request
+from fedbt.fl.server import run_federated
+from fedbt.fl.site import NODE_DATA_ROOT
 
-# What a site reply holds once read (validation metrics, test aggregates).
-T = TypeVar("T")
+# run_simulation.py names the fully resolved experiment file here for its ServerApp.
+EXPERIMENT_ENV = "FEDBT_EXPERIMENT"
 app = ServerApp()
 
 
-def federated_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.output_dir) / "federated"
+class GridTransport:
+    """The run's Grid: requests sent as packed Messages, replies read back from them (fedbt.federated.packing)."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def send(self, requests: list[Request]) -> list[str]:
+        return list(self.grid.push_messages([packed(request_message(r)) for r in requests]))
+
+    def receive(self, pending: set[str]) -> list[tuple[str, Reply]]:
+        messages = self.grid.pull_messages(pending)
+        return [(m.metadata.reply_to_message_id, reply_of(unpacked_reply(m))) for m in messages]
 
 
-def evaluation_due(server_round: int, fc: FederatedConfig) -> bool:
-    """Score every `evaluate_every` rounds and after the last (checkpoints are written every round)."""
-    return server_round % fc.evaluate_every == 0 or server_round >= fc.rounds
+def experiment_from_context(context: Context) -> ExperimentConfig:
+    """The experiment of this run: a resolved JSON file, or the run config (`flwr run`).
 
-
-class FederatedRun:
-    """What the server keeps across rounds: the global model, the strategy, the history."""
-
-    def __init__(self, cfg: ExperimentConfig, server_has_data: bool, tracker: Tracker | None = None):
-        fc = cfg.federated
-        self.cfg = cfg
-        self.tracker = tracker or Tracker()
-        self.out = federated_dir(cfg)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.task = get_task(cfg.data.task)
-        self.server_has_data = server_has_data
-        self.min_sites = fc.min_clients or fc.num_clients
-        if self.min_sites > fc.num_clients:
-            raise ValueError(f"min_clients {self.min_sites} is more than the {fc.num_clients} clients")
-        self.min_train = max(1, min(self.min_sites, round(fc.fraction_train * fc.num_clients)))
-        self.strategy = make_strategy(fc, cfg.privacy.client_level, functools.partial(round_steps, cfg))
-        model = new_model(cfg, self.task.num_classes)
-        self.global_state = model.state_dict()
-        # What a gradient moves: all that client-level DP clips and noises (BatchNorm's buffers are not).
-        self.parameter_keys = {name for name, _ in model.named_parameters()}
-        # SCAFFOLD's control variate c: zeros at the start, one float32 tensor per trainable parameter.
-        # Also after --resume, which is a new Flower run whose sites start their c_i at zeros: c stays
-        # the mean of the c_i, which a checkpointed c would no longer be.
-        self.control = zero_control(model) if fc.strategy == "scaffold" else None
-        # Sites whose record-level privacy budget is spent: they are asked to train no more.
-        self.spent_nodes: set[int] = set()
-        self.history: list[dict] = []
-        self.initial: dict = {}  # the untrained global model's pooled validation metrics
-        self.last_round = 0
-        self.rng = random.Random(cfg.training_seed)
-        partitions = self._partitions() if server_has_data else []
-        # Replies are aggregated in the sites' order (partition order when the server knows the partitions).
-        self.site_order = [p.name for p in partitions]
-        self.sites = SiteRegistry(sizes={p.name: len(p.indices["train"]) for p in partitions})
-        if fc.resume and (self.out / "last.pt").is_file():
-            self._resume(load_checkpoint(self.out / "last.pt"))
-        self.started = time.perf_counter()
-
-    def _partitions(self) -> list[Partition]:
-        fc = self.cfg.federated
-        return make_partitions(
-            load_catalog(self.cfg), fc.num_clients, fc.partition, fc.dirichlet_alpha, self.cfg.data.seed
-        )
-
-    def _resume(self, saved: dict) -> None:
-        self.global_state = saved["model_state"]
-        progress = saved["progress"]
-        self.history, self.last_round, self.initial = progress["history"], progress["round"], progress["initial"]
-        restore_strategy_state(self.strategy, progress["server_optimizer"])
-        log(f"[federated] resuming after round {self.last_round} of {self.cfg.federated.rounds}")
-
-    def global_model(self) -> torch.nn.Module:
-        model = new_model(self.cfg, self.task.num_classes)
-        model.load_state_dict(self.global_state)
-        return model
-
-    def wire_arrays(self) -> ArrayRecord:
-        """The global model as it crosses the wire (the server's own copy stays float32)."""
-        return ArrayRecord(torch_state_dict=transport_state(self.global_state, self.cfg.federated.transport_dtype))
-
-    def message(self, node: int, message_type: str, server_round: int, **config) -> Message:
-        record = ConfigRecord(
-            {
-                ROUND_KEY: server_round,
-                EXPERIMENT_KEY: experiment_record(self.cfg, settable_only=not self.server_has_data),
-                **config,
-            }
-        )
-        content = RecordDict({"arrays": self.wire_arrays(), "config": record})
-        if self.control is not None and message_type == MessageType.TRAIN:
-            control = transport_state(self.control, self.cfg.federated.transport_dtype)
-            content[CONTROL_KEY] = ArrayRecord(torch_state_dict=control)
-        return Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
-
-    def checkpoint(self, path_name: str) -> None:
-        progress = {
-            "round": self.last_round,
-            "history": self.history,
-            "initial": self.initial,
-            "server_optimizer": strategy_state(self.strategy),
-        }
-        save_checkpoint(self.out / path_name, self.global_model(), self.cfg, progress, "federated")
-
-
-def run_federated(grid: Grid, cfg: ExperimentConfig, server_has_data: bool = True) -> dict:
-    configure_threads(cfg.train.threads)
-    with experiment_run(cfg, "federated") as tracker:
-        run = FederatedRun(cfg, server_has_data, tracker)
-        if run.last_round == 0 and scores_on_server(run):
-            run.initial = headline(score_on_server(run))
-            log(f"[federated] initial global model: pooled val {run.initial}")
-        for server_round in range(run.last_round + 1, cfg.federated.rounds + 1):
-            play_round(grid, run, server_round)
-        return finish(grid, run)
-
-
-def play_round(grid: Grid, run: FederatedRun, server_round: int) -> None:
-    fc = run.cfg.federated
-    nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
-    trainable = [node for node in nodes if node not in run.spent_nodes]
-    chosen = choose_sites(trainable, fc.fraction_train, run.min_train, run.rng)
-    config = train_config(run.cfg.privacy.client_level)
-    # The previous round's model, due for scoring, is scored by the sites on this round's message.
-    previous = run.history[-1] if run.history else None
-    score_first = previous is not None and evaluation_due(previous["round"], fc)
-    if score_first:
-        config[SCORE_FIRST_KEY] = True
-    messages = [run.message(node, MessageType.TRAIN, server_round, **config) for node in chosen]
-    replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
-    if score_first:
-        record_site_scores(run, previous, site_contents(replies, run, read_validation_metrics, "a score"))
-    accepted, dropped = screen_train_replies(run, replies)
-    for who, reason in dropped.items():
-        log(f"[federated] round {server_round}: dropped the reply of {who}: {reason}")
-    if len(accepted) < run.min_train:
-        # A site dropped, timed out or sent what cannot be used: averaging fewer sites than agreed
-        # would silently change the experiment.
-        raise SitesMissingError(
-            f"round {server_round}: only {len(accepted)} of the required {run.min_train} sites "
-            "returned a usable model within the round timeout; stopping the run"
-        )
-    update_global_model(run, server_round, in_site_order(accepted, run.site_order))
-    entry = {
-        "round": server_round,
-        "server": {},
-        "train": {site_name(m): dict(m.content["metrics"]) for m in accepted},
-        "dropped": dropped,
-        "sites": {},
-    }
-    if run.cfg.privacy.client_level.enabled:
-        entry["client_privacy"] = client_privacy_spent(run, server_round)
-    if evaluation_due(server_round, fc) and scores_on_server(run):
-        entry["server"] = headline(score_on_server(run))
-    entry["elapsed_seconds"] = time.perf_counter() - run.started
-    run.history.append(entry)
-    run.last_round = server_round
-    run.checkpoint("last.pt")
-    log_round(entry, fc.rounds)
-    run.tracker.log_round(entry)
-
-
-def screen_train_replies(run: FederatedRun, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
-    """The replies that can be aggregated (in float32), and why each other one was dropped."""
-    accepted, dropped = [], {}
-    for reply in replies:
-        problem = train_reply_problem(reply, run.global_state, run.sites) or control_delta_problem(reply, run.control)
-        if problem:
-            dropped[reply_author(reply, run.sites)] = problem
-            continue
-        node, name = claimed_site(reply)
-        run.sites.accept(node, name, int(reply.content["metrics"]["num-examples"]))
-        if reply.content["metrics"].get("dp_budget_spent"):
-            # It returned the global model untrained; averaging that in would only slow the others down.
-            run.spent_nodes.add(node)
-            dropped[name] = "its privacy budget is spent: it did not train and is not asked again"
-            continue
-        # The server aggregates in float32 whatever precision crossed the wire.
-        to_float32(reply, "arrays")
-        if run.control is not None:
-            to_float32(reply, CONTROL_DELTA_KEY)
-        accepted.append(reply)
-    ratio = run.cfg.federated.max_update_ratio
-    if ratio is not None:
-        norms = update_norms(accepted, run.global_state)
-        for i in reversed(outsized_updates(norms, ratio)):
-            reason = f"its update ({norms[i]:.3g}) is more than {ratio:g} times the median of the others'"
-            dropped[site_name(accepted.pop(i))] = reason
-    return accepted, dropped
-
-
-def to_float32(reply: Message, key: str) -> None:
-    state = transport_state(reply.content[key].to_torch_state_dict(), "float32")
-    reply.content[key] = ArrayRecord(torch_state_dict=state)
-
-
-def client_privacy_spent(run: FederatedRun, server_round: int) -> dict[str, float]:
-    """Client-level DP after this round: one noised release per round, of a sampled share of the sites."""
-    settings, fc = run.cfg.privacy.client_level, run.cfg.federated
-    sample_rate = min(1.0, max(run.min_train, round(fc.fraction_train * fc.num_clients)) / fc.num_clients)
-    return {
-        "epsilon": client_level_epsilon(settings, sample_rate, server_round),
-        "delta": settings.delta,
-        "noise_multiplier": settings.noise_multiplier,
-        "clipping_norm": settings.clipping_norm,
-        "sample_rate": sample_rate,
-    }
-
-
-def reply_author(reply: Message, sites: SiteRegistry) -> str:
-    """Who sent a reply, for the log: the site its node is bound to, else the node and the name it claims."""
-    node = reply.metadata.src_node_id
-    if node in sites.names:
-        return sites.names[node]
-    try:
-        return f"node {node} ({site_name(reply)!r})"
-    except (KeyError, TypeError):
-        return f"node {node}"
-
-
-def update_global_model(run: FederatedRun, server_round: int, replies: list[Message]) -> None:
-    """Aggregate with the strategy; a non-finite result is never kept, saved or sent. Under SCAFFOLD,
-    step the control variate by the replies' checked changes (the sites have already taken theirs)."""
-    new_state = aggregate(run.strategy, server_round, run.global_state, replies, run.parameter_keys)
-    if all(torch.isfinite(v).all() for v in new_state.values() if v.is_floating_point()):
-        run.global_state = new_state
-    else:
-        log(f"[federated] round {server_round}: aggregation gave non-finite weights; keeping the previous model")
-    if run.control is not None:
-        run.control = updated_control(run.control, replies, run.cfg.federated.num_clients)
-
-
-def record_site_scores(run: FederatedRun, entry: dict, scores: dict[str, dict]) -> None:
-    """The sites' validation scores of a round's global model, which arrive with a later message."""
-    entry["sites"] = scores
-    listed = ", ".join(f"{name} {100 * m.get('set_accuracy', float('nan')):.1f}%" for name, m in sorted(scores.items()))
-    log(f"[federated] round {entry['round']}/{run.cfg.federated.rounds} at the sites (validation): {listed or 'none'}")
-    run.tracker.log_site_scores(entry)
-
-
-def final_validation_at_sites(grid: Grid, run: FederatedRun) -> dict[str, tuple[dict, TemperatureLosses]]:
-    """Each connected site's scoring of the final model on its own validation split: its metrics and its
-    summed loss at every temperature of the calibration grid (what the temperature is fitted from,
-    without an image leaving its site). The last round has no next message to ride on."""
-    fc = run.cfg.federated
-    nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
-    messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **{SPLIT_KEY: "val"}) for node in nodes]
-    replies = answered(send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval))
-    return site_contents(replies, run, read_validation, "the final validation")
-
-
-def site_contents(replies: list[Message], run: FederatedRun, read: Callable[[Message], T], what: str) -> dict[str, T]:
-    """Each site's checked reply content, as `read` reads it; a malformed or unbound reply is left out."""
-    scored = {}
-    for reply in replies:
-        if accepted := checked_site_content(reply, run, read, what):
-            name, content = accepted
-            scored[name] = content
-    return scored
-
-
-def read_validation_metrics(reply: Message) -> dict:
-    return json.loads(str(reply.content["site"]["metrics-json"]))
-
-
-def read_validation(reply: Message) -> tuple[dict, TemperatureLosses]:
-    arrays = {k: v.numpy() for k, v in reply.content[TEMPERATURE_LOSSES_KEY].to_torch_state_dict().items()}
-    return read_validation_metrics(reply), TemperatureLosses.from_arrays(arrays)
-
-
-def checked_site_content(
-    reply: Message, run: FederatedRun, read: Callable[[Message], T], what: str
-) -> tuple[str, T] | None:
-    """The site a reply names and its content as `read` reads it; None, logged, when the reply is
-    malformed or its node is not the site it names."""
-    node = reply.metadata.src_node_id
-    try:
-        node, name = claimed_site(reply)
-        content = read(reply)
-    except (KeyError, TypeError, ValueError) as err:
-        log(f"[federated] {what} from node {node} is malformed and was dropped: {err}")
-        return None
-    if problem := run.sites.identity_problem(node, name):
-        log(f"[federated] {what} from node {node} was dropped: {problem}")
-        return None
-    return name, content
-
-
-def scores_on_server(run: FederatedRun) -> bool:
-    """Whether the server scores the global model itself. Not under FedBN: each site scores it with
-    its own BatchNorm layers, and the averaged ones the server holds are used by no site."""
-    return run.server_has_data and not run.cfg.federated.fedbn
-
-
-def score_on_server(run: FederatedRun) -> dict:
-    """The global model on the pooled validation split (rounds are watched on validation data, as epochs are)."""
-    device = select_device(run.cfg.train.device)
-    catalog = load_catalog(run.cfg)
-    loader = make_loader(catalog.dataset(split="val", pooled=True), run.cfg.train.batch_size, False, device)
-    return evaluate(prepare_model(run.global_model(), device), loader, device, catalog.task)
-
-
-def log_round(entry: dict, rounds: int) -> None:
-    """The round's training, and the server's own pooled validation score when it holds the data
-    (the sites' scores of this model come with the next message, see record_site_scores)."""
-    server = entry["server"]
-    trained = ", ".join(f"{name} loss {m.get('train_loss', float('nan')):.3f}" for name, m in entry["train"].items())
-    pooled = f"; pooled val acc {100 * server['accuracy']:.1f}%" if "accuracy" in server else ""
-    log(f"[federated] round {entry['round']}/{rounds} trained: {trained}{pooled}")
-    if privacy := entry.get("client_privacy"):
-        log(
-            f"[federated] client-level DP: noise multiplier {privacy['noise_multiplier']:g}, "
-            f"epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g} spent after {entry['round']} rounds"
-        )
-
-
-def finish(grid: Grid, run: FederatedRun) -> dict:
-    """Checkpoint the final model, calibrate it on the sites' validation splits, and score it on the test
-    splits, once, at that temperature."""
-    validations = final_validation_at_sites(grid, run)
-    if run.history:
-        record_site_scores(run, run.history[-1], {name: metrics for name, (metrics, _) in validations.items()})
-    run.checkpoint("final.pt")
-    site_losses = {name: losses for name, (_, losses) in validations.items()}
-    losses = sum(site_losses.values(), TemperatureLosses.empty())
-    temperature = losses.best_temperature()
-    log(f"[federated] calibration: temperature {temperature:.3g} from the validation of {len(site_losses)} sites")
-    store_temperature(run.out / "final.pt", temperature)
-    result = {"kind": "federated", "rounds": run.cfg.federated.rounds, "initial": run.initial, "history": run.history}
-    if run.history and "client_privacy" in run.history[-1]:
-        result["client_privacy"] = run.history[-1]["client_privacy"]
-    if scores_on_server(run):
-        device = select_device(run.cfg.train.device)
-        model = prepare_model(run.global_model(), device)
-        catalog = load_catalog(run.cfg)
-        result["test"] = evaluate_everywhere(model, catalog, device, run.cfg.train.batch_size, temperature)
-    else:
-        result["test"] = site_test_results(grid, run, temperature)
-    fitted_on = f"the validation splits of {', '.join(sorted(site_losses)) or 'no site'}, as per-temperature sums"
-    result["calibration"] = calibration_summary(losses, fitted_on, result["test"]["pooled"])
-    result["wall_seconds"] = time.perf_counter() - run.started
-    write_json(run.out / "metrics.json", result)
-    run.tracker.log_result(result, run.out / "metrics.json", run.out / "final.pt")
-    log(f"[federated] results in {run.out}")
-    return result
-
-
-def site_test_results(grid: Grid, run: FederatedRun, temperature: float) -> dict:
-    """Test metrics of the final model at the temperature, from the sites' own test splits (a server
-    without data, or FedBN).
-
-    Each site returns the aggregates of its scoring (fedbt.eval.aggregates), nothing per image;
-    their sum gives the pooled metrics, each site's its own.
+    Under `flwr run` the keys of [tool.flwr.app.config] apply: `config` (a YAML profile),
+    `overrides` ("train.epochs=2; federated.rounds=3"), `data-root` (empty: demo data) and
+    `out`. `deployment = true` (set by `fedbt run`) means the server holds no data: the sites
+    evaluate the final model.
     """
-    fc = run.cfg.federated
-    nodes = wait_for_sites(grid, run.min_sites, fc.round_timeout, fc.poll_interval)
-    request = {SPLIT_KEY: "test", TEMPERATURE_KEY: temperature}
-    messages = [run.message(node, MessageType.EVALUATE, fc.rounds, **request) for node in nodes]
-    replies = send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval)
-    scored = site_aggregates(replies, run)
-    if not scored:
-        raise RuntimeError("no site returned test results for the final model")
-    log(f"[federated] test results from sites: {', '.join(sorted(scored))}")
-    pooled = functools.reduce(operator.add, scored.values())
-    return {
-        "pooled": aggregate_metrics(pooled, run.task),
-        "sites": {name: aggregate_metrics(agg, run.task) for name, agg in sorted(scored.items())},
-    }
-
-
-def site_aggregates(replies: list[Message], run: FederatedRun) -> dict[str, ScoreAggregates]:
-    """Each site's checked test aggregates; a declined, malformed or unbound reply is logged and left out."""
-    scored = {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log(f"[federated] node {node} did not score the test split: {reply.error.reason}")
-            continue
-        read = functools.partial(read_test_aggregates, num_classes=run.task.num_classes)
-        if accepted := checked_site_content(reply, run, read, "the test results"):
-            name, aggregates = accepted
-            scored[name] = aggregates
-    return scored
-
-
-def read_test_aggregates(reply: Message, num_classes: int) -> ScoreAggregates:
-    arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
-    return ScoreAggregates.from_arrays(arrays, num_classes)
+    run_config = context.run_config
+    path = os.environ.get(EXPERIMENT_ENV) or str(run_config.get("experiment-file", ""))
+    if path:
+        return from_dict(json.loads(Path(path).read_text()))
+    overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(";") if s.strip()]
+    cfg = load_config([str(run_config.get("config", "configs/demo.yaml"))], overrides)
+    data_root = context.node_config.get(NODE_DATA_ROOT) or run_config.get("data-root")
+    if run_config.get("deployment"):
+        cfg.data.data_root = None
+    else:
+        cfg.data.data_root = str(data_root) if data_root else str(ensure_demo_data(PROJECT_ROOT / "demo-data"))
+    cfg.output_dir = str(PROJECT_ROOT / str(run_config.get("out", "results/flwr-run")))  # an absolute out wins
+    return cfg
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = experiment_from_context(context)
-    # Packed on the wire, a model is a dozen objects instead of ~210 (fedbt.federated.packing).
-    run_federated(PackingGrid(grid), cfg, server_has_data=cfg.data.data_root is not None)
+    run_federated(GridTransport(grid), cfg, server_has_data=cfg.data.data_root is not None)

@@ -18,7 +18,7 @@ from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.data.synthetic import is_generated_data
 from fedbt.data.transforms import augmentation_for
-from fedbt.federated.common import EXPERIMENT_ENV
+from fedbt.federated.server_app import EXPERIMENT_ENV
 from fedbt.fileio import read_json, write_json, write_text
 from fedbt.model.device import select_device
 from fedbt.progress import log

@@ -1,0 +1,272 @@
+"""A site's side of the federation, free of Flower: a Request in, a Reply out.
+
+The site reads the experiment the server sent (a simulated site as it is; a hospital's node
+checks it against its own policy, fedbt.fl.policy), trains or scores the global model on its
+own partition (fedbt.fl.task), and answers with its model and numbers: nothing of one image,
+and no exception text (which carries local paths), only a generic reason; the detail goes to
+the site's log. What a site keeps between requests (its optimiser, its FedBN layers, its privacy
+account, its SCAFFOLD c_i, its count of test scorings) is in a SiteStore.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedbt.config import ExperimentConfig, from_dict
+from fedbt.data.partition import Partition
+from fedbt.data.sites import SitePolicy, load_site
+from fedbt.eval.aggregates import aggregate_scores
+from fedbt.eval.calibration import tempered_probabilities
+from fedbt.fileio import atomic_write
+from fedbt.fl.policy import PolicyRefusal, SiteSetup, site_experiment
+from fedbt.fl.privacy import clipped_at_site
+from fedbt.fl.protocol import (
+    CLIPPING_NORM_KEY,
+    CONTROL,
+    CONTROL_DELTA,
+    EXAMPLES_KEY,
+    EXPERIMENT_KEY,
+    FAILED_CODE,
+    FAILED_REASON,
+    MODEL,
+    REFUSED_CODE,
+    REFUSED_REASON,
+    ROUND_KEY,
+    SCORE_FIRST_KEY,
+    SITE_METRICS_KEY,
+    SITE_NAME_KEY,
+    SPLIT_KEY,
+    TEMPERATURE_KEY,
+    TEMPERATURE_LOSSES,
+    TEST_AGGREGATES,
+    TRAIN,
+    Reply,
+    Request,
+)
+from fedbt.fl.task import (
+    LocalState,
+    client_partition,
+    control_update,
+    evaluate_partition,
+    load_catalog,
+    partition_log_probabilities,
+    train_partition,
+    transport_state,
+)
+from fedbt.progress import log
+from fedbt.train.setup import new_model
+
+# A hospital node's config names its own site file, data root and decode cache (`fedbt site`);
+# a simulated site's names its partition instead.
+NODE_SITE, NODE_DATA_ROOT, NODE_CACHE_DIR = "site", "data-root", "cache-dir"
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
+# A hospital's own state of each run, in its cache folder (see FileStore).
+SITE_STATE_FOLDER = "site-state"
+
+
+class SiteStore(Protocol):
+    """What a site keeps between the requests of a run, by name: tensors, numbers and strings only."""
+
+    def read(self, what: str, default: Any) -> Any: ...
+    def write(self, what: str, value: Any) -> None: ...
+
+
+@dataclass
+class MemoryStore:
+    """A simulated site's state, held by whoever runs the site (tests: this object)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def read(self, what: str, default: Any) -> Any:
+        return self.values.get(what, default)
+
+    def write(self, what: str, value: Any) -> None:
+        self.values[what] = value
+
+
+@dataclass
+class FileStore:
+    """A hospital's state of one run, in its own cache folder, its owner's alone. A SuperNode would
+    push the whole context back after every message, in one request that can be lost under load
+    (with the optimiser state, ~86 MB for ResNet18): so it is kept here instead."""
+
+    folder: Path
+    run_id: int
+
+    def path(self, what: str) -> Path:
+        return self.folder / f"run-{self.run_id}-{what}.pt"
+
+    def read(self, what: str, default: Any) -> Any:
+        path = self.path(what)
+        return torch.load(path, weights_only=True) if path.exists() else default
+
+    def write(self, what: str, value: Any) -> None:
+        atomic_write(self.path(what), lambda fh: torch.save(value, fh), private=True)
+
+
+@dataclass
+class SiteContext:
+    """Who this site is (its node config), which run it serves, and where a simulated site keeps its
+    state (whoever runs the simulation holds it; a hospital's node keeps its own, see `store`)."""
+
+    node_config: Mapping[str, Any]
+    run_id: int
+    memory: SiteStore = field(default_factory=MemoryStore)
+
+    def store(self, cfg: ExperimentConfig) -> SiteStore:
+        setup = site_setup(self.node_config)
+        return self.memory if setup is None else FileStore(state_folder(cfg, setup), self.run_id)
+
+
+def site_setup(node_config: Mapping[str, Any]) -> SiteSetup | None:
+    """What `fedbt site` started this node with; None for a simulated site, which has no files of its own."""
+    if not node_config.get(NODE_SITE):
+        return None
+    data_root = str(node_config[NODE_DATA_ROOT]) if node_config.get(NODE_DATA_ROOT) else None
+    cache_dir = str(node_config[NODE_CACHE_DIR]) if node_config.get(NODE_CACHE_DIR) else None
+    site_file = str(node_config[NODE_SITE])
+    return SiteSetup(site_file, load_site(site_file, data_root), data_root, cache_dir)
+
+
+def state_folder(cfg: ExperimentConfig, setup: SiteSetup) -> Path:
+    return Path(cfg.data.cache_dir) / SITE_STATE_FOLDER / setup.site.name
+
+
+def site_experiment_of(request: Request, node_config: Mapping[str, Any]) -> tuple[ExperimentConfig, SitePolicy]:
+    """The experiment a site runs and the policy it runs under. A simulated site takes the server's
+    experiment as it is (one experimenter runs both) under the default policy; a hospital's node
+    checks it against its own policy (PolicyRefusal when it asks for more than that allows)."""
+    sent = json.loads(str(request.config[EXPERIMENT_KEY]))
+    setup = site_setup(node_config)
+    if setup is None:
+        return from_dict(sent), SitePolicy()
+    return site_experiment(sent, setup), setup.policy
+
+
+def partition_of(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> Partition:
+    if PARTITION_ID in node_config:  # simulation
+        return client_partition(cfg, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
+    # Deployment: the node names its site; the catalog holds that site alone.
+    return client_partition(cfg, 0, 1)
+
+
+def answer(request: Request, context: SiteContext) -> Reply:
+    """The site's reply to a request; a generic error reply when it refuses or fails (the detail is
+    logged here, at the site)."""
+    what = f"{request.kind} request of round {request.round}"
+    try:
+        return train(request, context) if request.kind == TRAIN else evaluate(request, context)
+    except PolicyRefusal as err:
+        log(f"[site] refused the server's {what}: {err}")
+        return Reply.error(request.node, REFUSED_CODE, REFUSED_REASON)
+    except Exception:
+        log(f"[site] the server's {what} failed:\n{traceback.format_exc()}")
+        return Reply.error(request.node, FAILED_CODE, FAILED_REASON)
+
+
+def load_local(context: SiteContext, cfg: ExperimentConfig) -> LocalState:
+    return LocalState(**context.store(cfg).read("local", {}))
+
+
+def training_summary(metrics: dict, target_epsilon: float) -> str:
+    """Loss and speed, the privacy spent so far; or that the privacy budget stopped the training."""
+    if metrics.get("dp_budget_spent"):
+        return (
+            f"privacy budget spent (epsilon {metrics['dp_epsilon']:.2f} of {target_epsilon:g}): "
+            "not training, returning the global model unchanged"
+        )
+    summary = f"loss {metrics['train_loss']:.4f}, {metrics['images_per_second']:.1f} img/s"
+    if "dp_epsilon" in metrics:
+        summary += f", epsilon {metrics['dp_epsilon']:.2f} of {target_epsilon:g} spent"
+    return summary
+
+
+def train(request: Request, context: SiteContext) -> Reply:
+    cfg, _ = site_experiment_of(request, context.node_config)
+    partition = partition_of(context.node_config, cfg)
+    server_round = int(request.config[ROUND_KEY])
+    catalog = load_catalog(cfg)
+    log(
+        f"[client {partition.name}] round {server_round}/{cfg.federated.rounds}: "
+        f"training on {len(partition.indices['train'])} images"
+    )
+    global_state = request.tensors[MODEL]
+    local = load_local(context, cfg)
+    site = {SITE_NAME_KEY: partition.name}
+    if request.config.get(SCORE_FIRST_KEY):
+        # The previous round's global model, as it arrived: scored here so it crosses the wire once.
+        validation, _ = evaluate_partition(cfg, catalog, partition, global_state, local, split="val")
+        site[SITE_METRICS_KEY] = json.dumps(validation)
+    server_control = request.tensors[CONTROL] if cfg.federated.strategy == "scaffold" else None
+    state, examples, metrics, trained = train_partition(
+        cfg, catalog, partition, global_state, server_round, local, server_control
+    )
+    log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
+    context.store(cfg).write("local", trained.as_tensors())
+    if CLIPPING_NORM_KEY in request.config:
+        # Client-level DP clipped here: no unclipped update leaves the site.
+        parameters = {name for name, _ in new_model(cfg, catalog.task.num_classes).named_parameters()}
+        state = clipped_at_site(state, global_state, parameters, float(request.config[CLIPPING_NORM_KEY]))
+    dtype = cfg.federated.transport_dtype
+    tensors = {MODEL: transport_state(state, dtype)}
+    if server_control is not None:
+        tensors[CONTROL_DELTA] = transport_state(control_update(local, trained), dtype)
+    return Reply(request.node, tensors, {**metrics, EXAMPLES_KEY: examples}, site)
+
+
+def evaluate(request: Request, context: SiteContext) -> Reply:
+    cfg, policy = site_experiment_of(request, context.node_config)
+    split = str(request.config.get(SPLIT_KEY, "val"))
+    if split == "test":
+        count_test_request(context.store(cfg), policy)
+    partition = partition_of(context.node_config, cfg)
+    global_state = request.tensors[MODEL]
+    catalog = load_catalog(cfg)
+    local = load_local(context, cfg)
+    site = {SITE_NAME_KEY: partition.name}
+    if split == "test":
+        return test_aggregates(request, cfg, catalog, partition, global_state, local, site)
+    metrics, losses = evaluate_partition(cfg, catalog, partition, global_state, local, split="val")
+    # Only numbers every site has, so that they average; the full metrics travel as JSON.
+    numbers = {
+        "loss": metrics["loss"],
+        "set_accuracy": metrics["set_accuracy"],
+        "tumour_accuracy": metrics["tumour_vs_none"]["accuracy"],
+        EXAMPLES_KEY: int(metrics["n"]),
+    }
+    # Sums over the split at each grid temperature: the server fits the calibration from them.
+    tensors = {TEMPERATURE_LOSSES: {k: torch.from_numpy(v) for k, v in losses.arrays().items()}}
+    return Reply(request.node, tensors, numbers, {**site, SITE_METRICS_KEY: json.dumps(metrics)})
+
+
+def count_test_request(store: SiteStore, policy: SitePolicy) -> None:
+    """Count a final test scoring of this run; PolicyRefusal beyond the policy's number.
+    Each scoring tells the server more about the same test images."""
+    done = int(store.read("test-requests", 0))
+    if done >= policy.max_test_requests:
+        raise PolicyRefusal(
+            f"test scoring number {done + 1} in this run; this site allows {policy.max_test_requests} per run"
+        )
+    store.write("test-requests", done + 1)
+
+
+def test_aggregates(request: Request, cfg, catalog, partition, global_state, local, site: dict) -> Reply:
+    """The final model's test scoring at this site, at the temperature the server fitted, for a server
+    that holds no data: counts and score histograms (fedbt.eval.aggregates), never a value of one
+    image; the server adds them up into the pooled test metrics."""
+    temperature = float(request.config.get(TEMPERATURE_KEY, 1.0))
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"the server sent the temperature {temperature}, not a positive number")
+    log_probs, masks = partition_log_probabilities(cfg, catalog, partition, global_state, local, "test")
+    probs = tempered_probabilities(log_probs, temperature)
+    arrays = aggregate_scores(probs, masks, catalog.task, untempered=np.exp(log_probs)).arrays()
+    return Reply(request.node, {TEST_AGGREGATES: {k: torch.from_numpy(v) for k, v in arrays.items()}}, {}, site)
