@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbt.config import STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config, to_dict, validated
+from fedbt.config import SECTION_SCOPES, SERVER, STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config, scope_of
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.fileio import write_json
 from fedbt.model.checkpoint import CheckpointError
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_ROOT = Path("demo-data")
 DEMO_CONFIG = "configs/demo.yaml"
 CPU_CONFIG = "configs/cpu.yaml"
@@ -39,21 +42,46 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="results folder (default: results/<name>)")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+# Command-line flags that are aliases of a dotted setting: applied after the files and --set,
+# in the same single validation (so rules between sections see the flags too).
+FLAG_KEYS = {
+    "data_root": "data.data_root",
+    "sites": "data.sites",
+    "out": "output_dir",
+    "clients": "federated.num_clients",
+    "rounds": "federated.rounds",
+    "local_epochs": "federated.local_epochs",
+    "strategy": "federated.strategy",
+    "partition": "federated.partition",
+    "alpha": "federated.dirichlet_alpha",
+    "ray_address": "federated.ray_address",
+    "sites_in_run": "federated.num_clients",
+    "min_sites": "federated.min_clients",
+    "round_timeout": "federated.round_timeout",
+}
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Every flag given, as KEY=VALUE (JSON, which YAML reads back as the same list, number or text),
+    with the flag as the user typed it."""
+    given = {flag: value for flag, value in vars(args).items() if flag in FLAG_KEYS and value is not None}
+    return {f"{FLAG_KEYS[flag]}={json.dumps(value)}": f"--{flag.replace('_', '-')} {value}" for flag, value in given.items()}
+
+
+def config_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> ExperimentConfig:
+    """The experiment of a command, built once: profile files < --set < flags, validated once."""
     # No config named: the demo profile on demo data, the CPU profile on real data.
     configs = args.config or [DEMO_CONFIG if args.data_root is None else CPU_CONFIG]
-    cfg = load_config(configs, args.overrides)
-    if args.data_root:
-        cfg.data.data_root = args.data_root
-    if args.sites:
-        cfg.data.sites = args.sites
-    if cfg.data.data_root is None:
-        cfg.data.data_root = str(ensure_demo_data(DEMO_ROOT))
-    if args.out:
-        cfg.output_dir = args.out
-    else:
-        cfg.output_dir = str(Path(cfg.output_dir) / cfg.name)
-    return cfg
+    flags = flag_overrides(args)
+    overrides = [*args.overrides, *flags, *extra]
+    # What depends on other settings: the demo data when no data root is set anywhere, and the
+    # results folder named after the experiment.
+    partial = load_config(configs, overrides, final=False, origins=flags)
+    if partial.data.data_root is None:
+        overrides.append(f"data.data_root={json.dumps(str(ensure_demo_data(DEMO_ROOT)))}")
+    if not args.out:
+        overrides.append(f"output_dir={json.dumps(str(Path(partial.output_dir) / partial.name))}")
+    return load_config(configs, overrides, origins=flags)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -96,22 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.seeds > 1 and args.skip_central:
         raise ValueError("--seeds compares federated with central at every seed: it cannot skip the central run")
-    cfg = config_from_args(args)
-    fc = cfg.federated
-    for flag, field in (
-        ("clients", "num_clients"),
-        ("rounds", "rounds"),
-        ("local_epochs", "local_epochs"),
-        ("strategy", "strategy"),
-        ("partition", "partition"),
-        ("alpha", "dirichlet_alpha"),
-        ("ray_address", "ray_address"),
-    ):
-        if getattr(args, flag) is not None:
-            setattr(fc, field, getattr(args, flag))
-    fc.resume = fc.resume or args.resume
-    # An assignment checks its own section only; the rules between sections (privacy and strategy) now, before any run.
-    cfg = validated(ExperimentConfig, to_dict(cfg), "settings")
+    cfg = config_from_args(args, ("federated.resume=true",) if args.resume else ())
     if args.seeds > 1:
         results = run_seed_study(cfg, args.seeds, skip_local=args.skip_local, reuse=not args.no_reuse)
     else:
@@ -215,16 +228,12 @@ def cmd_site(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedbt.deployment.runs import RunRequest, run_deployment
 
-    overrides = list(args.overrides)
-    for flag, key in (
-        ("rounds", "federated.rounds"),
-        ("sites", "federated.num_clients"),
-        ("min_sites", "federated.min_clients"),
-        ("round_timeout", "federated.round_timeout"),
-        ("strategy", "federated.strategy"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
+    overrides = [*args.overrides, *flag_overrides(args)]
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key.split(".")[0] in SECTION_SCOPES and scope_of(key) != SERVER:
+            # The sites would refuse it, or (a deployment's server sends the settable part alone) never see it.
+            raise ValueError(f"--set {text}: {key} is each site's own setting (its site file and `fedbt site`), not the server's")
     request = RunRequest(
         server=args.server,
         ca_cert=Path(args.ca),
@@ -289,7 +298,7 @@ def add_deployment_parsers(sub) -> None:
     run.add_argument("--config", default=DEMO_CONFIG, help="profile inside the project (configs/...)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--rounds", type=int)
-    run.add_argument("--sites", type=int, help="number of sites taking part (default 3)")
+    run.add_argument("--sites", dest="sites_in_run", type=int, help="number of sites taking part (default 3)")
     run.add_argument("--min-sites", type=int, help="fewest sites a round may go on with (default: all)")
     run.add_argument("--round-timeout", type=float, help="seconds a round (or the wait for sites) may take")
     run.add_argument("--strategy", choices=STRATEGY_NAMES)
@@ -328,6 +337,7 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedbt", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error (also FEDBT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="inspect or generate data").add_subparsers(dest="data_command", required=True)
@@ -397,15 +407,29 @@ def keep_output_writable() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def raised_by_fedbt(err: BaseException) -> bool:
+    """Whether fedbt's own code raised it (a message meant for the user), not a library it called
+    (a shape error in torch, CUDA out of memory: those keep their traceback)."""
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_output_writable()
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("FEDBT_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except ValidationError as err:  # a flag assigned to a setting (--rounds 0): name the setting, on one line
+    except ValidationError as err:  # a setting assigned in code: name the setting, on one line
+        if debug:
+            raise
         print(f"fedbt: error: {describe_validation_error(err, err.title)}", file=sys.stderr)
         return 2
     except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+        if debug or not raised_by_fedbt(err):
+            raise
         print(f"fedbt: error: {err}", file=sys.stderr)
         return 2
 

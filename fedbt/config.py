@@ -35,6 +35,20 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 # (privacy.enabled in a file, model.norm=group in --set).
 PARTIAL = {"partial": True}
 
+# Who decides a setting, declared on the field itself (`scoped`) or, for the fields that say
+# nothing, by its section (SECTION_SCOPES):
+# - SERVER: a federation's server may set it for the sites (training hyper-parameters);
+# - SITE: the site's own (where its data is and how it is split, which files it reads);
+# - RUNTIME: where or how fast a run goes on this machine, never its result: a site's own
+#   too, and left out of what decides whether an earlier baseline can be reused.
+SERVER, SITE, RUNTIME = "server", "site", "runtime"
+SECTION_SCOPES = {"data": SITE, "model": SERVER, "train": SERVER, "federated": SERVER, "privacy": SERVER}
+
+
+def scoped(scope: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field whose scope differs from its section's (see SECTION_SCOPES)."""
+    return field(default=default, metadata={"scope": scope}, **kwargs)
+
 
 StrategyName = Literal[
     "fedavg",
@@ -63,12 +77,14 @@ class DataConfig:
     # Root that relative site paths resolve against. None: generated demo data.
     data_root: str | None = None
     sites: Annotated[list[str], Field(min_length=1)] = field(default_factory=lambda: list(DEFAULT_SITES))
-    task: Literal["4class", "binary"] = "4class"
-    image_size: PositiveInt = 128
+    task: Literal["4class", "binary"] = scoped(SERVER, "4class")
+    image_size: PositiveInt = scoped(SERVER, 128)
     # Crop the black frame around the head and pad to square before resizing. Off by
     # default: it cost 3.5 points of pooled test accuracy in the measured central run.
-    crop_to_content: bool = False
-    cache_dir: str = field(default_factory=lambda: os.environ.get("FEDBT_CACHE", str(Path.home() / ".cache" / "fedbt")))
+    crop_to_content: bool = scoped(SERVER, False)
+    cache_dir: str = scoped(
+        RUNTIME, default_factory=lambda: os.environ.get("FEDBT_CACHE", str(Path.home() / ".cache" / "fedbt"))
+    )
     # Two images whose 256-bit difference hashes differ in at most this many bits
     # are treated as the same picture (re-encoded, resized, re-saved); -1 turns it off.
     near_duplicate_bits: Annotated[int, Field(ge=-1, le=256)] = 10
@@ -88,7 +104,7 @@ class ModelConfig:
     name: Literal["resnet18", "cnn", "resnet50"] = "resnet18"
     in_channels: PositiveInt = 1
     # Local file of ImageNet weights (resnet50 transfer learning only); never downloaded.
-    pretrained_path: str | None = None
+    pretrained_path: str | None = scoped(SITE, None)
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
     # ResNet18's normalisation layers. GroupNorm normalises each image on its own, which
     # per-sample gradients (differential privacy) need; BatchNorm mixes the images of a batch.
@@ -116,7 +132,7 @@ class TrainConfig:
     # Where augmentation runs: per item in the loader, or on whole batches on the training
     # device. auto: on the device for CUDA (host-side per-item work would starve the GPU),
     # in the loader on CPU (there it is ~1% of a step).
-    augment_on: Literal["auto", "loader", "device"] = "auto"
+    augment_on: Literal["auto", "loader", "device"] = scoped(SITE, "auto")
     # Weight of a uniform target mixed into the coarse-label loss. 0.1 in the CPU and GPU
     # profiles: central pooled test accuracy 95.7% (mean of 8 training seeds) vs 94.9% (6) without.
     label_smoothing: Fraction = 0.0
@@ -127,10 +143,10 @@ class TrainConfig:
     # Transfer learning: epochs with a frozen backbone before layer4 is unfrozen.
     freeze_backbone_epochs: NonNegativeInt = 0
     finetune_lr_factor: PositiveFloat = 0.1
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: NonNegativeInt | None = None  # None: 0 (items are in memory; see data/loader.py)
-    threads: PositiveInt | None = None  # torch CPU threads; None: all cores
-    log_every: NonNegativeInt = 20  # batches between progress lines; 0: none
+    device: Literal["auto", "cpu", "cuda"] = scoped(RUNTIME, "auto")
+    num_workers: NonNegativeInt | None = scoped(RUNTIME, None)  # None: 0 (items are in memory; see data/loader.py)
+    threads: PositiveInt | None = scoped(RUNTIME, None)  # torch CPU threads; None: all cores
+    log_every: NonNegativeInt = scoped(RUNTIME, 20)  # batches between progress lines; 0: none
 
 
 @dataclass(config=STRICT_FIELDS)
@@ -440,8 +456,15 @@ def _parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Build a config from defaults, then each YAML file in order, then overrides."""
+def load_config(
+    paths: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    final: bool = True,
+    origins: dict[str, str] | None = None,
+) -> ExperimentConfig:
+    """Build a config from defaults, then each YAML file in order, then overrides; validated whole
+    at the end (final=False: each layer alone, the rules between sections not yet applied).
+    origins: what the user typed for an override that came from a command-line flag."""
     values: dict[str, Any] = {}
     cfg = ExperimentConfig()
     for path in paths or []:
@@ -449,12 +472,40 @@ def load_config(paths: list[str | Path] | None = None, overrides: list[str] | No
         cfg = validated(ExperimentConfig, values, str(path), PARTIAL)
     for text in overrides or []:
         values = _merged(values, _parse_override(text))
-        cfg = validated(ExperimentConfig, values, f"--set {text}", PARTIAL)
-    return validated(ExperimentConfig, values, "settings") if values else cfg
+        cfg = validated(ExperimentConfig, values, (origins or {}).get(text, f"--set {text}"), PARTIAL)
+    return validated(ExperimentConfig, values, "settings") if values and final else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def _scopes(schema: Any, prefix: str, inherited: str) -> dict[str, str]:
+    found = {}
+    for item in dataclasses.fields(schema):
+        scope = item.metadata.get("scope") or SECTION_SCOPES.get(prefix + item.name, inherited)
+        if dataclasses.is_dataclass(item.type) or (isinstance(item.type, str) and item.type.endswith("Config")):
+            nested = schema.__pydantic_fields__[item.name].annotation
+            found.update(_scopes(nested, f"{prefix}{item.name}.", scope))
+        else:
+            found[prefix + item.name] = scope
+    return found
+
+
+# Every dotted setting and who decides it.
+SCOPES: dict[str, str] = {}
+
+
+def scope_of(key: str) -> str | None:
+    """SERVER, SITE or RUNTIME for a dotted setting; None for one that does not exist."""
+    if not SCOPES:
+        SCOPES.update(_scopes(ExperimentConfig, "", SITE))
+    return SCOPES.get(key)
+
+
+def keys_in_scope(scope: str) -> list[str]:
+    scope_of("name")
+    return [key for key, value in SCOPES.items() if value == scope]
 
 
 def _known_only(schema: Any, values: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from fedbt.cli import main
 
 
@@ -40,3 +43,36 @@ def test_bad_settings_give_a_clear_error_and_exit_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["central", "--set", "train.epochz=1"]) == 2
     assert "unknown setting 'epochz'" in capsys.readouterr().err
+
+
+def test_a_flag_is_a_setting_validated_with_the_rest_and_named_as_typed(capsys):
+    # --strategy scaffold with --set privacy.enabled=true: a rule between sections, checked once for both.
+    assert main(["simulate", "--strategy", "scaffold", "--set", "privacy.enabled=true"]) == 2
+    assert "scaffold cannot use privacy.enabled" in capsys.readouterr().err
+    assert main(["simulate", "--rounds", "0"]) == 2
+    assert capsys.readouterr().err.startswith("fedbt: error: --rounds 0: federated.rounds:")
+
+
+def test_fedbt_run_refuses_a_setting_that_is_the_sites_own_before_anything_starts(capsys):
+    assert main(["run", "--set", "data.data_root=/elsewhere"]) == 2
+    assert "data.data_root is each site's own setting" in capsys.readouterr().err
+
+
+def test_an_error_from_a_library_keeps_its_traceback_one_of_ours_is_one_line(monkeypatch, capsys):
+    import fedbt.cli as cli
+
+    # fedbt's own refusal of a bad value: one line.
+    assert cli.main(["simulate", "--seeds", "0"]) == 2
+    assert capsys.readouterr().err == "fedbt: error: --seeds must be at least 1, got 0\n"
+    monkeypatch.setenv("FEDBT_DEBUG", "1")
+    with pytest.raises(ValueError, match="--seeds must be at least 1"):
+        cli.main(["simulate", "--seeds", "0"])
+    monkeypatch.delenv("FEDBT_DEBUG")
+
+    # An error raised inside torch (a shape mismatch, as a broken model would cause): its traceback.
+    def shape_error(_):
+        return torch.nn.functional.linear(torch.zeros(2, 3), torch.zeros(4, 5))
+
+    monkeypatch.setattr(cli, "cmd_demo", shape_error)
+    with pytest.raises(RuntimeError):
+        cli.main(["data", "demo", "unused"])

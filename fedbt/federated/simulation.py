@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedbt.config import ExperimentConfig, to_dict
+from fedbt.config import RUNTIME, ExperimentConfig, keys_in_scope, to_dict
 from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.data.synthetic import is_generated_data
@@ -113,17 +113,13 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
     return metrics
 
 
-# Settings that change where or how fast a run goes, never its result.
-RUNTIME_ONLY = {"data": ("cache_dir",), "train": ("threads", "device", "num_workers", "log_every")}
-
-
 def _fingerprint(cfg: ExperimentConfig, partition_name: str | None = None) -> str:
     """What decides a baseline's result: data, model, training and record-level privacy settings
     and, for a local-only model, which client of which partitioning it trained on."""
     settings = {section: to_dict(getattr(cfg, section)) for section in ("data", "model", "train", "privacy")}
-    for section, keys in RUNTIME_ONLY.items():
-        for key in keys:
-            del settings[section][key]
+    for key in keys_in_scope(RUNTIME):  # where or how fast a run goes, never its result
+        section, name = key.split(".")
+        del settings[section][name]
     del settings["privacy"]["client_level"]  # the federation's, not a baseline's
     if partition_name is not None:
         fc = cfg.federated

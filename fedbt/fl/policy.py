@@ -1,6 +1,6 @@
 """The site decides: the experiment a server sends, checked against the site's policy.
 
-A server may set the training hyper-parameters listed in SERVER_SETTABLE, within the limits
+A server may set the training hyper-parameters (the settings fedbt.config scopes SERVER), within the limits
 of the site's policy (fedbt.data.sites.SitePolicy). Every other setting is the site's own:
 its data root, site file, cache folder and split seed are pinned, the rest keep this
 version's defaults. A server asking for another value of one of them, or for more than a
@@ -15,51 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from fedbt.config import (
+    SERVER,
     ConfigError,
     DataConfig,
     ExperimentConfig,
-    FederatedConfig,
     ModelConfig,
-    PrivacyConfig,
     from_dict,
+    scope_of,
     to_dict,
 )
 from fedbt.data.sites import SitePolicy, SiteSpec
 
-# What changes how a site trains and scores a model; nothing that says where its data, cache
-# or split are, which files it reads, or how it uses its own machine (train.device, threads).
-SERVER_SETTABLE = frozenset(
-    {"data.task", "data.image_size", "data.crop_to_content"}
-    | {f"model.{key}" for key in ModelConfig.__pydantic_fields__ if key != "pretrained_path"}
-    | {
-        f"train.{key}"
-        for key in (
-            "epochs",
-            "batch_size",
-            "optimizer",
-            "lr",
-            "weight_decay",
-            "schedule",
-            "class_weights",
-            "augment",
-            "intensity_jitter",
-            "label_smoothing",
-            "seed",
-            "early_stopping_patience",
-            "freeze_backbone_epochs",
-            "finetune_lr_factor",
-        )
-    }
-    | {f"federated.{key}" for key in FederatedConfig.__pydantic_fields__}
-    | {f"privacy.{key}" for key in PrivacyConfig.__pydantic_fields__}
-)
-
 
 def settable(key: str) -> bool:
-    """Whether a server may set this dotted setting: listed, or inside a listed section
-    (privacy.client_level.enabled under privacy.client_level)."""
-    parts = key.split(".")
-    return any(".".join(parts[:n]) in SERVER_SETTABLE for n in range(1, len(parts) + 1))
+    """Whether a server may set this dotted setting (declared on the field: fedbt.config's scopes)."""
+    return scope_of(key) == SERVER
 
 
 class PolicyRefusal(ValueError):
