@@ -202,10 +202,29 @@ def cmd_server(args: argparse.Namespace) -> int:
     return run_server(settings)
 
 
+def show_ledger(args: argparse.Namespace) -> int:
+    """The site's privacy ledger and test quota, as its operator reads them (nothing is started)."""
+    from fedbt.data.sites import load_site
+    from fedbt.fl.ledger import data_key, format_ledger
+    from fedbt.fl.policy import SiteSetup
+    from fedbt.fl.site import SiteFiles, state_folder
+
+    site = load_site(args.site, args.data_root)
+    setup = SiteSetup(args.site, site, args.data_root, args.cache_dir)
+    cfg = setup.own_experiment()
+    files = SiteFiles(state_folder(cfg, setup), 0, data_key(site.name, site.root))
+    print(format_ledger(files.ledger, files.quota, site.policy))
+    return 0
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from fedbt.data.sites import load_site
     from fedbt.deployment.nodes import SiteSettings, run_site
 
+    if args.show_ledger:
+        return show_ledger(args)
+    if not args.server:
+        raise ValueError("fedbt site needs --server HOST:PORT (or --show-ledger)")
     site_file = Path(args.site)
     name = load_site(site_file, args.data_root).name
     certs = Path(args.certs)
@@ -273,7 +292,10 @@ def add_deployment_parsers(sub) -> None:
 
     site = sub.add_parser("site", help="start a hospital's SuperNode on its own data")
     site.add_argument("--site", required=True, help="the site's YAML (e.g. sites/figshare.yaml)")
-    site.add_argument("--server", required=True, metavar="HOST:PORT")
+    site.add_argument("--server", metavar="HOST:PORT", help="the server's public address")
+    site.add_argument(
+        "--show-ledger", action="store_true", help="print the site's privacy ledger and test quota, and exit"
+    )
     site.add_argument("--data-root", help="folder the site YAML's relative root resolves against")
     site.add_argument("--certs", default="certs", help="folder with ca.pem and sites/<site>.key")
     site.add_argument("--ca", help="CA certificate (default: CERTS/ca.pem)")

@@ -17,6 +17,7 @@ from pydantic.dataclasses import dataclass as validated_dataclass
 from fedbt.config import (
     ConfigError,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     read_yaml_mapping,
     resolve_project_path,
@@ -66,8 +67,22 @@ class SitePolicy:
     max_image_size: PositiveInt = 256
     max_batch_size: PositiveInt = 64
     max_local_epochs: PositiveInt = 5
-    # Final test scorings (aggregates only) a run may ask of the site.
+    # Final test scorings (aggregates only) one run may ask of the site...
     max_test_requests: NonNegativeInt = 1
+    # ...and all runs together within test_quota_days, counted across runs and restarts: each
+    # scoring tells a server more about the same test images.
+    test_quota: NonNegativeInt = 3
+    test_quota_days: PositiveFloat = 7.0
+    # Record-level differential privacy the site demands whatever a server asks (docs/privacy.md):
+    # DP-SGD on in every run, at most this epsilon (and delta) a run, at most this epsilon over
+    # all its runs together (its privacy ledger). A server may ask for stricter, never looser.
+    require_privacy: bool = False
+    max_epsilon_per_run: PositiveFloat | None = None
+    max_epsilon_total: PositiveFloat | None = None
+    max_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # Days a run's left-over state (optimiser, FedBN layers, SCAFFOLD c_i) is kept after its last
+    # request, so that an interrupted run can still be resumed; the ledger and quota are kept for good.
+    keep_run_state_days: PositiveFloat = 2.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from fedbt.data.sites import SitePolicy, load_site
 from fedbt.eval.aggregates import aggregate_scores
 from fedbt.eval.calibration import tempered_probabilities
 from fedbt.fileio import atomic_write
+from fedbt.fl.ledger import DAY_SECONDS, PrivacyLedger, TestQuota, data_key, privacy_refusal
 from fedbt.fl.policy import PolicyRefusal, SiteSetup, site_experiment
 from fedbt.fl.privacy import clipped_at_site
 from fedbt.fl.protocol import (
@@ -114,17 +116,62 @@ class FileStore:
 
 
 @dataclass
+class SiteFiles:
+    """A hospital node's own files, in its state folder: each run's state, and what outlives runs
+    (the privacy ledger and the test quota of its data, fedbt.fl.ledger)."""
+
+    folder: Path
+    run_id: int
+    key: str  # the site and its data (fedbt.fl.ledger.data_key)
+
+    @property
+    def store(self) -> FileStore:
+        return FileStore(self.folder, self.run_id)
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(self.folder / f"privacy-ledger-{self.key}.json")
+
+    @property
+    def quota(self) -> TestQuota:
+        return TestQuota(self.folder / f"test-quota-{self.key}.json")
+
+    def run_files(self) -> list[Path]:
+        return sorted(self.folder.glob("run-*-*.pt"))
+
+    def end_run(self) -> None:
+        """The run is over: what it kept here is of no further use."""
+        for path in self.folder.glob(f"run-{self.run_id}-*.pt"):
+            path.unlink(missing_ok=True)
+
+    def sweep(self, keep_days: float, now: float | None = None) -> None:
+        """Remove other runs' state untouched for `keep_days` (a run that failed or was abandoned)."""
+        now = time.time() if now is None else now
+        current = f"run-{self.run_id}-"
+        for path in self.run_files():
+            if not path.name.startswith(current) and now - path.stat().st_mtime > keep_days * DAY_SECONDS:
+                path.unlink(missing_ok=True)
+
+
+@dataclass
 class SiteContext:
     """Who this site is (its node config), which run it serves, and where a simulated site keeps its
-    state (whoever runs the simulation holds it; a hospital's node keeps its own, see `store`)."""
+    state (whoever runs the simulation holds it); a hospital's node keeps its own files."""
 
     node_config: Mapping[str, Any]
     run_id: int
     memory: SiteStore = field(default_factory=MemoryStore)
 
-    def store(self, cfg: ExperimentConfig) -> SiteStore:
+    def files(self, cfg: ExperimentConfig) -> SiteFiles | None:
+        """A hospital node's files; None for a simulated site."""
         setup = site_setup(self.node_config)
-        return self.memory if setup is None else FileStore(state_folder(cfg, setup), self.run_id)
+        if setup is None:
+            return None
+        return SiteFiles(state_folder(cfg, setup), self.run_id, data_key(setup.site.name, setup.site.root))
+
+    def store(self, cfg: ExperimentConfig) -> SiteStore:
+        files = self.files(cfg)
+        return self.memory if files is None else files.store
 
 
 def site_setup(node_config: Mapping[str, Any]) -> SiteSetup | None:
@@ -191,7 +238,12 @@ def training_summary(metrics: dict, target_epsilon: float) -> str:
 
 
 def train(request: Request, context: SiteContext) -> Reply:
-    cfg, _ = site_experiment_of(request, context.node_config)
+    cfg, policy = site_experiment_of(request, context.node_config)
+    files = context.files(cfg)
+    if files is not None:
+        files.sweep(policy.keep_run_state_days)
+        if refusal := privacy_refusal(cfg, policy, files.ledger, str(context.run_id)):
+            raise PolicyRefusal(refusal)
     partition = partition_of(context.node_config, cfg)
     server_round = int(request.config[ROUND_KEY])
     catalog = load_catalog(cfg)
@@ -212,6 +264,8 @@ def train(request: Request, context: SiteContext) -> Reply:
     )
     log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
     context.store(cfg).write("local", trained.as_tensors())
+    if files is not None and "dp_epsilon" in metrics:
+        files.ledger.record(str(context.run_id), float(metrics["dp_epsilon"]), cfg.privacy.delta)
     if CLIPPING_NORM_KEY in request.config:
         # Client-level DP clipped here: no unclipped update leaves the site.
         parameters = {name for name, _ in new_model(cfg, catalog.task.num_classes).named_parameters()}
@@ -226,15 +280,22 @@ def train(request: Request, context: SiteContext) -> Reply:
 def evaluate(request: Request, context: SiteContext) -> Reply:
     cfg, policy = site_experiment_of(request, context.node_config)
     split = str(request.config.get(SPLIT_KEY, "val"))
+    files = context.files(cfg)
     if split == "test":
-        count_test_request(context.store(cfg), policy)
+        if files is None:
+            count_test_request(context.memory, policy)
+        else:
+            files.quota.take(policy, str(context.run_id))
     partition = partition_of(context.node_config, cfg)
     global_state = request.tensors[MODEL]
     catalog = load_catalog(cfg)
     local = load_local(context, cfg)
     site = {SITE_NAME_KEY: partition.name}
     if split == "test":
-        return test_aggregates(request, cfg, catalog, partition, global_state, local, site)
+        reply = test_aggregates(request, cfg, catalog, partition, global_state, local, site)
+        if files is not None:
+            files.end_run()  # the final scoring is a run's last request
+        return reply
     metrics, losses = evaluate_partition(cfg, catalog, partition, global_state, local, split="val")
     # Only numbers every site has, so that they average; the full metrics travel as JSON.
     numbers = {
@@ -249,8 +310,8 @@ def evaluate(request: Request, context: SiteContext) -> Reply:
 
 
 def count_test_request(store: SiteStore, policy: SitePolicy) -> None:
-    """Count a final test scoring of this run; PolicyRefusal beyond the policy's number.
-    Each scoring tells the server more about the same test images."""
+    """Count a simulated site's final test scoring of this run; PolicyRefusal beyond the policy's
+    number (a hospital's node counts in its test quota, across runs: fedbt.fl.ledger)."""
     done = int(store.read("test-requests", 0))
     if done >= policy.max_test_requests:
         raise PolicyRefusal(

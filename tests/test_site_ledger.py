@@ -1,0 +1,148 @@
+"""A hospital's privacy budget and test quota are its own, across runs: whole deployments played
+in memory, each site a hospital's node (its site file, data and state folder), the server
+without data. No Flower, no process."""
+
+import functools
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedbt.data.sites import load_site
+from fedbt.data.synthetic import generate_demo_data
+from fedbt.fl import server
+from fedbt.fl.ledger import PrivacyLedger, TestQuota, format_ledger
+from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, SITE_STATE_FOLDER, SiteContext, answer
+from fedbt.fl.transport import InMemoryTransport, RunRefusedError
+
+SITES = ("figshare", "sartaj")
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> Path:
+    return generate_demo_data(tmp_path_factory.mktemp("hospital-data"), per_class=10, seed=0)
+
+
+def site_file(folder: Path, name: str, policy: dict) -> str:
+    """The project's site file with this policy added."""
+    spec = yaml.safe_load((Path(__file__).parent.parent / "sites" / f"{name}.yaml").read_text())
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**spec, "policy": policy}))
+    return str(path)
+
+
+class Hospitals:
+    """Two hospitals' nodes with one policy; each run is a new Flower run id, as `fedbt run` makes."""
+
+    def __init__(self, folder: Path, data: Path, policy: dict):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cache = folder / "site-cache"
+        self.nodes = {
+            node: {NODE_SITE: site_file(folder, name, policy), NODE_DATA_ROOT: str(data), NODE_CACHE_DIR: str(self.cache)}
+            for node, name in enumerate(SITES, start=1)
+        }
+        self.runs = 0
+
+    def run(self, cfg: ExperimentConfig) -> dict:
+        self.runs += 1
+        sites = {node: functools.partial(answer, context=SiteContext(config, self.runs)) for node, config in self.nodes.items()}
+        transport = InMemoryTransport(sites)
+        return server.run_federated(transport, cfg, server_has_data=False, clock=transport.clock)
+
+    def folder(self, name: str) -> Path:
+        return self.cache / SITE_STATE_FOLDER / name
+
+    def ledger(self, name: str) -> PrivacyLedger:
+        (path,) = self.folder(name).glob("privacy-ledger-*.json")
+        return PrivacyLedger(path)
+
+
+def experiment(tmp_path: Path, epsilon: float = 2.0, enabled: bool = True) -> ExperimentConfig:
+    return ExperimentConfig(
+        output_dir=str(tmp_path / "server"),
+        data=DataConfig(image_size=32, data_root=None),
+        model=ModelConfig(name="cnn"),  # no BatchNorm: DP-SGD's per-image gradients
+        train=TrainConfig(batch_size=8, epochs=1),
+        federated=FederatedConfig(num_clients=len(SITES), rounds=1, round_timeout=60, poll_interval=1),
+        privacy=PrivacyConfig(enabled=enabled, target_epsilon=epsilon),
+    )
+
+
+def test_private_runs_add_to_one_ledger_and_a_run_past_the_lifetime_cap_is_refused_before_training(
+    tmp_path, site_data
+):
+    hospitals = Hospitals(tmp_path / "h", site_data, {"require_privacy": True, "max_epsilon_total": 5.0})
+    hospitals.run(experiment(tmp_path, epsilon=2.0))
+    first = hospitals.ledger("figshare").total()
+    assert 0 < first <= 2.0
+    # A second run (here: resumed from the first's checkpoint, a new run to Flower) adds to the same ledger.
+    resumed = experiment(tmp_path, epsilon=2.0)
+    resumed = replace(resumed, federated=replace(resumed.federated, rounds=2, resume=True))
+    hospitals.run(resumed)
+    ledger = hospitals.ledger("figshare")
+    assert set(ledger.runs()) == {"1", "2"}
+    assert ledger.total() == pytest.approx(first + ledger.runs()["2"]["epsilon"])
+    # A third run that may spend 2 more would pass the cap of 5: refused by every site before it trains.
+    with pytest.raises(RunRefusedError, match=f"refused by {len(SITES)} of {len(SITES)} sites"):
+        hospitals.run(experiment(tmp_path / "third", epsilon=2.0))
+    assert set(hospitals.ledger("figshare").runs()) == {"1", "2"}
+    assert not list(hospitals.folder("figshare").glob("run-3-*"))  # it never trained
+    # What the site's operator reads (`fedbt site --show-ledger`).
+    policy = load_site(hospitals.nodes[2][NODE_SITE], str(site_data)).policy
+    report = format_ledger(hospitals.ledger("sartaj"), TestQuota(tmp_path / "no-scorings.json"), policy)
+    assert "run 1: epsilon" in report and "run 2: epsilon" in report and "(cap 5)" in report
+
+
+@pytest.mark.parametrize(
+    ("asked", "policy"),
+    [
+        ({"enabled": False}, {"require_privacy": True}),
+        ({"epsilon": 9.0}, {"max_epsilon_per_run": 4.0}),
+    ],
+)
+def test_a_server_asking_for_looser_privacy_than_the_site_requires_is_refused(tmp_path, site_data, asked, policy):
+    hospitals = Hospitals(tmp_path / "h", site_data, policy)
+    with pytest.raises(RunRefusedError, match="refused by 2 of 2 sites"):
+        hospitals.run(experiment(tmp_path, **asked))
+    assert not list(hospitals.folder("figshare").glob("run-*"))  # refused before it trained
+
+
+def test_a_second_runs_test_scoring_is_refused_once_the_quota_is_used(tmp_path, site_data):
+    hospitals = Hospitals(tmp_path / "h", site_data, {"test_quota": 1, "test_quota_days": 7})
+    result = hospitals.run(experiment(tmp_path, enabled=False))
+    assert set(result["test"]["sites"]) == set(SITES)
+    with pytest.raises(RunRefusedError, match="refused by 2 of 2 sites"):
+        hospitals.run(experiment(tmp_path / "second", enabled=False))
+
+
+def test_a_finished_run_leaves_only_the_ledger_and_the_quota_at_the_site(tmp_path, site_data):
+    hospitals = Hospitals(tmp_path / "h", site_data, {})
+    hospitals.run(experiment(tmp_path, epsilon=2.0))
+    left = sorted(path.name.split("-")[0] + "-" + path.name.split("-")[1] for path in hospitals.folder("sartaj").iterdir())
+    assert left == ["privacy-ledger", "test-quota"]
+
+
+def test_an_abandoned_runs_state_is_swept_after_its_days_and_a_live_ones_is_kept(tmp_path, site_data):
+    hospitals = Hospitals(tmp_path / "h", site_data, {"keep_run_state_days": 1})
+    folder = hospitals.folder("figshare")
+    folder.mkdir(parents=True)
+    old, recent = folder / "run-99-local.pt", folder / "run-98-local.pt"
+    old.write_bytes(b"x")
+    recent.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    hospitals.run(experiment(tmp_path, enabled=False))
+    assert not old.exists() and recent.exists()
+
+
+def test_an_unreadable_ledger_fails_closed(tmp_path, site_data):
+    hospitals = Hospitals(tmp_path / "h", site_data, {"max_epsilon_total": 50.0})
+    hospitals.run(experiment(tmp_path, epsilon=2.0))
+    hospitals.ledger("figshare").path.write_text("{ truncated")
+    hospitals.ledger("sartaj").path.write_text("{ truncated")
+    with pytest.raises(RunRefusedError):
+        hospitals.run(experiment(tmp_path / "again", epsilon=2.0))
