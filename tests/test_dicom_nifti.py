@@ -19,6 +19,7 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, MRImageStorage, generate_uid
 
 from fedbt.cli import main
@@ -229,3 +230,136 @@ def test_inspect_reports_a_dicom_site(tmp_path, capsys):
     assert "slices skipped: localiser 5, no label 7, non-axial 15, not picked by the slice rule 8" in out
     assert "patients per label: glioma 1, meningioma 1, no_tumor 1, pituitary 1" in out
     assert not any(identifier in out for identifier in IDENTIFIERS)
+
+
+# ---------------------------------------------------------------- predict and evaluate
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained 32 px CNN: these tests check which slices are scored, not how well."""
+    torch.manual_seed(0)
+    work = tmp_path_factory.mktemp("dicom-model")
+    cfg = ExperimentConfig(data=DataConfig(image_size=32), model=ModelConfig(name="cnn"))
+    return save_checkpoint(work / "model.pt", build_model(cfg.model, 4, 32), cfg, {}, "central")
+
+
+def test_predict_scores_a_real_dcm_a_series_folder_and_a_nifti_volume(checkpoint, tmp_path, capsys):
+    real = get_testdata_file("MR_small.dcm", download=False)
+    rng = np.random.default_rng(3)
+    write_series(tmp_path / "series", 1, "glioma", generate_uid(), 7, rng)
+    volume = tmp_path / "sub-01_T1w.nii.gz"
+    write_nifti(volume, label_volume("pituitary", rng, slices=9), 1)
+    out = tmp_path / "predictions.json"
+    args = [real, str(tmp_path / "series"), str(volume), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    assert main(["predict", *args, "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert not any("error" in r for r in rows)
+    assert [Path(r["path"]).name for r in rows[:1]] == ["MR_small.dcm"]
+    assert [Path(r["path"]).name for r in rows[1:6]] == [f"IM{k:04d}.dcm" for k in range(1, 6)]  # middle 5 of 7
+    assert [r["slice"] for r in rows[6:]] == [f"slice {i} along axis 2" for i in range(2, 7)]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    err = capsys.readouterr().err
+    assert f"fedbt: {real}: scored 1 of 1 DICOM files (the middle 5 slices of each series)" in err
+    assert f"fedbt: {tmp_path / 'series'}: scored 5 of 7 DICOM files (the middle 5 slices of each series)" in err
+    assert f"fedbt: {volume}: scored sub-01_T1w.nii.gz slices 2-6 of 9 along axis 2 (the middle 5 slices)" in err
+    assert main(["predict", str(volume), "--slices", "all", "--checkpoint", str(checkpoint), "--output", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 9
+
+
+def test_evaluate_a_folder_of_class_folders_holding_dicom_and_nifti(checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "labelled"
+    write_series(folder / "glioma" / "series-a", 1, "glioma", generate_uid(), 6, rng)
+    write_nifti(folder / "no_tumor" / "sub-02.nii.gz", label_volume("no_tumor", rng, slices=7), 2)
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(checkpoint), "--folder", str(folder), "--bootstrap", "10", "--device", "cpu"]
+    assert main(["evaluate", *args, "--slices", "3", "--out", str(out)]) == 0
+    data = json.loads((out / "evaluation.json").read_text())["data"]
+    assert data["n"] == 6 and not data["problems"]
+    assert data["slices_scored"] == {
+        str(folder / "glioma"): "3 of 6 DICOM files (the middle 3 slices of each series)",
+        str(folder / "no_tumor"): "sub-02.nii.gz slices 2-4 of 7 along axis 2 (the middle 3 slices)",
+    }
+    assert f"{folder / 'no_tumor'}: scored sub-02.nii.gz slices 2-4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- each bad input, one line
+
+
+def test_bad_files_are_one_line_problems_of_the_site(tmp_path):
+    archive = dicom_archive(tmp_path, patients=2)
+    rng = np.random.default_rng(5)
+    bad = archive.root / "s000" / "bad"
+    write_series(bad / "no-pixels", 0, "glioma", generate_uid(), 1, rng)
+    ds = pydicom.dcmread(bad / "no-pixels" / "IM0000.dcm")
+    del ds.PixelData
+    ds.save_as(bad / "no-pixels" / "IM0000.dcm")
+    shutil.copy(get_testdata_file("MR_truncated.dcm", download=False), bad / "truncated.dcm")
+    (bad / "cut.dcm").write_bytes((archive.root / "s000" / "axial" / "IM0000.dcm").read_bytes()[:-500])
+    write_series(bad / "jpeg-ls", 0, "glioma", generate_uid(), 1, rng, syntax=JPEGLSLossless, pixel_data=encapsulate([b"\0" * 8]))
+    paths = write_series(bad / "mixed", 0, "glioma", generate_uid(), 3, rng)
+    write_dicom(paths[1], make_image("glioma", rng, 48).pixels, 0, generate_uid(), pydicom.dcmread(paths[0]).SeriesInstanceUID, 2)
+    (bad / "notes.txt").write_text("not DICOM")
+    problems = {Path(p.path).relative_to(archive.root).as_posix(): p.message for p in scan_site(load_site(archive.yaml, None)).problems}
+    assert problems["s000/bad/no-pixels/IM0000.dcm"] == (
+        "DICOM without pixel data (not an image, or a file cut short), skipped"
+    )
+    assert problems["s000/bad/truncated.dcm"] == "truncated: 8130 of 8192 bytes of pixels, skipped"
+    assert problems["s000/bad/cut.dcm"] == "truncated: 2700 of 3200 bytes of pixels, skipped"
+    assert problems["s000/bad/jpeg-ls/IM0000.dcm"] == (
+        "transfer syntax JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80): no installed decoder reads it, skipped"
+    )
+    assert problems["s000/bad/mixed"] == "series of 3 slices: slices disagree in size (40 x 40, 48 x 48), skipped"
+    assert problems["s000/bad/notes.txt"] == "not a DICOM file (no DICM preamble), skipped"
+    assert all("\n" not in m and PATIENT_ID not in m for m in problems.values())
+
+
+def test_bad_volumes_are_one_line_problems_and_error_rows(checkpoint, tmp_path, capsys):
+    archive = nifti_archive(tmp_path, subjects=2)
+    rng = np.random.default_rng(6)
+    flat = archive.root / "sub-00" / "flat.nii.gz"
+    write_nifti(flat, label_volume("glioma", rng, slices=1), 0)
+    cut = archive.root / "sub-01" / "cut.nii.gz"
+    write_nifti(cut, label_volume("glioma", rng), 1)
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    problems = {Path(p.path).name: p.message for p in scan_site(load_site(archive.yaml, None)).problems}
+    assert problems["flat.nii.gz"] == "one slice along axis 2 (shape (40, 40, 1)): not a volume, skipped"
+    assert problems["cut.nii.gz"].startswith("unreadable NIfTI file (") and "\n" not in problems["cut.nii.gz"]
+    assert main(["predict", str(flat), str(cut), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"fedbt: error: {flat}: one slice along axis 2 (shape (40, 40, 1)): not a volume"
+    assert err[1].startswith(f"fedbt: error: {cut}: unreadable NIfTI file (") and len(err) == 2
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("PatientID,label\nMRN-7731000,glioma\nMRN-7731001,meningioma\nMRN-7731001,glioma\n",
+         "labels.csv lines 3 and 4: the same PatientID twice"),
+        ("PatientID,label\nMRN-7731000,glioma\nMRN-7731001,glioma\nMRN-9999999,glioma\n",
+         "labels.csv line 4: PatientID matches no DICOM series under the root"),
+        ("PatientID,label\nMRN-7731000,astrocytoma\n",
+         "labels.csv line 2: unknown label 'astrocytoma': map it under 'labels:' in the site YAML"),
+        ("patient,diagnosis\n", "labels.csv: needs columns PatientID and label, has patient, diagnosis"),
+    ],
+)  # fmt: skip
+def test_a_bad_label_csv_is_one_line_error(tmp_path, capsys, rows, message):
+    archive = dicom_archive(tmp_path, patients=2)
+    (archive.root / "labels.csv").write_text(rows)
+    assert main(["data", "inspect", "--set", f"data.sites=[{archive.yaml}]", "--set", "data.image_size=32",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == f"fedbt: error: {archive.root / message}\n"
+    assert PATIENT_ID not in err.replace(str(archive.root), "")
+
+
+def test_site_yaml_mistakes_are_one_line(tmp_path):
+    archive = dicom_archive(tmp_path, patients=1)
+    text = archive.yaml.read_text()
+    archive.yaml.write_text(text.replace("key: PatientID", "key: subject"))
+    with pytest.raises(ConfigError, match="volumes.key 'subject': a dicom label CSV is keyed by one of PatientID"):
+        load_site(archive.yaml, None)
+    archive.yaml.write_text(text.replace("format: dicom", "format: class_folders"))
+    with pytest.raises(ConfigError, match="'volumes' and 'patient_secret' are for formats dicom and nifti only"):
+        load_site(archive.yaml, None)
