@@ -6,6 +6,7 @@ a run writes or a site sends."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 from collections import defaultdict
@@ -363,3 +364,90 @@ def test_site_yaml_mistakes_are_one_line(tmp_path):
     archive.yaml.write_text(text.replace("format: dicom", "format: class_folders"))
     with pytest.raises(ConfigError, match="'volumes' and 'patient_secret' are for formats dicom and nifti only"):
         load_site(archive.yaml, None)
+
+
+# ---------------------------------------------------------------- no identifier leaves a site
+
+
+def identifiers_in(data: bytes) -> list[str]:
+    return [i for i in IDENTIFIERS if i.encode() in data or i.encode("utf-16-le") in data]
+
+
+def files_holding_identifiers(*folders: Path) -> list[str]:
+    return [
+        f"{path}: {', '.join(found)}"
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and (found := identifiers_in(path.read_bytes()))
+    ]
+
+
+@pytest.mark.e2e
+def test_a_simulation_with_dicom_and_nifti_sites_trains_and_writes_no_identifier(
+    demo_root, site_files, tmp_path, monkeypatch, capfd
+):
+    inputs, work = tmp_path / "inputs", tmp_path / "work"
+    dicom, nifti = dicom_archive(inputs / "dicom", patients=8), nifti_archive(inputs / "nifti", subjects=8)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    monkeypatch.setenv("FEDBT_CACHE", str(work / "cache"))
+    sites = ",".join([*site_files, str(dicom.yaml), str(nifti.yaml)])
+    args = ["--config", "configs/demo.yaml", "--data-root", str(demo_root), "--set", "data.image_size=32",
+            "--set", f"data.cache_dir={work / 'cache'}", "--set", f"data.sites=[{sites}]"]  # fmt: skip
+    assert main(["simulate", *args, "--clients", "5", "--rounds", "2", "--skip-local", "--out", str(work / "out")]) == 0
+    assert main(["data", "inspect", *args, "--json", str(work / "inspect.json")]) == 0
+    assert main(["evaluate", "--checkpoint", str(work / "out" / "central" / "final.pt"), "--site", "hospital_dicom",
+                 "--data-root", str(demo_root), "--bootstrap", "10", "--device", "cpu", "--out", str(work / "eval")]) == 0  # fmt: skip
+    logs = capfd.readouterr()
+    metrics = json.loads((work / "out" / "federated" / "metrics.json").read_text())
+    assert {"hospital_dicom", "hospital_nifti"} <= set(json.dumps(metrics).split('"'))  # both sites took part
+    assert files_holding_identifiers(work, Path(os.environ["FLWR_HOME"])) == []
+    assert identifiers_in((logs.out + logs.err).encode()) == []
+
+
+def message_bytes(message) -> bytes:
+    """Everything a reply carries: its arrays' bytes, its metrics' and configs' keys and values."""
+    parts = []
+    for name, record in message.content.items():
+        parts.append(name.encode())
+        if hasattr(record, "to_torch_state_dict"):
+            parts += [k.encode() + v.numpy().tobytes() for k, v in record.to_torch_state_dict().items()]
+        else:
+            parts += [f"{k}={v!r}".encode() for k, v in record.items()]
+    return b"\n".join(parts)
+
+
+def test_every_message_a_dicom_or_nifti_site_sends_holds_no_identifier(tmp_path, monkeypatch):
+    """Two rounds of the server's real loop against the sites' ClientApp handlers called in this
+    process, as their SuperNodes would call them; every reply is read as the server reads it."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_fused_scoring import SitesInProcess
+
+    from fedbt.config import FederatedConfig, TrackingConfig, TrainConfig
+    from fedbt.federated.common import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
+    from fedbt.federated.server_app import run_federated
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    archives = [dicom_archive(tmp_path / "dicom", patients=8), nifti_archive(tmp_path / "nifti", subjects=8)]
+    contexts = {}
+    for node, archive in enumerate(archives, start=21):
+        config = {NODE_SITE: str(archive.yaml), NODE_DATA_ROOT: str(tmp_path), NODE_CACHE_DIR: str(tmp_path / f"c{node}")}
+        contexts[node] = Context(run_id=7, node_id=node, node_config=config, state=RecordDict(), run_config={})
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path / "out"),
+        data=DataConfig(image_size=32),
+        model=ModelConfig(name="cnn"),
+        train=TrainConfig(batch_size=16, log_every=0),
+        federated=FederatedConfig(rounds=2, num_clients=2, poll_interval=0.01, round_timeout=60),
+        tracking=TrackingConfig(enabled=False),
+    )
+    grid = SitesInProcess(contexts)
+    result = run_federated(grid, cfg, server_has_data=False)
+    assert set(result["test"]["sites"]) == {"hospital_dicom", "hospital_nifti"}
+    sent = b"\n".join(message_bytes(m) for m in grid.replies.values())
+    patient_keys = {r.patient.encode() for a in archives for r in scan_site(load_site(a.yaml, None)).records}
+    assert identifiers_in(sent) == [] and not any(key in sent for key in patient_keys)
+    assert b"IM0001" not in sent and b"sub-01" not in sent  # nor a file or subject name
+    assert files_holding_identifiers(tmp_path / "out", tmp_path / "c21", tmp_path / "c22") == []

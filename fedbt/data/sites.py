@@ -241,7 +241,7 @@ def _load_site(path: str | Path, data_root: str | Path | None, referenced_from: 
         reference_sites=tuple(_load_site(ref, data_root, chain) for ref in site.reference_sites),
         volumes=site.volumes,
         # Relative to the YAML's folder: the secret sits with the site's own settings, never in the data.
-        patient_secret=Path(path).parent / Path(site.patient_secret).expanduser() if site.patient_secret else None,
+        patient_secret=chain[-1].parent / Path(site.patient_secret).expanduser() if site.patient_secret else None,
     )
 
 

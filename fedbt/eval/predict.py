@@ -156,6 +156,13 @@ def nifti_inputs(path: Path, rule: SliceRule, axis: int) -> tuple[list[ImageInpu
     return [ImageInput(path, slice_digest(digest, s), s) for s in picked], which
 
 
+def add_image(report: InputReport, path: Path) -> None:
+    try:
+        report.images.append(ImageInput(path, file_sha256(path)))
+    except OSError as err:
+        report.errors.append(Prediction(str(path), error=f"cannot be read ({err.strerror})"))
+
+
 def expand_input(name: str, rule: SliceRule, axis: int) -> InputReport:
     """A named file or folder (searched recursively) as images to score, and what was left out."""
     path = Path(name)
@@ -165,14 +172,18 @@ def expand_input(name: str, rule: SliceRule, axis: int) -> InputReport:
         files = list_files(path, name, problems)
         report.errors += [Prediction(p.path, error=p.message) for p in problems]
     elif path.exists():
-        files = [path]  # named explicitly: try to decode whatever its suffix
+        files = [path]
     else:
         report.errors.append(Prediction(name, error="no such file or folder"))
         return report
     volume_slices_seen: list[str] = []
     dicom_files = []
+    # A file named explicitly is tried whatever its suffix; a folder's, by suffix or DICM preamble.
+    named = not path.is_dir()
     for f in files:
-        if is_nifti(f):
+        if f.suffix.lower() in PREDICT_SUFFIXES:
+            add_image(report, f)
+        elif is_nifti(f):
             try:
                 slices, which = nifti_inputs(f, rule, axis)
             except SkippedFile as err:
@@ -182,8 +193,8 @@ def expand_input(name: str, rule: SliceRule, axis: int) -> InputReport:
             volume_slices_seen.append(which)
         elif is_dicom_file(f):
             dicom_files.append(f)
-        elif f.suffix.lower() in PREDICT_SUFFIXES or not path.is_dir():
-            report.images.append(ImageInput(f, file_sha256(f)))
+        elif named:
+            add_image(report, f)
     if dicom_files:
         picked, left_out = dicom_series_slices(dicom_files, rule)
         report.images += [ImageInput(s.path, s.digest, VolumeSlice(s.study, s.series, window=s.window)) for s in picked]
@@ -196,10 +207,11 @@ def expand_input(name: str, rule: SliceRule, axis: int) -> InputReport:
     return report
 
 
-def read_input(item: ImageInput, data: DataConfig) -> torch.Tensor:
-    """(1, size, size) uint8 as training saw it; ValueError with the reason when it cannot be used."""
+def read_input(path: Path, data: DataConfig, where: VolumeSlice | None = None) -> torch.Tensor:
+    """(1, size, size) uint8 as training saw it (the image of a file, or its slice `where`);
+    ValueError with the reason when it cannot be used."""
     try:
-        image = decode_file(str(item.path), ImageLimits.of(data), item.where)
+        image = decode_file(str(path), ImageLimits.of(data), where)
         return preprocess(image, data.image_size, data.crop_to_content)
     except UnusableImage as err:
         raise ValueError(err.reason) from None  # the row names the file
@@ -228,7 +240,7 @@ def predict_files(
         for item in report.images:
             where = item.where.describe() if item.where and item.where.index is not None else None
             try:
-                pixels.append(read_input(item, model.config.data))
+                pixels.append(read_input(item.path, model.config.data, item.where))
             except ValueError as err:
                 rows.append(Prediction(str(item.path), error=str(err), slice=where))
                 continue
