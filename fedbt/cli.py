@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="predict image files or folders with a checkpoint")
     predict.add_argument(
-        "paths", nargs="+", help="image files (.jpg, .png, ..., .mat), DICOM files (.dcm), NIfTI (.nii, .nii.gz), folders"
+        "paths", nargs="+", help="image files (.jpg, .png, ..., .mat), DICOM (.dcm), NIfTI (.nii, .nii.gz) or folders"
     )
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image here")

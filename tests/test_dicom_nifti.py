@@ -184,7 +184,8 @@ def test_patient_key_is_a_keyed_hash_of_the_sites_own_owner_only_secret(tmp_path
 def test_default_secret_lives_under_fedbt_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDBT_SECRETS", str(tmp_path / "keys"))
     archive = dicom_archive(tmp_path, patients=1)
-    archive.yaml.write_text("\n".join(line for line in archive.yaml.read_text().splitlines() if not line.startswith("patient_secret")))
+    lines = archive.yaml.read_text().splitlines()
+    archive.yaml.write_text("\n".join(line for line in lines if not line.startswith("patient_secret")))
     scan_site(load_site(archive.yaml, None))
     assert stat.S_IMODE((tmp_path / "keys" / "hospital_dicom.key").stat().st_mode) == 0o600
 
@@ -298,18 +299,22 @@ def test_bad_files_are_one_line_problems_of_the_site(tmp_path):
     ds.save_as(bad / "no-pixels" / "IM0000.dcm")
     shutil.copy(get_testdata_file("MR_truncated.dcm", download=False), bad / "truncated.dcm")
     (bad / "cut.dcm").write_bytes((archive.root / "s000" / "axial" / "IM0000.dcm").read_bytes()[:-500])
-    write_series(bad / "jpeg-ls", 0, "glioma", generate_uid(), 1, rng, syntax=JPEGLSLossless, pixel_data=encapsulate([b"\0" * 8]))
+    jpeg_ls = {"syntax": JPEGLSLossless, "pixel_data": encapsulate([b"\0" * 8])}
+    write_series(bad / "jpeg-ls", 0, "glioma", generate_uid(), 1, rng, **jpeg_ls)
     paths = write_series(bad / "mixed", 0, "glioma", generate_uid(), 3, rng)
-    write_dicom(paths[1], make_image("glioma", rng, 48).pixels, 0, generate_uid(), pydicom.dcmread(paths[0]).SeriesInstanceUID, 2)
+    larger = make_image("glioma", rng, 48).pixels
+    write_dicom(paths[1], larger, 0, generate_uid(), pydicom.dcmread(paths[0]).SeriesInstanceUID, 2)
     (bad / "notes.txt").write_text("not DICOM")
-    problems = {Path(p.path).relative_to(archive.root).as_posix(): p.message for p in scan_site(load_site(archive.yaml, None)).problems}
+    scan = scan_site(load_site(archive.yaml, None))
+    problems = {Path(p.path).relative_to(archive.root).as_posix(): p.message for p in scan.problems}
     assert problems["s000/bad/no-pixels/IM0000.dcm"] == (
         "DICOM without pixel data (not an image, or a file cut short), skipped"
     )
     assert problems["s000/bad/truncated.dcm"] == "truncated: 8130 of 8192 bytes of pixels, skipped"
     assert problems["s000/bad/cut.dcm"] == "truncated: 2700 of 3200 bytes of pixels, skipped"
     assert problems["s000/bad/jpeg-ls/IM0000.dcm"] == (
-        "transfer syntax JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80): no installed decoder reads it, skipped"
+        "transfer syntax JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80): "
+        "no installed decoder reads it, skipped"
     )
     assert problems["s000/bad/mixed"] == "series of 3 slices: slices disagree in size (40 x 40, 48 x 48), skipped"
     assert problems["s000/bad/notes.txt"] == "not a DICOM file (no DICM preamble), skipped"
@@ -395,8 +400,9 @@ def test_a_simulation_with_dicom_and_nifti_sites_trains_and_writes_no_identifier
             "--set", f"data.cache_dir={work / 'cache'}", "--set", f"data.sites=[{sites}]"]  # fmt: skip
     assert main(["simulate", *args, "--clients", "5", "--rounds", "2", "--skip-local", "--out", str(work / "out")]) == 0
     assert main(["data", "inspect", *args, "--json", str(work / "inspect.json")]) == 0
-    assert main(["evaluate", "--checkpoint", str(work / "out" / "central" / "final.pt"), "--site", "hospital_dicom",
-                 "--data-root", str(demo_root), "--bootstrap", "10", "--device", "cpu", "--out", str(work / "eval")]) == 0  # fmt: skip
+    evaluate = ["evaluate", "--checkpoint", str(work / "out" / "central" / "final.pt"), "--site", "hospital_dicom",
+                "--data-root", str(demo_root), "--bootstrap", "10", "--device", "cpu"]  # fmt: skip
+    assert main([*evaluate, "--out", str(work / "eval")]) == 0
     logs = capfd.readouterr()
     metrics = json.loads((work / "out" / "federated" / "metrics.json").read_text())
     assert {"hospital_dicom", "hospital_nifti"} <= set(json.dumps(metrics).split('"'))  # both sites took part
@@ -433,7 +439,8 @@ def test_every_message_a_dicom_or_nifti_site_sends_holds_no_identifier(tmp_path,
     archives = [dicom_archive(tmp_path / "dicom", patients=8), nifti_archive(tmp_path / "nifti", subjects=8)]
     contexts = {}
     for node, archive in enumerate(archives, start=21):
-        config = {NODE_SITE: str(archive.yaml), NODE_DATA_ROOT: str(tmp_path), NODE_CACHE_DIR: str(tmp_path / f"c{node}")}
+        config = {NODE_SITE: str(archive.yaml), NODE_DATA_ROOT: str(tmp_path)}
+        config[NODE_CACHE_DIR] = str(tmp_path / f"c{node}")
         contexts[node] = Context(run_id=7, node_id=node, node_config=config, state=RecordDict(), run_config={})
     cfg = ExperimentConfig(
         output_dir=str(tmp_path / "out"),

@@ -197,7 +197,7 @@ def expand_input(name: str, rule: SliceRule, axis: int) -> InputReport:
             add_image(report, f)
     if dicom_files:
         picked, left_out = dicom_series_slices(dicom_files, rule)
-        report.images += [ImageInput(s.path, s.digest, VolumeSlice(s.study, s.series, window=s.window)) for s in picked]
+        report.images += [ImageInput(s.path, s.digest, s.where()) for s in picked]
         report.errors += [Prediction(str(f), error=why) for f, why in left_out]
         volume_slices_seen.append(f"{len(picked)} of {len(dicom_files)} DICOM files ({rule.describe()} of each series)")
     if volume_slices_seen:

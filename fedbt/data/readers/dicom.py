@@ -49,6 +49,9 @@ class DicomSlice:
     window: tuple[float, float] | None
     digest: str  # the pixel data and how it becomes 8 bits, not the header: a copy re-exported is the same slice
 
+    def where(self) -> VolumeSlice:
+        return VolumeSlice(self.study, self.series, window=self.window)
+
 
 def read_dataset(path: Path, pixels: bool = True) -> Dataset:
     try:
@@ -171,10 +174,7 @@ def series_records(
     picked = [ordered[i] for i in spec.volumes.slices.pick(len(ordered))]
     tally[NOT_PICKED] += len(ordered) - len(picked)
     allowed = spec.allowed_for(label)
-    return [
-        Record(spec.name, str(s.path), label, allowed, s.digest, s.patient, None, VolumeSlice(s.study, s.series, window=s.window))
-        for s in picked
-    ]
+    return [Record(spec.name, str(s.path), label, allowed, s.digest, s.patient, None, s.where()) for s in picked]
 
 
 def scan_dicom(spec: SiteSpec) -> SiteScan:
@@ -227,7 +227,8 @@ def dicom_series_slices(files: list[Path], rule: SliceRule) -> tuple[list[DicomS
         sizes = sorted({s.size for s in series})
         if len(sizes) > 1:
             folder = Path(os.path.commonpath([str(s.path.parent) for s in series]))
-            left_out.append((folder, f"series of {len(series)} slices: slices disagree in size ({describe_sizes(sizes)})"))
+            sizes_text = describe_sizes(sizes)
+            left_out.append((folder, f"series of {len(series)} slices: slices disagree in size ({sizes_text})"))
             continue
         ordered = sorted(series, key=lambda s: (s.position, s.path))
         picked += [ordered[i] for i in rule.pick(len(ordered))]

@@ -102,6 +102,8 @@ def scan_nifti(spec: SiteSpec) -> SiteScan:
         digest = file_sha256(f)
         patient = keyed_hash(secret, "patient", subject)
         allowed = spec.allowed_for(label)
-        records += [Record(spec.name, str(f), label, allowed, slice_digest(digest, s), patient, None, s) for s in picked]
+        records += [
+            Record(spec.name, str(f), label, allowed, slice_digest(digest, s), patient, None, s) for s in picked
+        ]
     table.check_all_used("NIfTI file")
     return finish_scan(spec, records, problems, tally)

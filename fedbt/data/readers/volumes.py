@@ -107,7 +107,8 @@ class LabelTable:
             if key in self.labels:
                 raise ValueError(f"{self.path} lines {self.labels[key][1]} and {line}: the same {self.key} twice")
             if spec.allowed_for(label) is None:
-                raise ValueError(f"{self.path} line {line}: unknown label {label!r}: map it under 'labels:' in the site YAML")
+                mapping = "map it under 'labels:' in the site YAML"
+                raise ValueError(f"{self.path} line {line}: unknown label {label!r}: {mapping}")
             self.labels[key] = (label, line)
 
     def label_of(self, key: str) -> str | None:
