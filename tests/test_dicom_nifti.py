@@ -26,8 +26,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, MRImageStorage, 
 from fedbt.cli import main
 from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
 from fedbt.data.catalog import build_catalog
+from fedbt.data.images import ImageLimits, decode_file
 from fedbt.data.inspect import inspect_report
 from fedbt.data.readers import scan_site
+from fedbt.data.records import VolumeSlice
 from fedbt.data.sites import load_site
 from fedbt.data.synthetic import make_image
 from fedbt.model.architectures import build_model
@@ -221,6 +223,33 @@ def test_real_pydicom_mr_slices_make_a_site(tmp_path):
     # The same pixels stored two ways decode alike, and are found to be one picture.
     assert torch.equal(catalog.pixels[0], catalog.pixels[1])
     assert len(set(catalog.picture_ids.tolist())) == 1
+
+
+def test_dicom_pixels_are_rescaled_then_windowed_to_8_bits(tmp_path):
+    """Stored value v shows 2v - 100 (RescaleSlope 2, RescaleIntercept -100, as write_dicom
+    writes); the window 100 +- 100 maps 0 to black, 200 to white, values between linearly."""
+    stored = np.tile(np.arange(SIDE, dtype=np.uint16) * 4, (SIDE, 1))  # 0, 4, ..., 156 along a row
+    path = tmp_path / "ramp.dcm"
+    write_dicom(path, stored, 0, generate_uid(), generate_uid(), 1, pixel_data=stored.astype("<u2").tobytes())
+    decoded = decode_file(str(path), ImageLimits.of(DataConfig()), VolumeSlice("s", "s", window=(100.0, 200.0)))
+    expected = np.clip((stored * 2.0 - 100) / 200 * 255, 0, 255).round().astype(np.uint8)
+    assert torch.equal(decoded[0], torch.from_numpy(expected))
+    archive = dicom_archive(tmp_path, patients=1, extra_yaml="  window: {center: 100, width: 200}\n")
+    assert {r.slice.window for r in scan_site(load_site(archive.yaml, None)).records} == {(100.0, 200.0)}
+
+
+def test_nifti_labels_keyed_by_file(tmp_path):
+    archive = nifti_archive(tmp_path, subjects=2)
+    (archive.root / "participants.csv").write_text(
+        "file,label\nsub-00/anat/sub-00_T1w.nii.gz,glioma\nsub-01/anat/sub-01_T1w.nii.gz,meningioma\n"
+    )
+    archive.yaml.write_text(archive.yaml.read_text().replace("key: subject", "key: file"))
+    scan = scan_site(load_site(archive.yaml, None))
+    assert {(Path(r.path).name, r.source_label) for r in scan.records} == {
+        ("sub-00_T1w.nii.gz", "glioma"),
+        ("sub-01_T1w.nii.gz", "meningioma"),
+    }
+    assert [p.message for p in scan.problems] == ["its file has no row in participants.csv, skipped"]  # ses-2
 
 
 def test_inspect_reports_a_dicom_site(tmp_path, capsys):
