@@ -12,7 +12,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbt.config import SECTION_SCOPES, SERVER, STRATEGY_NAMES, ExperimentConfig, describe_validation_error, load_config, scope_of
+from fedbt.config import (
+    SECTION_SCOPES,
+    SERVER,
+    STRATEGY_NAMES,
+    ExperimentConfig,
+    describe_validation_error,
+    load_config,
+    scope_of,
+)
+from fedbt.data.sites import SliceRule
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.fileio import write_json
 from fedbt.model.checkpoint import CheckpointError
@@ -164,8 +173,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         resamples=args.bootstrap,
         seed=args.seed,
+        slices=args.slices,
+        axis=args.axis,
     )
-    run_evaluation(request, out)
+    result = run_evaluation(request, out)
+    for name, which in result["data"]["slices_scored"].items():
+        print(f"{name}: scored {which}")
     print(f"report: {out / 'report.html'}")
     return 0
 
@@ -173,7 +186,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedbt.eval.predict import run_predict
 
-    return run_predict(args.paths, args.checkpoint, args.gradcam, args.format, args.output, args.device)
+    return run_predict(
+        args.paths, args.checkpoint, args.gradcam, args.format, args.output, args.device, args.slices, args.axis
+    )
+
+
+def slice_rule(text: str) -> SliceRule:
+    """--slices: 'all', or how many slices around the middle of each series or volume."""
+    if text == "all":
+        return SliceRule(keep="all")
+    if text.isdigit() and int(text) > 0:
+        return SliceRule(keep="middle", count=int(text))
+    raise argparse.ArgumentTypeError(f"{text!r}: 'all' or a number of middle slices, such as 5")
+
+
+def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--slices",
+        type=slice_rule,
+        default=SliceRule(),
+        metavar="all|K",
+        help="DICOM series and NIfTI volumes: score all slices or the middle K (default 5)",
+    )
+    parser.add_argument("--axis", type=int, default=2, choices=[0, 1, 2], help="NIfTI voxel axis to slice across")
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -401,21 +436,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", metavar="CHECKPOINT", help="second checkpoint: McNemar test on the same images")
     scope = evaluate.add_mutually_exclusive_group()
     scope.add_argument("--site", help="this site's test split (default: the pooled test split)")
-    scope.add_argument("--folder", help="a folder of class folders (glioma/, no_tumor/, yes/, ...) instead")
+    scope.add_argument(
+        "--folder", help="a folder of class folders (glioma/, no_tumor/, yes/, ...) of images, DICOM or NIfTI instead"
+    )
     evaluate.add_argument("--data-root", help="folder holding the sites' data (default: the checkpoint's)")
     evaluate.add_argument("--out", help="output folder (default: eval-<scope> beside the checkpoint)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    add_slice_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="predict image files or folders with a checkpoint")
-    predict.add_argument("paths", nargs="+", help="image files (.jpg, .png, ..., .mat) or folders")
+    predict.add_argument(
+        "paths", nargs="+", help="image files (.jpg, .png, ..., .mat), DICOM (.dcm), NIfTI (.nii, .nii.gz) or folders"
+    )
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image here")
     predict.add_argument("--format", default="json", choices=["json", "csv"])
     predict.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_slice_arguments(predict)
     predict.set_defaults(func=cmd_predict)
     add_deployment_parsers(sub)
     return parser

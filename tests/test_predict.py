@@ -97,7 +97,8 @@ def test_predict_csv_on_stdout_with_gradcam_overlays(setup, tmp_path, capsys):
     )
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert list(rows[0]) == ["path", "prediction", "confidence", *(f"p_{c}" for c in CLASSES), "gradcam", "error"]
+    probabilities = [f"p_{c}" for c in CLASSES]
+    assert list(rows[0]) == ["path", "slice", "prediction", "confidence", *probabilities, "gradcam", "error"]
     assert len(rows) == len(list(folder.glob("*.jpg"))) + 1
     broken = rows[-1]
     assert broken["error"] and not broken["prediction"] and not broken["gradcam"]

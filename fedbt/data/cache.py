@@ -78,11 +78,12 @@ class ImageCache:
         atomic_write(self.path_for(sha256), lambda fh: np.save(fh, pixels), durable=False, private=True)
 
 
-def _decode_into_cache(job: tuple[str, str, ImageCache]) -> str | None:
-    """Decode one file into the cache; the reason it cannot be used, or None."""
-    path, sha256, cache = job
+def _decode_into_cache(job: tuple[Record, ImageCache]) -> str | None:
+    """Decode one record's image into the cache; the reason it cannot be used, or None."""
+    record, cache = job
     try:
-        cache.store(sha256, preprocess(decode_file(path, cache.limits), cache.size, cache.crop).numpy())
+        image = decode_file(record.path, cache.limits, record.slice)
+        cache.store(record.sha256, preprocess(image, cache.size, cache.crop).numpy())
     except UnusableImage as err:
         return err.reason
     except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
@@ -98,13 +99,13 @@ def fill_cache(
     records: list[Record], cache: ImageCache, workers: int | None = None, progress: bool = True
 ) -> dict[str, str]:
     """Decode every record not cached soundly. Returns {sha256: reason} for files that cannot be used."""
-    todo: dict[str, str] = {}
+    todo: dict[str, Record] = {}
     for r in records:
         if r.sha256 not in todo and not cache.usable(r.sha256):
-            todo[r.sha256] = r.path
+            todo[r.sha256] = r
     if not todo:
         return {}
-    jobs = [(path, sha, cache) for sha, path in todo.items()]
+    jobs = [(r, cache) for r in todo.values()]
     workers = workers or default_workers()
     parallel = workers > 1 and len(jobs) >= 16
     errors: dict[str, str] = {}
@@ -114,10 +115,10 @@ def fill_cache(
     single_threaded = {"initializer": torch.set_num_threads, "initargs": (1,)}
     with ProcessPoolExecutor(workers, **single_threaded) if parallel else contextlib.nullcontext() as pool:
         results = pool.map(_decode_into_cache, jobs, chunksize=16) if pool else map(_decode_into_cache, jobs)
-        for (_, sha, _), err in zip(jobs, results):
+        for (record, _), err in zip(jobs, results):
             bar.update()
             if err:
-                errors[sha] = err
+                errors[record.sha256] = err
     bar.close()
     return errors
 

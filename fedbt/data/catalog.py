@@ -70,6 +70,8 @@ class Catalog:
     picture_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     # Test records left out of every test set served: another site trains on their picture.
     held_out_test: list[int] = field(default_factory=list)
+    # DICOM and NIfTI sites: slices kept, and skipped by reason.
+    slice_tally: dict[str, Counter[str]] = field(default_factory=dict)
 
     @property
     def site_names(self) -> list[str]:
@@ -155,15 +157,24 @@ def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path 
     task = get_task(cfg.task)
     records: list[Record] = []
     problems: list[Problem] = []
+    tallies: dict[str, Counter[str]] = {}
     for site in sites:
         scan = scan_site(site)
         records.extend(_limit_per_label(scan.records, cfg.max_per_label))
         problems.extend(scan.problems)
+        if scan.tally:
+            tallies[site.name] = scan.tally
 
     cache = ImageCache(cfg.cache_dir, cfg.image_size, cfg.crop_to_content, ImageLimits.of(cfg))
     errors = fill_cache(records, cache, progress=progress)
-    problems.extend(Problem(r.site, r.path, errors[r.sha256]) for r in records if r.sha256 in errors)
+    for r in records:
+        if r.sha256 in errors:
+            problems.append(Problem(r.site, r.path, errors[r.sha256]))
+            if r.site in tallies:
+                tallies[r.site]["cannot decode"] += 1
     records = [r for r in records if r.sha256 not in errors]
+    for name, tally in tallies.items():  # after max_per_label and decoding: the slices the catalog holds
+        tally["kept"] = sum(r.site == name for r in records)
     if not records:
         raise ValueError("no readable images in any site")
 
@@ -176,5 +187,17 @@ def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path 
     pictures = picture_groups(records, pairs)
     held_out = held_out_test_records(splits, pictures)
     return Catalog(
-        sites, task, cfg.image_size, records, problems, pixels, masks, group_ids, splits, pairs, pictures, held_out
+        sites,
+        task,
+        cfg.image_size,
+        records,
+        problems,
+        pixels,
+        masks,
+        group_ids,
+        splits,
+        pairs,
+        pictures,
+        held_out,
+        slice_tally=tallies,
     )

@@ -19,7 +19,11 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from fedbt.config import DataConfig
+from fedbt.data.readers.dicom import dicom_image_shape, read_dicom_image
 from fedbt.data.readers.figshare_mat import mat_image_shape, read_mat_image
+from fedbt.data.readers.nifti import read_nifti_slice
+from fedbt.data.readers.volumes import SkippedFile
+from fedbt.data.records import VolumeSlice
 
 
 class UnusableImage(ValueError):
@@ -94,10 +98,37 @@ def decode_mat(path: str, limits: ImageLimits) -> torch.Tensor:
     image = read_mat_image(Path(path)).astype(np.float32)
     if not np.isfinite(image).all():
         raise UnusableImage(path, "cjdata/image holds NaN or infinite values")
-    lo, hi = float(image.min()), float(image.max())
-    check_not_constant(path, lo, hi)
-    scaled = (image - lo) / (hi - lo) * 255.0
+    return to_uint8(path, image, window=None)
+
+
+def to_uint8(path: str, image: np.ndarray, window: tuple[float, float] | None) -> torch.Tensor:
+    """(1, H, W) uint8: values from center - width/2 to center + width/2 of the window, or
+    from the image's lowest to its highest value, spread over 0..255."""
+    check_not_constant(path, float(image.min()), float(image.max()))
+    if window is None:
+        lo, hi = float(image.min()), float(image.max())
+    else:
+        lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    scaled = (np.clip(image, lo, hi) - lo) / (hi - lo) * 255.0
     return torch.from_numpy(scaled.round().astype(np.uint8)).unsqueeze(0)
+
+
+def decode_slice(path: str, where: VolumeSlice, limits: ImageLimits) -> torch.Tensor:
+    """One slice of a DICOM series (the file) or a NIfTI volume, windowed to uint8, as (1, H, W)."""
+    try:
+        if where.index is None:
+            check_dimensions(path, *dicom_image_shape(path), limits)
+            image = read_dicom_image(path)
+        else:
+            image = read_nifti_slice(path, where.index, where.axis)
+    except SkippedFile as err:
+        raise UnusableImage(path, str(err)) from None
+    if image.ndim != 2:
+        raise UnusableImage(path, f"not a single 2-D image: shape {image.shape}")
+    check_dimensions(path, width=image.shape[1], height=image.shape[0], limits=limits)
+    if not np.isfinite(image).all():
+        raise UnusableImage(path, "holds NaN or infinite values")
+    return to_uint8(path, image, where.window)
 
 
 def decode_raster(path: str, limits: ImageLimits) -> torch.Tensor:
@@ -120,8 +151,11 @@ def decode_raster(path: str, limits: ImageLimits) -> torch.Tensor:
     return image
 
 
-def decode_file(path: str, limits: ImageLimits) -> torch.Tensor:
-    """A file's pixels as a (1, H, W) uint8 tensor; UnusableImage naming the file and the reason otherwise."""
+def decode_file(path: str, limits: ImageLimits, where: VolumeSlice | None = None) -> torch.Tensor:
+    """A file's pixels (or the slice `where` of a DICOM series or NIfTI volume) as a (1, H, W)
+    uint8 tensor; UnusableImage naming the file and the reason otherwise."""
+    if where is not None:
+        return decode_slice(path, where, limits)
     if path.lower().endswith(".mat"):
         return decode_mat(path, limits)
     return decode_raster(path, limits)

@@ -19,6 +19,9 @@ def image_summary(records: list[Record]) -> dict:
         if r.path.lower().endswith(".mat"):
             modes["mat"] += 1
             continue
+        if r.slice is not None:  # a slice of a DICOM series or NIfTI volume: volume_site_counts
+            modes["nifti slice" if r.slice.index is not None else "dicom slice"] += 1
+            continue
         try:
             with Image.open(r.path) as img:
                 modes[img.mode] += 1
@@ -99,9 +102,28 @@ def site_counts(catalog: Catalog) -> dict:
     return out
 
 
+def volume_site_counts(catalog: Catalog) -> dict:
+    """Per DICOM or NIfTI site: patients, studies and series kept (counted by their keyed
+    hashes), slices kept and skipped by reason, and patients per label."""
+    out: dict = {}
+    for site, tally in catalog.slice_tally.items():
+        kept = [r for r in catalog.records if r.site == site]
+        patient_labels = {(r.patient, r.source_label) for r in kept}
+        out[site] = {
+            "patients": len({r.patient for r in kept}),
+            "studies": len({r.slice.study for r in kept}),
+            "series": len({r.slice.series for r in kept}),
+            "slices_kept": tally["kept"],
+            "slices_skipped": {reason: n for reason, n in sorted(tally.items()) if reason != "kept" and n},
+            "patients_per_label": dict(sorted(Counter(label for _, label in patient_labels).items())),
+        }
+    return out
+
+
 def inspect_report(catalog: Catalog) -> dict:
     return {
         "sites": site_counts(catalog),
+        "volume_sites": volume_site_counts(catalog),
         "images": image_summary(catalog.records),
         "duplicates": duplicate_report(catalog),
         "pooled_unique_images": {
@@ -123,6 +145,14 @@ def format_report(report: dict) -> str:
             )
         if info["problems"]:
             lines.append(f"  {'':<10} {info['problems']} problems (listed below)")
+    for site, info in report["volume_sites"].items():
+        lines.append(
+            f"DICOM/NIfTI site {site}: {info['patients']} patients, {info['studies']} studies, "
+            f"{info['series']} series, {info['slices_kept']} slices kept"
+        )
+        skipped = ", ".join(f"{reason} {n}" for reason, n in info["slices_skipped"].items()) or "none"
+        lines.append(f"  slices skipped: {skipped}")
+        lines.append("  patients per label: " + ", ".join(f"{k} {v}" for k, v in info["patients_per_label"].items()))
     img = report["images"]
     lines.append(f"Images: modes {img['modes']}")
     if "width" in img:

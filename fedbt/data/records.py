@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbt.data.sites import SiteSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class VolumeSlice:
+    """Where a record's image lies in a DICOM series or NIfTI volume and how it becomes 8 bits.
+
+    `study` and `series` are keyed hashes, never the header's UIDs (see readers/volumes.py).
+    """
+
+    study: str
+    series: str
+    index: int | None = None  # NIfTI: the slice along `axis`; DICOM: None (one file, one slice)
+    axis: int = 2
+    window: tuple[float, float] | None = None  # (center, width); None: the file's own, else min-max
+
+    def describe(self) -> str:
+        return "1 DICOM slice" if self.index is None else f"slice {self.index} along axis {self.axis}"
 
 
 @dataclass(frozen=True)
@@ -21,6 +39,7 @@ class Record:
     sha256: str
     patient: str | None = None
     source_split: str | None = None  # 'train' / 'test' when the release splits itself
+    slice: VolumeSlice | None = None  # DICOM and NIfTI slices; None: the file is one image
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,8 @@ class SiteScan:
     site: SiteSpec
     records: list[Record]
     problems: list[Problem]
+    # DICOM and NIfTI sites: slices kept, and skipped by reason (`fedbt data inspect` reports it).
+    tally: Counter[str] = field(default_factory=Counter)
 
 
 def file_sha256(path: Path) -> str:

@@ -25,9 +25,15 @@ from fedbt.config import (
 )
 from fedbt.data.labels import KNOWN_SOURCE_LABELS, parse_allowed
 
-SiteFormat = Literal["class_folders", "figshare_mat", "kaggle_combined"]
+SiteFormat = Literal["class_folders", "figshare_mat", "kaggle_combined", "dicom", "nifti"]
 FORMATS: tuple[str, ...] = get_args(SiteFormat)
+VOLUME_FORMATS = ("dicom", "nifti")
 DATA_ROOT_ENV = "FEDBT_DATA_ROOT"
+# What a label CSV may be keyed by, per format (the CSV has this column and a `label` column).
+LABEL_KEYS = {
+    "dicom": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"),
+    "nifti": ("subject", "file"),
+}
 
 SplitShare = Annotated[float, Field(ge=0, lt=1)]
 
@@ -85,6 +91,50 @@ class SitePolicy:
     keep_run_state_days: PositiveFloat = 2.0
 
 
+@validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class SliceRule:
+    """Which slices of a series (DICOM) or volume (NIfTI) become images."""
+
+    # 'middle': the `count` slices around the middle (the ends of a head scan show little brain).
+    keep: Literal["all", "middle"] = "middle"
+    count: PositiveInt = 5
+
+    def pick(self, slices: int) -> range:
+        """Indices of the slices kept out of `slices` in order."""
+        if self.keep == "all" or slices <= self.count:
+            return range(slices)
+        start = (slices - self.count) // 2
+        return range(start, start + self.count)
+
+    def describe(self) -> str:
+        return "all slices" if self.keep == "all" else f"the middle {self.count} slices"
+
+
+@validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class Window:
+    """Values from center - width/2 (black) to center + width/2 (white), after DICOM's rescale."""
+
+    center: float
+    width: PositiveFloat
+
+
+@validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class VolumeLayout:
+    """How a DICOM or NIfTI archive maps to labelled slices (`volumes:` in a site YAML)."""
+
+    # CSV with a `label` column and a `key` column; relative to the site's root.
+    labels_csv: str
+    # dicom: PatientID, StudyInstanceUID or SeriesInstanceUID; nifti: subject or file.
+    key: str
+    slices: SliceRule = SliceRule()
+    # dicom: keep axial series only (orientation from ImageOrientationPatient).
+    axial_only: bool = True
+    # nifti: the voxel axis slices are cut across (2: the third, axial in RAS-stored volumes).
+    axis: Literal[0, 1, 2] = 2
+    # None: the DICOM file's own window, else each slice's lowest to highest value.
+    window: Window | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class SiteSpec:
     name: str
@@ -97,6 +147,10 @@ class SiteSpec:
     # site YAMLs whose files decide SARTAJ vs Br35H by byte identity.
     origin: str | None = None
     reference_sites: tuple[SiteSpec, ...] = ()
+    # dicom and nifti only: the archive's layout, and the owner-only file holding the key
+    # patient ids are hashed with (None: the site's default, created on first use).
+    volumes: VolumeLayout | None = None
+    patient_secret: Path | None = None
 
     def allowed_for(self, source_label: str) -> frozenset[str] | None:
         return self.labels.get(source_label, KNOWN_SOURCE_LABELS.get(source_label))
@@ -126,6 +180,8 @@ class SiteFile(BaseModel):
     policy: SitePolicy = SitePolicy()
     origin: str | None = None
     reference_sites: list[str] = []
+    volumes: VolumeLayout | None = None
+    patient_secret: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -142,6 +198,18 @@ class SiteFile(BaseModel):
     def _combined_names_its_origin(self) -> SiteFile:
         if self.format == "kaggle_combined" and self.origin is None:
             raise ValueError("format kaggle_combined needs 'origin' (the site name it takes, e.g. figshare)")
+        return self
+
+    @model_validator(mode="after")
+    def _volumes_with_volume_formats(self) -> SiteFile:
+        volume_format = self.format in VOLUME_FORMATS
+        if volume_format and self.volumes is None:
+            raise ValueError(f"format {self.format} needs 'volumes' (labels_csv and key at least)")
+        if not volume_format and (self.volumes is not None or self.patient_secret is not None):
+            raise ValueError(f"'volumes' and 'patient_secret' are for formats {' and '.join(VOLUME_FORMATS)} only")
+        if volume_format and self.volumes.key not in LABEL_KEYS[self.format]:
+            keys = ", ".join(LABEL_KEYS[self.format])
+            raise ValueError(f"volumes.key {self.volumes.key!r}: a {self.format} label CSV is keyed by one of {keys}")
         return self
 
 
@@ -185,6 +253,9 @@ def _load_site(path: str | Path, data_root: str | Path | None, referenced_from: 
         policy=site.policy,
         origin=site.origin,
         reference_sites=tuple(_load_site(ref, data_root, chain) for ref in site.reference_sites),
+        volumes=site.volumes,
+        # Relative to the YAML's folder: the secret sits with the site's own settings, never in the data.
+        patient_secret=chain[-1].parent / Path(site.patient_secret).expanduser() if site.patient_secret else None,
     )
 
 

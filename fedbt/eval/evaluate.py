@@ -1,9 +1,10 @@
 """`fedbt evaluate`: score a checkpoint on a site's or the pooled test split (or a folder of
-class folders), with the clinical metrics, latency, Grad-CAM samples and a report page."""
+class folders holding images, DICOM files or series, NIfTI volumes), with the clinical
+metrics, latency, Grad-CAM samples and a report page."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,16 @@ from fedbt.config import DataConfig, TrackingConfig, to_dict
 from fedbt.data.cache import ImageCache, fill_cache, load_pixels
 from fedbt.data.catalog import build_catalog
 from fedbt.data.images import ImageLimits
-from fedbt.data.readers.class_folders import scan_class_folders
-from fedbt.data.records import Problem, Record
-from fedbt.data.sites import SiteSpec
+from fedbt.data.labels import KNOWN_SOURCE_LABELS
+from fedbt.data.readers.class_folders import split_roots
+from fedbt.data.records import Problem, Record, _visible
+from fedbt.data.sites import SliceRule
 from fedbt.data.transforms import to_device_batch
 from fedbt.eval.calibration import tempered_probabilities
 from fedbt.eval.clinical import clinical_metrics, mcnemar
 from fedbt.eval.gradcam import grad_cam
 from fedbt.eval.metrics import classification_metrics
-from fedbt.eval.predict import LoadedModel, load_model
+from fedbt.eval.predict import LoadedModel, expand_input, load_model
 from fedbt.eval.timing import measure_latency
 from fedbt.reports.evaluation import write_evaluation_report
 from fedbt.reports.plots import GridItem
@@ -39,6 +41,8 @@ class EvalRequest:
     resamples: int = 1000
     seed: int = 0
     samples: int = 8  # images in the Grad-CAM grid
+    slices: SliceRule = SliceRule()  # which slices of a folder's DICOM series and NIfTI volumes
+    axis: int = 2  # the NIfTI voxel axis slices are cut across
 
 
 @dataclass
@@ -47,6 +51,7 @@ class EvalSet:
     records: list[Record]
     masks: torch.Tensor  # (N, C) bool
     problems: list[Problem]
+    slices: dict[str, str] = field(default_factory=dict)  # DICOM/NIfTI input -> which slices were scored
 
 
 def _cache_dir() -> str:
@@ -57,10 +62,10 @@ def _cache_dir() -> str:
 def eval_set(request: EvalRequest, model: LoadedModel) -> EvalSet:
     """The images to score: a folder of class folders, a site's test split or the pooled test split."""
     if request.folder:
-        scan = scan_class_folders(SiteSpec("folder", "class_folders", Path(request.folder)))
-        masks = torch.tensor([model.task.target_mask(r.allowed) for r in scan.records], dtype=torch.bool)
-        masks = masks.reshape(-1, model.task.num_classes)  # (0, C) too when the folder holds no images
-        return EvalSet(f"folder {request.folder}", scan.records, masks, scan.problems)
+        images = folder_set(request)
+        masks = torch.tensor([model.task.target_mask(r.allowed) for r in images.records], dtype=torch.bool)
+        images.masks = masks.reshape(-1, model.task.num_classes)  # (0, C) too when the folder holds no images
+        return images
     # The checkpoint's data settings and seed deal the same splits as in training.
     trained_on = model.config.data
     data = replace(trained_on, data_root=request.data_root or trained_on.data_root, cache_dir=_cache_dir())
@@ -69,6 +74,29 @@ def eval_set(request: EvalRequest, model: LoadedModel) -> EvalSet:
     description = f"site {request.site} test split" if request.site else "pooled test split"
     problems = [p for p in catalog.problems if request.site in (None, p.site)]
     return EvalSet(description, [catalog.records[i] for i in indices], catalog.masks[indices], problems)
+
+
+def folder_set(request: EvalRequest) -> EvalSet:
+    """Class folders (a release's Training/Testing folders included), each holding what
+    `fedbt predict` takes: images, .mat files, DICOM files and series, NIfTI volumes."""
+    records: list[Record] = []
+    problems: list[Problem] = []
+    slices: dict[str, str] = {}
+    for split_root, _ in split_roots(Path(request.folder)):
+        for label_dir in sorted(d for d in split_root.iterdir() if _visible(d)):
+            allowed = KNOWN_SOURCE_LABELS.get(label_dir.name) if label_dir.is_dir() else None
+            if allowed is None:
+                problems.append(Problem("folder", str(label_dir), "not a class folder named as in fedbt.data.labels"))
+                continue
+            found = expand_input(str(label_dir), request.slices, request.axis)
+            problems += [Problem("folder", row.path, row.error or "") for row in found.errors]
+            records += [
+                Record("folder", str(i.path), label_dir.name, allowed, i.key, None, None, i.where) for i in found.images
+            ]
+            if found.slices:
+                slices[str(label_dir)] = found.slices
+    empty = torch.zeros((0, 0), dtype=torch.bool)
+    return EvalSet(f"folder {request.folder}", records, empty, problems, slices)
 
 
 def decode_for(model: LoadedModel, records: list[Record]) -> tuple[list[int], torch.Tensor, list[Problem]]:
@@ -136,6 +164,7 @@ def run_evaluation(request: EvalRequest, out: Path) -> dict:
         "data": {
             "description": images.description,
             "n": len(records),
+            "slices_scored": images.slices,
             "problems": [{"path": p.path, "message": p.message} for p in images.problems + unreadable],
         },
         "metrics": clinical_metrics(probs, masks, model.task, request.resamples, request.seed, np.exp(log_probs)),

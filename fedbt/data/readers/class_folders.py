@@ -21,7 +21,7 @@ from fedbt.data.sites import SiteSpec
 SOURCE_SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test"}
 
 
-def _split_roots(root: Path) -> list[tuple[Path, str | None]]:
+def split_roots(root: Path) -> list[tuple[Path, str | None]]:
     """The release's own split folders when present, else the root alone."""
     split_dirs = [
         (d, SOURCE_SPLIT_DIRS[d.name.lower()])
@@ -35,7 +35,7 @@ def scan_class_folders(spec: SiteSpec) -> SiteScan:
     _require_root(spec)
     records: list[Record] = []
     problems: list[Problem] = []
-    for split_root, source_split in _split_roots(spec.root):
+    for split_root, source_split in split_roots(spec.root):
         for label_dir in sorted(d for d in split_root.iterdir() if _visible(d)):
             if not label_dir.is_dir():
                 dangling = label_dir.is_symlink() and not label_dir.exists()
