@@ -213,7 +213,8 @@ def load_ca(layout: CertLayout) -> tuple[x509.Certificate, ec.EllipticCurvePriva
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise ValueError(f"{layout.ca_key} is not the key of {layout.ca_cert}")
     if cert.not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc):
-        raise ValueError(f"the CA {layout.ca_cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}: make a new deployment")
+        expired = f"{cert.not_valid_after_utc:%Y-%m-%d}"
+        raise ValueError(f"the CA {layout.ca_cert} expired on {expired}: make a new deployment")
     return cert, key
 
 
