@@ -39,6 +39,7 @@ def request_bodies(content: RecordDict) -> list[int]:
 def test_the_body_limit_fits_every_request_of_a_packed_resnet50_update():
     state = {name: tensor.float() for name, tensor in build_resnet50_transfer(4, 1, None).state_dict().items()}
     bodies = request_bodies(pack_content(RecordDict({"arrays": ArrayRecord(torch_state_dict=state)})))
+    print(f"packed ResNet50 update: {len(bodies)} requests, {sum(bodies):,} bytes, the largest {max(bodies):,}")
     assert sum(bodies) > sum(t.numel() * 4 for t in state.values()) > 90e6  # the whole update, ~94 MB
     assert max(bodies) < MAX_BODY_BYTES / 2, f"largest request {max(bodies):,} bytes: too close to the front's limit"
 
