@@ -21,7 +21,9 @@ from fedbt.federated.packing import pack_content
 from fedbt.model.architectures import build_resnet50_transfer
 
 # A caller's own loopback address, other than the 127.0.0.1 the front uses towards the SuperLink.
-CALLER, CHUNKED_CALLER = "127.0.0.7", "127.0.0.8"
+CALLER, CHUNKED_CALLER, LEGITIMATE_CALLER = "127.0.0.7", "127.0.0.8", "127.0.0.9"
+# The largest push-object request of a packed ResNet50 update (the test below measures it).
+LARGEST_REQUEST_BYTES = 5_242_993
 ATTACK_BYTES = 300 * 1024 * 1024
 LOG_WAIT = 10.0  # seconds for a process's log line to reach its file
 
@@ -41,6 +43,7 @@ def test_the_body_limit_fits_every_request_of_a_packed_resnet50_update():
     bodies = request_bodies(pack_content(RecordDict({"arrays": ArrayRecord(torch_state_dict=state)})))
     print(f"packed ResNet50 update: {len(bodies)} requests, {sum(bodies):,} bytes, the largest {max(bodies):,}")
     assert sum(bodies) > sum(t.numel() * 4 for t in state.values()) > 90e6  # the whole update, ~94 MB
+    assert max(bodies) == LARGEST_REQUEST_BYTES, "Flower cuts messages differently: measure the front's limit again"
     assert max(bodies) < MAX_BODY_BYTES / 2, f"largest request {max(bodies):,} bytes: too close to the front's limit"
 
 
@@ -89,6 +92,16 @@ def test_a_300_mb_unauthenticated_body_is_refused_before_it_is_read_and_logged_w
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     line = log_line_with(front.work / "server" / "front.log", f"{CALLER}:", "/v1/fleet/push-object", " 413 ")
     assert line, "the refused body is not in the front's log with the caller's address"
+
+
+@pytest.mark.e2e
+def test_a_body_the_size_of_the_largest_legitimate_request_reaches_the_superlink(front):
+    body = bytes(LARGEST_REQUEST_BYTES)
+    with open_tls(front, tls_context(front), LEGITIMATE_CALLER) as conn:
+        conn.sendall(post_head("/v1/fleet/push-object", len(body)) + body)
+        status = conn.recv(4096).decode(errors="replace").split(" ")[1]
+    assert status != "413"
+    assert log_line_with(front.work / "server" / "superlink.log", LEGITIMATE_CALLER, "/v1/fleet/push-object")
 
 
 @pytest.mark.e2e
