@@ -30,6 +30,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_ROOT = Path("demo-data")
 DEMO_CONFIG = "configs/demo.yaml"
 CPU_CONFIG = "configs/cpu.yaml"
+DEFAULT_SITES = ["figshare", "sartaj", "br35h"]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,14 +213,20 @@ def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedbt.deployment.certs import make_deployment_certs
+    from fedbt.deployment.certs import CertLayout, make_deployment_certs
 
-    layout = make_deployment_certs(args.out, args.host, args.sites, force=args.force)
+    # A new deployment gets the three study sites unless told otherwise; a later call (adding a
+    # site, renewing the server certificate) makes only what it names.
+    new = not CertLayout(Path(args.out)).ca_cert.exists()
+    sites = args.sites if args.sites is not None else (DEFAULT_SITES if new else [])
+    layout = make_deployment_certs(args.out, args.host, sites, force=args.force, ca_key=args.ca_key)
     print(f"deployment certificates in {layout.root}:")
-    print(f"  server machine: {layout.ca_cert}, {layout.server_cert}, {layout.server_key}, {layout.sites_dir}/*.pub")
-    for site in args.sites:
-        print(f"  site {site}: {layout.ca_cert}, {layout.site_private_key(site)}")
-    print(f"  whoever runs `fedbt run`: {layout.ca_cert};  keep {layout.ca_key} offline")
+    if new:
+        print(f"  every machine: {layout.ca_cert};  keep {layout.ca_key} offline (only server certificates need it)")
+    if args.host:
+        print(f"  server machine: {layout.server_cert}, {layout.server_key}")
+    for site in sites:
+        print(f"  site {site}: {layout.site_private_key(site)};  server machine: {layout.site_public_key(site)}")
     return 0
 
 
@@ -301,14 +308,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_deployment_parsers(sub) -> None:
-    certs = sub.add_parser("certs", help="make a CA, the server certificate and a key pair per site")
+    certs = sub.add_parser("certs", help="make or extend a deployment's CA, server certificate and site key pairs")
     certs.add_argument("--out", default="certs", help="folder for the certificates and keys (default: certs)")
     certs.add_argument(
         "--host", action="append", default=[], help="server host name or IP address sites connect to (repeatable)"
     )
-    certs.add_argument("--sites", nargs="+", default=["figshare", "sartaj", "br35h"], help="site names")
     certs.add_argument(
-        "--force", action="store_true", help="replace keys that exist (each holder must get the new one)"
+        "--sites", nargs="+", help="site key pairs to make (default for a new folder: " + " ".join(DEFAULT_SITES) + ")"
+    )
+    certs.add_argument(
+        "--ca-key", help="the CA's private key, kept offline (default: OUT/ca.key); needed only with --host"
+    )
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the server certificate or site keys named that exist (each holder must get the new ones)",
     )
     certs.set_defaults(func=cmd_certs)
 

@@ -18,14 +18,30 @@ from fedbt.deployment.processes import DeploymentError
 
 # The prefix of every Fleet API route of Flower 1.41's SuperLink (flwr/superlink/routers/fleet/router.py).
 FLEET_PREFIX = "/v1/fleet/"
-# Fleet calls each site makes several times a second (polls, heartbeats, transfers): not logged.
-UNLOGGED_FLEET_CALLS = (
+# Fleet calls each site makes several times a second (polls, heartbeats, transfers): logged only
+# when refused or failed (status 400 and above), like every other request is.
+ROUTINE_FLEET_CALLS = (
     "pull-messages",
     "push-messages",
     "send-node-heartbeat",
     "pull-object",
     "push-object",
     "confirm-message-received",
+)
+# The largest request body the front lets through. A message travels as one request per object,
+# and Flower cuts every array into chunks of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE):
+# a packed ResNet50 update in float32 (94.3 MB) is 23 requests, the largest 5,242,993 bytes
+# (tests/test_front_limits.py measures it). Three times that leaves room for Flower's framing to grow
+# while a caller without a key can make the SuperLink hold at most this much per connection.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# TLS 1.2 with forward-secret AEAD suites only (ECDHE with AES-GCM or ChaCha20-Poly1305: Mozilla's
+# "intermediate" profile without DHE); TLS 1.3 has nothing else. fedbt's certificates are ECDSA;
+# the RSA twins serve an operator's own RSA certificate.
+TLS_PROTOCOLS = "TLSv1.2 TLSv1.3"
+TLS12_CIPHERS = ":".join(
+    f"ECDHE-{auth}-{cipher}"
+    for auth in ("ECDSA", "RSA")
+    for cipher in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305")
 )
 # Where Debian and most distributions install nginx, off a non-root user's PATH.
 NGINX_DIRS = ("/usr/sbin", "/usr/local/sbin")
@@ -50,13 +66,16 @@ pid front.pid;
 error_log stderr notice;
 events {{ worker_connections 256; }}
 http {{
-    # Who called what from where (the SuperLink behind sees every caller as 127.0.0.1), except the
-    # sites' polls and transfers, many a second.
-    map $uri $front_logs {{
-        ~^{FLEET_PREFIX}({"|".join(UNLOGGED_FLEET_CALLS)})$ 0;
+    # Who called what from where: every request but the sites' routine calls, and those too when
+    # refused or failed (status 400 and above; 413 for a body over the limit, 401/403 for a bad key).
+    map "$status $uri" $front_logs {{
+        ~^[45] 1;
+        "~^[0-9]+ {FLEET_PREFIX}({"|".join(ROUTINE_FLEET_CALLS)})$" 0;
         default 1;
     }}
-    access_log /dev/stderr combined if=$front_logs;
+    log_format front '$remote_addr:$remote_port [$time_iso8601] "$request" $status '
+                     'body=$request_length sent=$bytes_sent $request_time s';
+    access_log /dev/stderr front if=$front_logs;
     server_tokens off;
     client_body_temp_path tmp/body;
     proxy_temp_path tmp/proxy;
@@ -67,11 +86,15 @@ http {{
         listen {listen}:{self.public_port} ssl;
         ssl_certificate {self.server_cert};
         ssl_certificate_key {self.server_key};
-        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_protocols {TLS_PROTOCOLS};
+        ssl_ciphers {TLS12_CIPHERS};
+        ssl_prefer_server_ciphers off;
+        ssl_session_tickets off;
         location {FLEET_PREFIX} {{
-            # Model transfers are large and the SuperLink authenticates every Fleet call itself:
-            # stream them through, unbuffered and unbounded.
-            client_max_body_size 0;
+            # The SuperLink authenticates every Fleet call itself, after reading its body: a body
+            # declared larger than the limit gets 413 before a byte of it is read, one sent in chunks
+            # when it passes the limit. Below it, bodies stream through unbuffered.
+            client_max_body_size {MAX_BODY_BYTES};
             proxy_request_buffering off;
             proxy_buffering off;
             proxy_http_version 1.1;
@@ -79,6 +102,9 @@ http {{
             proxy_send_timeout 300s;
             # The SuperLink's certificate names localhost; nginx checks IP addresses poorly.
             proxy_pass https://127.0.0.1:{self.superlink_port};
+            # The SuperLink (uvicorn, which believes this header from 127.0.0.1 only) logs the caller's
+            # address instead of the front's. Set, never appended to: a caller cannot add addresses.
+            proxy_set_header X-Forwarded-For $remote_addr;
             proxy_ssl_verify on;
             proxy_ssl_name localhost;
             proxy_ssl_trusted_certificate {self.ca_cert};
