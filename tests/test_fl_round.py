@@ -13,7 +13,7 @@ from fedbt.fl.protocol import FAILED_CODE, FAILED_REASON, MODEL, REFUSED_CODE, R
 from fedbt.fl.replies import in_site_order
 from fedbt.fl.site import NUM_PARTITIONS, PARTITION_ID, SiteContext, answer
 from fedbt.fl.strategies import FedAdam
-from fedbt.fl.task import round_steps
+from fedbt.fl.task import LocalState, round_steps
 from fedbt.fl.transport import FakeClock, InMemoryTransport, RunRefusedError, SitesMissingError
 from fedbt.model.checkpoint import load_checkpoint
 
@@ -177,3 +177,28 @@ def test_fednova_counts_a_sites_steps_from_its_examples_and_the_round_not_from_i
     steps = [round_steps(cfg, 100, r) for r in range(1, 9)]
     assert set(steps) == {0, 1} and sum(steps[:4]) == sum(steps[4:]) == 3
     assert round_steps(replace(cfg, federated=FederatedConfig(rounds=2)), 1963, 1) == 1963 // 32
+
+
+def test_after_a_dropped_scaffold_reply_c_is_the_mean_of_the_c_i_the_sites_hold(cfg):
+    scaffold = replace(cfg, federated=replace(cfg.federated, strategy="scaffold", min_clients=2))
+    contexts = {node: site(node) for node in range(1, SITES + 1)}
+
+    def nan_model_in_round_2(request: Request) -> Reply:
+        reply = answer(request, contexts[2])
+        if request.round == 2:
+            reply.tensors[MODEL] = {k: v * float("nan") if v.is_floating_point() else v
+                                    for k, v in reply.tensors[MODEL].items()}  # fmt: skip
+        return reply
+
+    sites = {node: functools.partial(answer, context=contexts[node]) for node in (1, 3)}
+    transport = InMemoryTransport({**sites, 2: nan_model_in_round_2})
+    run = server.FederatedRun(scaffold, server_has_data=True, clock=transport.clock)
+    for server_round in (1, 2):
+        server.play_round(transport, run, server_round)
+    assert list(run.history[1]["dropped"]) == ["sartaj"]
+    # What each site holds as its c_i once it hears which of its replies the server counted.
+    held = [
+        LocalState(**contexts[node].memory.read("local", {})).settled(run.accepted_rounds.get(node, 0)).control
+        for node in contexts
+    ]
+    assert all(torch.allclose(run.control[k], sum(c[k] for c in held) / SITES, atol=1e-6) for k in run.control)

@@ -37,6 +37,8 @@ SPLIT_KEY = "split"
 SCORE_FIRST_KEY = "score-first"
 # The temperature a test scoring divides the logits by; 1 when not sent.
 TEMPERATURE_KEY = "temperature"
+# SCAFFOLD: the last round whose reply from this site the server counted into c (0: none yet).
+ACCEPTED_ROUND_KEY = "accepted-round"
 # Client-level DP clipped at the sites: the norm each site clips its update to.
 CLIPPING_NORM_KEY = "fedbt-clipping-norm"
 

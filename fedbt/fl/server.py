@@ -31,6 +31,7 @@ from fedbt.fileio import write_json
 from fedbt.fl.policy import settable_part
 from fedbt.fl.privacy import client_level_epsilon, train_config
 from fedbt.fl.protocol import (
+    ACCEPTED_ROUND_KEY,
     CONTROL,
     CONTROL_DELTA,
     EVALUATE,
@@ -124,6 +125,8 @@ class FederatedRun:
         )
         # Sites whose record-level privacy budget is spent: they are asked to train no more.
         self.spent_nodes: set[int] = set()
+        # SCAFFOLD: the last round each node's reply was counted into c (the site then keeps its c_i).
+        self.accepted_rounds: dict[int, int] = {}
         self.history: list[dict] = []
         self.initial: dict = {}  # the untrained global model's pooled validation metrics
         self.last_round = 0
@@ -140,6 +143,10 @@ class FederatedRun:
     def control(self) -> dict[str, torch.Tensor] | None:
         """SCAFFOLD's server control variate c (None under any other strategy)."""
         return self.strategy.control if isinstance(self.strategy, Scaffold) else None
+
+    def accepted_round(self, node: int) -> dict[str, int]:
+        """What a SCAFFOLD training request tells a site: which of its replies c counts."""
+        return {ACCEPTED_ROUND_KEY: self.accepted_rounds.get(node, 0)} if self.control is not None else {}
 
     def _partitions(self) -> list[Partition]:
         fc = self.cfg.federated
@@ -205,7 +212,7 @@ def play_round(transport: Transport, run: FederatedRun, server_round: int) -> No
     score_first = previous is not None and evaluation_due(previous["round"], fc)
     if score_first:
         config[SCORE_FIRST_KEY] = True
-    requests = [run.request(node, TRAIN, server_round, **config) for node in chosen]
+    requests = [run.request(node, TRAIN, server_round, **config, **run.accepted_round(node)) for node in chosen]
     replies = collect(transport, run, requests)
     if score_first:
         record_site_scores(run, previous, site_contents(replies, run, read_validation_metrics, "a score"))
@@ -307,6 +314,7 @@ def update_global_model(run: FederatedRun, server_round: int, replies: list[Repl
             f"stopping the run (last.pt holds round {run.last_round})"
         )
     run.global_state = new_state
+    run.accepted_rounds.update({r.node: server_round for r in replies})
 
 
 def record_site_scores(run: FederatedRun, entry: dict, scores: dict[str, dict]) -> None:

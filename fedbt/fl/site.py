@@ -10,6 +10,7 @@ account, its SCAFFOLD c_i, its count of test scorings) is in a SiteStore.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from fedbt.fl.ledger import DAY_SECONDS, PrivacyLedger, TestQuota, data_key, pri
 from fedbt.fl.policy import PolicyRefusal, SiteSetup, site_experiment
 from fedbt.fl.privacy import clipped_at_site
 from fedbt.fl.protocol import (
+    ACCEPTED_ROUND_KEY,
     CLIPPING_NORM_KEY,
     CONTROL,
     CONTROL_DELTA,
@@ -259,11 +261,17 @@ def train(request: Request, context: SiteContext) -> Reply:
         validation, _ = evaluate_partition(cfg, catalog, partition, global_state, local, split="val")
         site[SITE_METRICS_KEY] = json.dumps(validation)
     server_control = request.tensors[CONTROL] if cfg.federated.strategy == "scaffold" else None
+    if server_control is not None:
+        local = local.settled(int(request.config.get(ACCEPTED_ROUND_KEY, 0)))
     state, examples, metrics, trained = train_partition(
         cfg, catalog, partition, global_state, server_round, local, server_control
     )
     log(f"[client {partition.name}] round {server_round}: {training_summary(metrics, cfg.privacy.target_epsilon)}")
-    context.store(cfg).write("local", trained.as_tensors())
+    kept = trained
+    if server_control is not None:
+        # The new c_i waits until the server says it counted this reply (`LocalState.settled`).
+        kept = dataclasses.replace(trained, control=local.control, pending_control=trained.control, pending_round=server_round)
+    context.store(cfg).write("local", kept.as_tensors())
     if files is not None and "dp_epsilon" in metrics:
         files.ledger.record(str(context.run_id), float(metrics["dp_epsilon"]), cfg.privacy.delta)
     if CLIPPING_NORM_KEY in request.config:

@@ -6,6 +6,7 @@ same training code runs in the simulation, at a hospital and in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from dataclasses import dataclass
@@ -81,21 +82,29 @@ def local_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
 @dataclass
 class LocalState:
     """What a client keeps between rounds: its BatchNorm layers (FedBN), its optimiser, its privacy
-    account, its SCAFFOLD control variate c_i (by parameter name; None: zeros, it has not trained yet)."""
+    account, its SCAFFOLD control variate c_i (by parameter name; None: zeros, it has not trained yet)
+    and the c_i of its last reply, which becomes its own only once the server has counted that
+    reply into c (`settled`)."""
 
     batchnorm: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
     privacy: dict | None = None
     control: dict[str, torch.Tensor] | None = None
+    pending_control: dict[str, torch.Tensor] | None = None
+    pending_round: int = 0
 
     def as_tensors(self) -> dict:
         """Tensors, numbers and strings only, so it loads with torch.load(weights_only=True)."""
-        return {
-            "batchnorm": self.batchnorm,
-            "optimizer": self.optimizer,
-            "privacy": self.privacy,
-            "control": self.control,
-        }
+        return dataclasses.asdict(self)
+
+    def settled(self, accepted_round: int) -> LocalState:
+        """SCAFFOLD: the pending c_i becomes the site's own if the server accepted the reply that
+        carried it (round `accepted_round`), else it is dropped, as the server dropped its change:
+        c stays the mean of the c_i the sites hold."""
+        if self.pending_control is None:
+            return self
+        control = self.pending_control if self.pending_round == accepted_round else self.control
+        return dataclasses.replace(self, control=control, pending_control=None, pending_round=0)
 
 
 def privacy_metrics(account: PrivacyAccount, trained: bool) -> dict[str, float]:
