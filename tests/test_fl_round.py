@@ -202,3 +202,12 @@ def test_after_a_dropped_scaffold_reply_c_is_the_mean_of_the_c_i_the_sites_hold(
         for node in contexts
     ]
     assert all(torch.allclose(run.control[k], sum(c[k] for c in held) / SITES, atol=1e-6) for k in run.control)
+
+
+def test_sites_that_do_not_train_in_a_round_still_score_the_previous_model(cfg):
+    sampled = replace(cfg, federated=replace(cfg.federated, fraction_train=1 / 3, min_clients=1, rounds=3))
+    transport = federation()
+    result = server.run_federated(transport, sampled, clock=transport.clock)
+    assert all(len(entry["train"]) == 1 for entry in result["history"])
+    # Each round's model is scored by all three sites, whichever one trained.
+    assert all(set(entry["sites"]) == {"figshare", "sartaj", "br35h"} for entry in result["history"])

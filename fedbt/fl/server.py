@@ -213,10 +213,14 @@ def play_round(transport: Transport, run: FederatedRun, server_round: int) -> No
     if score_first:
         config[SCORE_FIRST_KEY] = True
     requests = [run.request(node, TRAIN, server_round, **config, **run.accepted_round(node)) for node in chosen]
+    if score_first:
+        # Sites that do not train this round score the previous model all the same: every
+        # connected site's score, not only the chosen ones'.
+        requests += [run.request(node, EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes if node not in chosen]
     replies = collect(transport, run, requests)
     if score_first:
         record_site_scores(run, previous, site_contents(replies, run, read_validation_metrics, "a score"))
-    accepted, dropped = screen_train_replies(run, replies)
+    accepted, dropped = screen_train_replies(run, [r for r in replies if r.node in chosen])
     for who, reason in dropped.items():
         log(f"[federated] round {server_round}: dropped the reply of {who}: {reason}")
     if len(accepted) < run.min_train:
