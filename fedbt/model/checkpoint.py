@@ -11,8 +11,8 @@ Format ``fedbt-checkpoint`` version 1, a dict saved with ``torch.save``:
 
 Only tensors and plain values (dicts, lists, strings, numbers) are stored, and files are read
 with ``torch.load(weights_only=True)``: a checkpoint can never run code when it is loaded. A file
-holding anything else is refused; a checkpoint an older fedbt wrote with pickled objects can be
-converted once, by whoever trusts its origin, with ``python -m fedbt.model.checkpoint upgrade``.
+holding anything else is refused, with no command that would unpickle it: a checkpoint an older
+fedbt wrote with pickled objects is retrained, or re-saved by the fedbt that wrote it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import pickle
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +86,8 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None) -> dict[st
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: refused: it holds pickled Python objects, not only tensors and plain values "
-            f"(an older fedbt's checkpoint, or not a checkpoint at all); if you trust where it came from, "
-            f"convert it once with: python -m fedbt.model.checkpoint upgrade {path}"
+            f"(an older fedbt's checkpoint, or not a checkpoint at all); fedbt never unpickles a file: "
+            f"retrain it, or load and re-save it with the fedbt version that wrote it"
         ) from None
     except Exception as err:  # noqa: BLE001 - any other reading failure means "not a checkpoint"
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
@@ -126,37 +125,3 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
 
 def config_from_checkpoint(payload: dict[str, Any]) -> ExperimentConfig:
     return from_dict(payload["config"], strict=False)
-
-
-def plain(value: Any) -> Any:
-    """Tensors and plain values only: numpy arrays become tensors, other objects their text."""
-    # Exact types: subclasses (torch's version string is one) would still need unpickling.
-    if isinstance(value, torch.Tensor) or type(value) in (str, int, float, bool) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {plain(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if hasattr(value, "__array__"):
-        return torch.from_numpy(value.__array__().copy())
-    return str(value)
-
-
-def upgrade(path: Path) -> None:
-    """Rewrite an older fedbt checkpoint (pickled objects) as tensors and plain values, in place.
-
-    This is the one place a checkpoint is unpickled in full: run it only on files you trust.
-    """
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a fedbt checkpoint")
-    converted = plain(payload)
-    atomic_write(path, lambda fh: torch.save(converted, fh))
-    load_checkpoint(path)  # readable safely now
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "upgrade":
-        sys.exit("usage: python -m fedbt.model.checkpoint upgrade CHECKPOINT (only for files you trust)")
-    upgrade(Path(sys.argv[2]))
-    print(f"{sys.argv[2]}: upgraded; it now loads without unpickling objects")
