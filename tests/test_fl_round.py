@@ -211,3 +211,9 @@ def test_sites_that_do_not_train_in_a_round_still_score_the_previous_model(cfg):
     assert all(len(entry["train"]) == 1 for entry in result["history"])
     # Each round's model is scored by all three sites, whichever one trained.
     assert all(set(entry["sites"]) == {"figshare", "sartaj", "br35h"} for entry in result["history"])
+
+
+def test_a_model_too_large_to_hold_is_refused_before_the_server_builds_it(cfg):
+    huge = replace(cfg, data=replace(cfg.data, image_size=4096))  # the small CNN's classifier grows with it
+    with pytest.raises(ValueError, match="would hold 32.0 GiB of weights"):
+        server.FederatedRun(huge, server_has_data=False)

@@ -79,6 +79,25 @@ from fedbt.train.setup import new_model
 T = TypeVar("T")  # what a site reply holds once read (validation metrics, test aggregates)
 
 
+# Weights beyond this are refused before the server builds its model: far above any model fedbt
+# builds from its profiles (a ResNet50 is 0.1 GB), far below what would exhaust a server.
+MAX_MODEL_BYTES = 2 * 1024**3
+
+
+def model_size_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
+    """Why the configured model is too large to build (None: it fits), measured on torch's meta
+    device, which allocates nothing: the small CNN grows with the image size."""
+    with torch.device("meta"):
+        state = new_model(cfg, num_classes).state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    if size > MAX_MODEL_BYTES:
+        return (
+            f"the {cfg.model.name} model at data.image_size={cfg.data.image_size} would hold {size / 1024**3:.1f} GiB "
+            f"of weights (at most {MAX_MODEL_BYTES / 1024**3:g} GiB): lower the image size or choose resnet18"
+        )
+    return None
+
+
 class AggregationError(RuntimeError):
     """The round's aggregate is unusable (non-finite): the run stops rather than keep a frozen model."""
 
@@ -114,6 +133,8 @@ class FederatedRun:
         if self.min_sites > fc.num_clients:
             raise ValueError(f"min_clients {self.min_sites} is more than the {fc.num_clients} clients")
         self.min_train = max(1, min(self.min_sites, round(fc.fraction_train * fc.num_clients)))
+        if problem := model_size_problem(cfg, self.task.num_classes):
+            raise ValueError(problem)
         model = new_model(cfg, self.task.num_classes)
         self.global_state = model.state_dict()
         # What a gradient moves: all that server optimisers step and client-level DP clips and noises.
