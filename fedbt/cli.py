@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from fedbt.config import (
     SECTION_SCOPES,
-    SERVER,
+    SITE,
     STRATEGY_NAMES,
     ExperimentConfig,
     describe_validation_error,
@@ -292,8 +292,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *flag_overrides(args)]
     for text in overrides:
         key = text.split("=", 1)[0].strip()
-        if key.split(".")[0] in SECTION_SCOPES and scope_of(key) != SERVER:
-            # The sites would refuse it, or (a deployment's server sends the settable part alone) never see it.
+        if key.split(".")[0] in SECTION_SCOPES and scope_of(key) == SITE:
+            # A site's own (its data, its split): a deployment's server sends it no site, which would refuse it.
             raise ValueError(f"--set {text}: {key} is each site's own setting (its site file and `fedbt site`), not the server's")
     request = RunRequest(
         server=args.server,

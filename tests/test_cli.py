@@ -56,6 +56,8 @@ def test_a_flag_is_a_setting_validated_with_the_rest_and_named_as_typed(capsys):
 def test_fedbt_run_refuses_a_setting_that_is_the_sites_own_before_anything_starts(capsys):
     assert main(["run", "--set", "data.data_root=/elsewhere"]) == 2
     assert "data.data_root is each site's own setting" in capsys.readouterr().err
+    assert main(["run", "--set", "data.seed=3"]) == 2  # the split seed: which images are test images
+    assert "data.seed is each site's own setting" in capsys.readouterr().err
 
 
 def test_an_error_from_a_library_keeps_its_traceback_one_of_ours_is_one_line(monkeypatch, capsys):
