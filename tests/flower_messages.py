@@ -5,7 +5,8 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedbt.federated.common import CONTROL_DELTA_KEY
+from fedbt.federated.packing import CONFIG_RECORD, METRICS_RECORD, SITE_RECORD
+from fedbt.fl.protocol import CONTROL_DELTA, EXAMPLES_KEY, MODEL, SITE_NAME_KEY
 
 
 def reply(
@@ -19,13 +20,13 @@ def reply(
     """A site's training reply; with `control_delta`, a SCAFFOLD site's change of its control variate."""
     content = RecordDict(
         {
-            "arrays": ArrayRecord(torch_state_dict=state),
-            "metrics": MetricRecord({"num-examples": examples}),
-            "site": ConfigRecord({"name": site}),
+            MODEL: ArrayRecord(torch_state_dict=state),
+            METRICS_RECORD: MetricRecord({EXAMPLES_KEY: examples}),
+            SITE_RECORD: ConfigRecord({SITE_NAME_KEY: site}),
         }
     )
     if control_delta is not None:
-        content[CONTROL_DELTA_KEY] = ArrayRecord(torch_state_dict=control_delta)
+        content[CONTROL_DELTA] = ArrayRecord(torch_state_dict=control_delta)
     metadata = Metadata(
         run_id=1,
         message_id="",
@@ -55,4 +56,13 @@ def server_request(
         ttl=600,
         message_type=message_type,
     )
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), metadata=metadata)
+    return Message(RecordDict({MODEL: arrays, CONFIG_RECORD: ConfigRecord(config)}), metadata=metadata)
+
+
+def in_a_server_app(monkeypatch, run_id: int = 7) -> None:
+    """This process as Flower's ServerApp process: a Message addressed to a node takes its run and
+    sender from the task identity Flower sets there (Message(..., dst_node_id=...) fails without it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field, value in {"_run_id": run_id, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, field, value)

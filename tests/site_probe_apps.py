@@ -5,7 +5,8 @@ ServerApp is whatever the submitter put in the bundle. These two are what a curi
 overreaching server could run:
 
 - `recording`: fedbt's federated run as it is, keeping every reply the sites send (what the
-  Grid pulls from the SuperLink: each site's message as it pushed it) in <out>/site-replies.json.
+  Grid pulls from the SuperLink: each site's message as it pushed it, its packed arrays cut back
+  into the records they were packed from) in <out>/site-replies.json.
 - `overreaching`: asks every site for what its policy keeps from a server (another data root,
   a second test scoring) and writes what each answered in <out>/answers.json.
 """
@@ -16,15 +17,17 @@ import base64
 import json
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedbt.data.labels import get_task
-from fedbt.federated.common import EXPERIMENT_KEY, ROUND_KEY, SPLIT_KEY, experiment_from_context
-from fedbt.fl.policy import settable_part
-from fedbt.federated.rounds import send_and_collect, wait_for_sites
-from fedbt.federated.server_app import run_federated
+from fedbt.federated.packing import unpacked_reply
+from fedbt.federated.server_app import GridTransport, experiment_from_context
 from fedbt.fileio import write_json
+from fedbt.fl.policy import settable_part
+from fedbt.fl.protocol import EVALUATE, EXPERIMENT_KEY, MODEL, ROUND_KEY, SPLIT_KEY, Request
+from fedbt.fl.server import run_federated
+from fedbt.fl.transport import WallClock, send_and_collect, wait_for_sites
 from fedbt.train.setup import new_model
 
 REPLIES_FILE, ANSWERS_FILE = "site-replies.json", "answers.json"
@@ -55,7 +58,7 @@ def message_dump(message: Message) -> dict:
 
 
 class RecordingGrid:
-    """The run's Grid, keeping every reply it pulls."""
+    """The run's Grid, keeping every reply it pulls, unpacked (its values, in the records they were packed from)."""
 
     def __init__(self, grid: Grid):
         self.grid = grid
@@ -66,7 +69,7 @@ class RecordingGrid:
 
     def pull_messages(self, message_ids):
         received = list(self.grid.pull_messages(message_ids))
-        self.replies.extend(received)
+        self.replies.extend(unpacked_reply(message) for message in received)
         return received
 
 
@@ -78,7 +81,7 @@ def record(grid: Grid, context: Context) -> None:
     cfg = experiment_from_context(context)
     recorder = RecordingGrid(grid)
     try:
-        run_federated(recorder, cfg, server_has_data=cfg.data.data_root is not None)
+        run_federated(GridTransport(recorder), cfg, server_has_data=cfg.data.data_root is not None)
     finally:
         write_json(Path(cfg.output_dir) / REPLIES_FILE, [message_dump(m) for m in recorder.replies])
 
@@ -96,16 +99,19 @@ overreaching = ServerApp()
 @overreaching.main()
 def overreach(grid: Grid, context: Context) -> None:
     cfg = experiment_from_context(context)
-    fc = cfg.federated
-    nodes = wait_for_sites(grid, fc.num_clients, fc.round_timeout, fc.poll_interval)
-    model = ArrayRecord(torch_state_dict=new_model(cfg, get_task(cfg.data.task).num_classes).state_dict())
+    fc, clock = cfg.federated, WallClock()
+    recorder = RecordingGrid(grid)
+    transport = GridTransport(recorder)
+    nodes = wait_for_sites(transport, fc.num_clients, fc.round_timeout, fc.poll_interval, clock)
+    model = new_model(cfg, get_task(cfg.data.task).num_classes).state_dict()
     answers = {}
     for asked, (split, change) in OVERREACHES.items():
         experiment = settable_part(cfg)
         for section, values in change.items():
             experiment.setdefault(section, {}).update(values)
-        config = ConfigRecord({ROUND_KEY: 1, EXPERIMENT_KEY: json.dumps(experiment), SPLIT_KEY: split})
-        content = RecordDict({"arrays": model, "config": config})
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes]
-        answers[asked] = [message_dump(m) for m in send_and_collect(grid, messages, fc.round_timeout, fc.poll_interval)]
+        config = {ROUND_KEY: 1, EXPERIMENT_KEY: json.dumps(experiment), SPLIT_KEY: split}
+        recorder.replies.clear()
+        requests = [Request(node, EVALUATE, 1, config, {MODEL: model}) for node in nodes]
+        send_and_collect(transport, requests, fc.round_timeout, fc.poll_interval, clock)
+        answers[asked] = [message_dump(m) for m in recorder.replies]
     write_json(Path(cfg.output_dir) / ANSWERS_FILE, answers)

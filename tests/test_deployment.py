@@ -1,4 +1,5 @@
-"""Deployment pieces that need no running federation: certificates, failures, run config, the patient Grid."""
+"""Deployment pieces that need no running federation: certificates, failures, run config, the patient
+round (waiting for sites and replies over a Transport, on a clock of the test's own)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ from fedbt.deployment.certs import CertLayout, make_deployment_certs, registered
 from fedbt.deployment.nodes import LOOPBACK, ServerSettings, SiteSettings, public_front, with_runtime_port
 from fedbt.deployment.processes import DeploymentError, describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
-from fedbt.federated import rounds
-from fedbt.federated.client_app import REFUSED_REASON
-from fedbt.federated.flower_internals import RUN_REFUSED
-from fedbt.federated.rounds import RunRefusedError, SitesMissingError
+from fedbt.federated.packing import reply_of
+from fedbt.fl.protocol import REFUSED_CODE, REFUSED_REASON, RUN_REFUSED, TRAIN, Reply, Request
+from fedbt.fl.transport import FakeClock, RunRefusedError, SitesMissingError, answered, send_and_collect, wait_for_sites
 
 
 def test_certs_name_the_server_and_give_each_site_a_flower_readable_key_pair(tmp_path):
@@ -93,81 +93,69 @@ def test_run_config_carries_profile_overrides_deployment_flag_and_tracking_store
     assert parse_config_args([run_config_arg(request)])["overrides"].endswith("; tracking.enabled=false")
 
 
-class FakeGrid:
-    """Stands in for Flower's Grid: a fixed node list, replies that arrive after `delay` pulls."""
+class SlowTransport:
+    """A Transport with a fixed node list whose replies arrive after `delay` receives."""
 
     def __init__(self, nodes, delay=1):
-        self.nodes, self.delay, self.pulls = nodes, delay, 0
+        self.nodes, self.delay, self.receives = nodes, delay, 0
 
-    def get_node_ids(self):
+    def node_ids(self):
         return list(self.nodes)
 
-    def push_messages(self, messages):
-        return [f"m{i}" for i, _ in enumerate(messages)]
+    def send(self, requests):
+        return [f"m{i}" for i, _ in enumerate(requests)]
 
-    def pull_messages(self, ids):
-        self.pulls += 1
-        if self.pulls < self.delay:
+    def receive(self, pending):
+        self.receives += 1
+        if self.receives < self.delay:
             return []
-        return [type("Reply", (), {"metadata": type("Meta", (), {"reply_to_message_id": i})()})() for i in ids]
+        return [(i, Reply(node=1)) for i in sorted(pending)]
 
 
-class FakeClock:
-    """Stands in for the time module in fedbt.federated.rounds: sleeping moves the clock on at once."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+def requests(count: int) -> list[Request]:
+    return [Request(node, TRAIN, 1) for node in range(1, count + 1)]
 
 
-@pytest.fixture()
-def clock(monkeypatch) -> FakeClock:
-    clock = FakeClock()
-    monkeypatch.setattr(rounds, "time", clock)
-    return clock
-
-
-def test_the_server_waits_for_missing_sites_only_until_the_timeout(clock):
+def test_the_server_waits_for_missing_sites_only_until_the_timeout():
     # Times in quarters of a second: exact in binary, so the boundaries below are exact too.
-    grid = FakeGrid([2, 1])
-    assert rounds.wait_for_sites(grid, minimum=2, timeout=0.5, poll=0.25) == [1, 2]
-    assert clock.now == 0.0  # enough sites: no wait at all
-    grid.nodes = [1]
+    clock = FakeClock()
+    transport = SlowTransport([2, 1])
+    assert wait_for_sites(transport, minimum=2, timeout=0.5, poll=0.25, clock=clock) == [1, 2]
+    assert clock.now() == 0.0  # enough sites: no wait at all
+    transport.nodes = [1]
     with pytest.raises(SitesMissingError, match="only 1 of the required 2 sites connected for 0.5 s"):
-        rounds.wait_for_sites(grid, minimum=2, timeout=0.5, poll=0.25)
-    assert clock.now == 0.5  # polled at 0, 0.25 and 0.5 s, then gave up
+        wait_for_sites(transport, minimum=2, timeout=0.5, poll=0.25, clock=clock)
+    assert clock.now() == 0.5  # polled at 0, 0.25 and 0.5 s, then gave up
 
 
-def test_the_server_collects_replies_and_gives_up_at_the_round_timeout(clock):
-    prompt = FakeGrid([1, 2], delay=3)
-    assert len(rounds.send_and_collect(prompt, [object(), object()], timeout=5, poll=0.25)) == 2
-    assert (prompt.pulls, clock.now) == (3, 0.5)  # polled until the replies came, sleeping between polls
+def test_the_server_collects_replies_and_gives_up_at_the_round_timeout():
+    clock = FakeClock()
+    prompt = SlowTransport([1, 2], delay=3)
+    assert len(send_and_collect(prompt, requests(2), timeout=5, poll=0.25, clock=clock)) == 2
+    assert (prompt.receives, clock.now()) == (3, 0.5)  # polled until the replies came, sleeping between polls
 
-    silent = FakeGrid([1, 2], delay=10**6)
-    clock.now = 0.0
-    assert rounds.send_and_collect(silent, [object()], timeout=1.0, poll=0.25) == []
+    silent = SlowTransport([1, 2], delay=10**6)
+    clock = FakeClock()
+    assert send_and_collect(silent, requests(1), timeout=1.0, poll=0.25, clock=clock) == []
     # Polled at 0, 0.25, 0.5, 0.75 and 1.0 s, then gave up at the deadline.
-    assert (silent.pulls, clock.now) == (5, 1.0)
+    assert (silent.receives, clock.now()) == (5, 1.0)
 
 
-def error_reply(reason: str, node: int) -> Message:
+def error_reply(reason: str, node: int, code: int = 0) -> Reply:
+    """A site's error as the server's Grid pulls it (code 0: Flower's, for a ClientApp that raised), read as a Reply."""
     metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="sent",
                         group_id="1", created_at=0.0, ttl=60, message_type="train")  # fmt: skip
-    return Message(Error(code=0, reason=reason), metadata=metadata)
+    return reply_of(Message(Error(code=code, reason=reason), metadata=metadata))
 
 
 def test_a_site_that_failed_is_left_out_but_one_that_refused_the_app_stops_the_run():
     failed = error_reply("<class 'ValueError'>:<'no images'>", node=7)
-    declined = error_reply(REFUSED_REASON, node=8)  # its policy refused this request, not the run's app
-    assert rounds.answered([failed, declined]) == []
+    # Its policy refused this request, not the run's app: the others may still train.
+    declined = error_reply(REFUSED_REASON, node=8, code=REFUSED_CODE)
+    assert answered([failed, declined], asked=2) == []
     refused = error_reply(f"<class 'fedbt.federated.flower_internals.RunRefused'>:<'{RUN_REFUSED}: ...'>", node=9)
-    with pytest.raises(RunRefusedError, match=f"site node 9: {RUN_REFUSED}"):
-        rounds.answered([failed, refused])
+    with pytest.raises(RunRefusedError, match=f"refused by 1 of 2 sites \\(nodes 9; .*{RUN_REFUSED}"):
+        answered([failed, refused], asked=2)
 
 
 def test_the_server_front_needs_two_ports_and_nginx_and_says_so_in_one_line(tmp_path, monkeypatch):

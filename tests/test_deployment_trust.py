@@ -29,8 +29,8 @@ from fedbt.deployment.runs import COMPLETED, RunRequest, run_config_arg
 from fedbt.eval.aggregates import SCORE_BINS, score_bins
 from fedbt.eval.calibration import CONFIDENCE_BINS, TEMPERATURES, tempered_probabilities
 from fedbt.eval.metrics import classification_metrics, safe_auc
-from fedbt.federated.client_app import REFUSED_REASON
 from fedbt.fl.policy import SiteSetup, settable_part, site_experiment
+from fedbt.fl.protocol import REFUSED_CODE, REFUSED_REASON
 from fedbt.fl.task import LocalState, client_partition, load_catalog, partition_log_probabilities
 from fedbt.model.checkpoint import load_checkpoint
 from fedbt.train.setup import new_model
@@ -88,7 +88,7 @@ def test_a_server_asking_for_another_data_root_or_a_second_test_scoring_is_refus
     answers = json.loads((tmp_path / "results" / ANSWERS_FILE).read_text())
     assert list(answers) == list(OVERREACHES)
     sites = len(federation.sites)
-    refused = [{"code": 100, "reason": REFUSED_REASON}] * sites
+    refused = [{"code": REFUSED_CODE, "reason": REFUSED_REASON}] * sites
     assert [a["error"] for a in answers["another data root"]] == refused
     assert [sorted(a["content"]) for a in answers["a first test scoring"]] == [["site", "test-aggregates"]] * sites
     assert [a["error"] for a in answers["a second test scoring"]] == refused
@@ -96,7 +96,7 @@ def test_a_server_asking_for_another_data_root_or_a_second_test_scoring_is_refus
     logs = site_logs(federation)
     refusal = f"refused the server's evaluate request of run {run_id}: "
     assert logs.count(f"{refusal}the server asked for data.data_root='/elsewhere'") == sites
-    assert logs.count(f"{refusal}test scoring number 2 in this run; this site allows 1 per run") == sites
+    assert logs.count(f"{refusal}test scoring number 2 of run {run_id}; this site allows 1 a run") == sites
 
 
 def test_an_image_size_above_the_sites_limit_fails_the_run_and_the_reason_stays_at_the_sites(federation, tmp_path):

@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import flwr.serverapp.strategy
 import flwr.supercore.retry
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
@@ -19,9 +18,9 @@ import flwr.supernode.start_client_internal
 import httpx
 import pytest
 import tomli
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore import heartbeat
 from flwr.supercore.superexec.executor import types as executor_types
+from flwr.supernode.nodestate import in_memory_nodestate
 
 from fedbt.deployment.certs import CertLayout
 from fedbt.deployment.nodes import (
@@ -47,12 +46,12 @@ def pull_objects_needing_a_budget(object_ids, pull_object_fn, budget, *, initial
     """A pull_objects with a new required parameter: the SuperNode's calls would fail."""
 
 
-class ClippingWithoutItsModel(DifferentialPrivacyServerSideFixedClipping):
-    """What a later flwr could make of the wrapper: the model to clip against kept elsewhere."""
+class NodeStateWithoutItsMessages(in_memory_nodestate.InMemoryNodeState):
+    """What a later flwr could make of the SuperNode's state: the messages it holds kept elsewhere."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        del self.current_arrays
+        del self.msg_store
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,8 @@ def mismatches():
             "ExecutionSpec has no field 'task_id'",
         ),
         "an instance attribute gone": (
-            lambda patch: patch.setattr(
-                flwr.serverapp.strategy, "DifferentialPrivacyServerSideFixedClipping", ClippingWithoutItsModel
-            ),
-            "DifferentialPrivacyServerSideFixedClipping objects have no attribute 'current_arrays'",
+            lambda patch: patch.setattr(in_memory_nodestate, "InMemoryNodeState", NodeStateWithoutItsMessages),
+            "InMemoryNodeState objects have no attribute 'msg_store'",
         ),
         "no longer the time module": (
             lambda patch: patch.setattr(loop, "time", inspect),

@@ -16,7 +16,9 @@ from flwr.clientapp import ClientApp
 
 from fedbt.cli import config_from_args
 from fedbt.federated import client_app as sites
+from fedbt.federated.packing import METRICS_RECORD, SITE_RECORD, packing_mod
 from fedbt.federated.simulation import run_flower_simulation
+from fedbt.fl.protocol import EXAMPLES_KEY, MODEL, ROUND_KEY, SITE_NAME_KEY
 from fedbt.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -31,37 +33,37 @@ ATTACKS = {
     6: ("scaled", "more than 10 times the median of the others'"),
 }
 
-# The site's own mods: the server packs its messages, and the spoiling is done on the unpacked reply.
-poisoned_app = ClientApp(mods=sites.CLIENT_MODS)
+# The site's own mod: the server packs its messages, and the spoiling is done on the unpacked reply.
+poisoned_app = ClientApp(mods=[packing_mod])
 
 
 def spoil(reply: Message, attack: str, global_state: dict) -> None:
-    state = reply.content["arrays"].to_torch_state_dict()
+    state = reply.content[MODEL].to_torch_state_dict()
     head = [k for k, v in state.items() if v.dim() == 2][-1]  # the classifier's weight matrix
     if attack == "nan":
         state[head] = torch.full_like(state[head], math.nan)
     elif attack == "huge-count":
-        reply.content["metrics"]["num-examples"] = 10**9
+        reply.content[METRICS_RECORD][EXAMPLES_KEY] = 10**9
     elif attack == "wrong-shape":
         state[head] = state[head].T.contiguous()
     elif attack == "missing-key":
         state.pop(head)
     elif attack == "other-name":
-        reply.content["site"] = ConfigRecord({"name": "figshare"})
+        reply.content[SITE_RECORD] = ConfigRecord({SITE_NAME_KEY: "figshare"})
     elif attack == "scaled":
         state = {
             k: g + 100 * (v - g) if v.is_floating_point() else v
             for (k, v), g in zip(state.items(), global_state.values())
         }
-    reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
+    reply.content[MODEL] = ArrayRecord(torch_state_dict=state)
 
 
 @poisoned_app.train()
 def train(msg: Message, context) -> Message:
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content[MODEL].to_torch_state_dict()
     reply = sites.train(msg, context)
-    if str(reply.content["site"]["name"]) == POISONED:
-        spoil(reply, ATTACKS[int(msg.content["config"]["server-round"])][0], global_state)
+    if str(reply.content[SITE_RECORD][SITE_NAME_KEY]) == POISONED:
+        spoil(reply, ATTACKS[int(msg.content["config"][ROUND_KEY])][0], global_state)
     return reply
 
 

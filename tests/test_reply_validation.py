@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from flower_messages import reply
+from site_replies import train_reply as reply
 
-from fedbt.federated.rounds import SiteRegistry, outsized_updates, train_reply_problem, update_norms
+from fedbt.fl.replies import SiteRegistry, outsized_updates, train_reply_problem, update_norm
 
 GLOBAL = {"w": torch.zeros(2, 3), "b": torch.zeros(2), "count": torch.tensor(7)}
 
@@ -68,7 +68,7 @@ def test_without_known_sizes_the_first_accepted_count_is_the_sites_size():
 def test_an_outsized_update_stands_out_against_the_others():
     base = {"w": torch.zeros(4)}
     updates = [torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.2, 0, 0]), torch.tensor([0, 0, 100.0, 0])]
-    norms = update_norms([reply(f"s{i}", {"w": u}, 1) for i, u in enumerate(updates)], base)
+    norms = [update_norm({"w": u}, base) for u in updates]
     assert norms == pytest.approx([1.0, 1.2, 100.0])
     assert outsized_updates(norms, ratio=10) == [2]
     assert outsized_updates(norms[:2], ratio=10) == []  # two sites: no majority to compare with

@@ -1,18 +1,16 @@
 """SCAFFOLD (federated.strategy=scaffold): the sites' gradient correction, the server's control
-variate step, its screening of the sites' changes, and its checkpoint, without starting Flower."""
+variate step, its screening of the sites' changes, and its checkpoint: the federated core, no Flower."""
 
 import pytest
 import torch
-from flower_messages import reply
-from flwr.app import MessageType
-from flwr.supercore.task_identity import TaskIdentity
+from site_replies import train_reply
 from torch import nn
 
 from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig, load_config
 from fedbt.data.transforms import to_device_batch
-from fedbt.federated.common import CONTROL_KEY
-from fedbt.federated.server_app import FederatedRun, screen_train_replies, update_global_model
-from fedbt.federated.strategy import updated_control
+from fedbt.fl.protocol import CONTROL, EVALUATE, TRAIN, Reply
+from fedbt.fl.server import FederatedRun, screen_train_replies, update_global_model
+from fedbt.fl.strategies import Scaffold, SiteUpdate
 from fedbt.fl.task import LocalState, control_update
 from fedbt.train.engine import DriftCorrection, train_one_epoch
 from fedbt.train.losses import coarse_label_loss
@@ -63,13 +61,15 @@ def test_a_sites_change_of_its_control_variate_starts_from_zeros():
 
 
 def test_the_server_adds_the_sum_of_the_changes_over_every_site_of_the_federation():
-    control = {"w": torch.tensor([1.0, 1.0])}
-    replies = [
-        reply("a", {}, 1, control_delta={"w": torch.tensor([3.0, 0.0])}),
-        reply("b", {}, 1, control_delta={"w": torch.tensor([0.0, 6.0])}),
+    strategy = Scaffold({"w"}, control={"w": torch.tensor([1.0, 1.0])}, num_sites=4)
+    model = {"w": torch.zeros(2)}
+    updates = [
+        SiteUpdate(model, 1, control_delta={"w": torch.tensor([3.0, 0.0])}),
+        SiteUpdate(model, 1, control_delta={"w": torch.tensor([0.0, 6.0])}),
     ]
+    strategy.aggregate(1, model, updates)
     # Four sites, two replied: c + (delta_a + delta_b) / 4.
-    assert updated_control(control, replies, num_sites=4)["w"].tolist() == [1.75, 2.5]
+    assert strategy.control["w"].tolist() == [1.75, 2.5]
 
 
 def scaffold_run(tmp_path, **federated) -> FederatedRun:
@@ -82,8 +82,8 @@ def scaffold_run(tmp_path, **federated) -> FederatedRun:
     return FederatedRun(cfg, server_has_data=False)
 
 
-def site_reply(run: FederatedRun, site: str, node: int, delta: dict) -> object:
-    return reply(site, dict(run.global_state), 10, node=node, control_delta=delta)
+def site_reply(run: FederatedRun, site: str, node: int, delta: dict) -> Reply:
+    return train_reply(site, dict(run.global_state), 10, node=node, control_delta=delta)
 
 
 def test_a_reply_whose_control_change_is_misshapen_or_not_finite_is_left_out(tmp_path):
@@ -98,7 +98,7 @@ def test_a_reply_whose_control_change_is_misshapen_or_not_finite_is_left_out(tmp
         site_reply(run, "br35h", 3, misshapen),
     ]
     accepted, dropped = screen_train_replies(run, replies)
-    assert [str(r.content["site"]["name"]) for r in accepted] == ["figshare"]
+    assert [r.site["name"] for r in accepted] == ["figshare"]
     assert dropped == {
         "node 2 ('sartaj')": f"{key} holds NaN or infinite values",
         "node 3 ('br35h')": f"{key} has shape (3,), the control variate's is {tuple(ones[key].shape)}",
@@ -108,18 +108,13 @@ def test_a_reply_whose_control_change_is_misshapen_or_not_finite_is_left_out(tmp
     assert all(torch.allclose(c, torch.full_like(c, 1 / 3)) for c in run.control.values())
 
 
-def test_only_training_messages_carry_the_control_variate_at_the_transport_precision(tmp_path, monkeypatch):
-    # The ServerApp's process knows its run and node: Flower stamps them on every message it creates.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def test_only_training_requests_carry_the_control_variate_at_the_transport_precision(tmp_path):
     run = scaffold_run(tmp_path, transport_dtype="float16")
-    run.control = {k: v + 0.5 for k, v in run.control.items()}
-    train = run.message(1, MessageType.TRAIN, 1).content
-    sent = train[CONTROL_KEY].to_torch_state_dict()
+    run.strategy.control = {k: v + 0.5 for k, v in run.control.items()}
+    sent = run.request(1, TRAIN, 1).tensors[CONTROL]
     assert sent.keys() == run.control.keys() and all(v.dtype == torch.float16 for v in sent.values())
     assert all(torch.equal(sent[k].float(), run.control[k]) for k in sent)
-    assert CONTROL_KEY not in run.message(1, MessageType.EVALUATE, 1).content
+    assert CONTROL not in run.request(1, EVALUATE, 1).tensors
     assert all(v.dtype == torch.float32 for v in run.control.values())  # the server's own copy
 
 

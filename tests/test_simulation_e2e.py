@@ -8,7 +8,7 @@ import torch
 
 from fedbt.cli import main
 from fedbt.data.synthetic import generate_demo_data
-from fedbt.federated.common import EXPERIMENT_ENV
+from fedbt.federated.server_app import EXPERIMENT_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def test_a_stopped_federated_run_resumes_from_its_last_round(demo_args, tmp_path
               "--set", "federated.server_momentum=0.9", "--skip-central", "--skip-local"]  # fmt: skip
     assert main([*common, "--rounds", "1"]) == 0
     first = torch.load(out / "federated" / "last.pt", weights_only=True)["progress"]
-    assert first["round"] == 1 and "momentum_vector" in first["server_optimizer"]
+    assert first["round"] == 1 and "velocity" in first["server_optimizer"]
     assert main([*common, "--rounds", "2", "--resume"]) == 0
     fed = json.loads((out / "federated" / "metrics.json").read_text())
     assert [h["round"] for h in fed["history"]] == [1, 2]

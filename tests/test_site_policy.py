@@ -1,8 +1,9 @@
-"""The site decides what leaves it: the ClientApp's handlers called as a hospital's SuperNode calls them.
+"""The site decides what leaves it: the site's side of the federated core (fedbt.fl.site.answer)
+called as a hospital's node calls it.
 
-Messages are crafted as the server sends them (tests/flower_messages.py); the node config is
-what `fedbt site` gives its SuperNode. A refusal or failure is logged at the site in detail
-and reaches the server as one generic reason.
+Requests are crafted as the server sends them; the node config is what `fedbt site` gives its
+SuperNode. A refusal or failure is logged at the site in detail and reaches the server as one
+generic reason.
 """
 
 import json
@@ -11,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_messages import server_request
-from flwr.app import ArrayRecord, Context, RecordDict
 
 from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from fedbt.data.labels import get_task
@@ -21,21 +20,34 @@ from fedbt.data.synthetic import generate_demo_data
 from fedbt.eval.aggregates import SCORE_BINS, ScoreAggregates, aggregate_metrics
 from fedbt.eval.calibration import CONFIDENCE_BINS, tempered_probabilities
 from fedbt.eval.metrics import classification_metrics
-from fedbt.federated import client_app
-from fedbt.federated.common import (
-    CONTROL_DELTA_KEY,
-    CONTROL_KEY,
+from fedbt.fl.policy import PolicyRefusal, settable, settable_part
+from fedbt.fl.protocol import (
+    CONTROL,
+    CONTROL_DELTA,
+    EVALUATE,
     EXPERIMENT_KEY,
+    FAILED_REASON,
+    MODEL,
+    REFUSED_REASON,
+    ROUND_KEY,
+    TEMPERATURE_KEY,
+    TEST_AGGREGATES,
+    TRAIN,
+    Reply,
+    Request,
+)
+from fedbt.fl.site import (
     NODE_CACHE_DIR,
     NODE_DATA_ROOT,
     NODE_SITE,
-    ROUND_KEY,
-    TEMPERATURE_KEY,
-    client_experiment,
-    experiment_record,
+    SITE_STATE_FOLDER,
+    SiteContext,
+    answer,
+    count_test_request,
+    load_local,
+    site_experiment_of,
 )
-from fedbt.fl.policy import PolicyRefusal, settable, settable_part
-from fedbt.fl.task import client_partition, load_catalog, partition_log_probabilities, zero_control
+from fedbt.fl.task import LocalState, client_partition, load_catalog, partition_log_probabilities, zero_control
 from fedbt.train.setup import new_model
 
 TASK = get_task("4class")
@@ -49,15 +61,15 @@ def site_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def site(site_data, site_files, tmp_path) -> Context:
+def site(site_data, site_files, tmp_path) -> SiteContext:
     """The sartaj node as `fedbt site --site sites/sartaj.yaml --data-root ... --cache-dir ...` starts it."""
     node = {NODE_SITE: site_files[1], NODE_DATA_ROOT: str(site_data), NODE_CACHE_DIR: str(tmp_path / "site-cache")}
-    return Context(run_id=7, node_id=5, node_config=node, state=RecordDict(), run_config={})
+    return SiteContext(node, run_id=7)
 
 
-def fresh_context(context: Context, run_id: int = 7) -> Context:
+def fresh_context(context: SiteContext, run_id: int = 7) -> SiteContext:
     """The node's context of a run as its SuperNode would hand it over had no task's context push ever landed."""
-    return Context(run_id=run_id, node_id=5, node_config=dict(context.node_config), state=RecordDict(), run_config={})
+    return SiteContext(dict(context.node_config), run_id)
 
 
 def server_experiment() -> ExperimentConfig:
@@ -69,13 +81,13 @@ def server_experiment() -> ExperimentConfig:
     )
 
 
-def request_from_server(experiment: str, split: str = "test", kind: str = "evaluate", **config):
+def request_from_server(experiment: str, split: str = "test", kind: str = EVALUATE, **config) -> Request:
     state = new_model(server_experiment(), TASK.num_classes).state_dict()
     # An untrained model's scores differ by less than a histogram bin (ties, where a per-image
     # AUC ranks differences of 1e-5); scaled up, its last layer spreads them as a trained one's are.
     state["classifier.4.weight"] *= 2000
     config = {EXPERIMENT_KEY: experiment, "split": split, **config}
-    return server_request(kind, config, ArrayRecord(torch_state_dict=state))
+    return Request(5, kind, 1, config, {MODEL: state})
 
 
 def asking_for(section: str, key: str, value) -> str:
@@ -85,16 +97,16 @@ def asking_for(section: str, key: str, value) -> str:
 
 
 def honest() -> str:
-    return experiment_record(server_experiment(), settable_only=True)
+    return json.dumps(settable_part(server_experiment()))
 
 
 def test_a_test_scoring_returns_aggregates_whose_metrics_equal_the_per_image_ones(site):
     request = request_from_server(honest())
-    reply = client_app.evaluate(request, site)
-    assert not reply.has_error()
-    assert set(reply.content) == {"test-aggregates", "site"}
-    assert dict(reply.content["site"]) == {"name": "sartaj"}
-    arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
+    reply = answer(request, site)
+    assert not reply.failed
+    assert set(reply.tensors) == {TEST_AGGREGATES} and reply.metrics == {}
+    assert reply.site == {"name": "sartaj"}
+    arrays = {k: v.numpy() for k, v in reply.tensors[TEST_AGGREGATES].items()}
     # Nothing per image: every array's shape is fixed by the task, whatever the number of test images.
     fixed = {
         (),
@@ -115,18 +127,17 @@ def test_a_test_scoring_returns_aggregates_whose_metrics_equal_the_per_image_one
     assert abs(from_site["macro_auc"] - per_image["macro_auc"]) < 0.001
 
 
-def per_image_scores(request, site) -> tuple[np.ndarray, np.ndarray]:
+def per_image_scores(request: Request, site: SiteContext) -> tuple[np.ndarray, np.ndarray]:
     """The log-probabilities and masks of the request's model on the site's test images, one row an image."""
-    cfg, _ = client_app.client_experiment(request, site)
-    state = request.content["arrays"].to_torch_state_dict()
+    cfg, _ = site_experiment_of(request, site.node_config)
     partition = client_partition(cfg, 0, 1)
-    return partition_log_probabilities(cfg, load_catalog(cfg), partition, state, client_app.LocalState(), "test")
+    return partition_log_probabilities(cfg, load_catalog(cfg), partition, request.tensors[MODEL], LocalState(), "test")
 
 
 def test_a_test_scoring_is_at_the_temperature_the_server_sent(site):
     request = request_from_server(honest(), **{TEMPERATURE_KEY: TEMPERATURE})
-    reply = client_app.evaluate(request, site)
-    arrays = {k: v.numpy() for k, v in reply.content["test-aggregates"].to_torch_state_dict().items()}
+    reply = answer(request, site)
+    arrays = {k: v.numpy() for k, v in reply.tensors[TEST_AGGREGATES].items()}
     from_site = aggregate_metrics(ScoreAggregates.from_arrays(arrays, TASK.num_classes), TASK)
     log_probs, masks = per_image_scores(request, site)
     per_image = classification_metrics(tempered_probabilities(log_probs, TEMPERATURE), masks, TASK, np.exp(log_probs))
@@ -138,16 +149,16 @@ def test_a_test_scoring_is_at_the_temperature_the_server_sent(site):
     assert abs(site_calibration["ece"] - site_calibration["ece_untempered"]) > 0.1
 
 
-def assert_refused(reply, capsys, logged: str) -> None:
-    assert reply.has_error()
-    assert reply.error.reason == client_app.REFUSED_REASON
+def assert_refused(reply: Reply, capsys, logged: str) -> None:
+    assert reply.failed
+    assert reply.error_reason == REFUSED_REASON
     log = capsys.readouterr().err
     assert "refused the server's" in log and logged in log
 
 
 def test_a_second_test_scoring_in_a_run_is_refused(site, capsys):
-    assert not client_app.evaluate(request_from_server(honest()), site).has_error()
-    assert_refused(client_app.evaluate(request_from_server(honest()), site), capsys, "test scoring number 2")
+    assert not answer(request_from_server(honest()), site).failed
+    assert_refused(answer(request_from_server(honest()), site), capsys, "test scoring number 2")
 
 
 def private_files(folder: Path) -> dict[str, int]:
@@ -155,55 +166,59 @@ def private_files(folder: Path) -> dict[str, int]:
 
 
 def test_the_count_of_test_scorings_is_kept_at_the_site_not_in_the_context_it_pushes_back(site, tmp_path, capsys):
-    assert not client_app.evaluate(request_from_server(honest()), fresh_context(site)).has_error()
+    assert not answer(request_from_server(honest()), fresh_context(site)).failed
     # The count is the site's, in its own files: a context that was never saved back does not reset it.
-    assert_refused(client_app.evaluate(request_from_server(honest()), fresh_context(site)), capsys, "number 2")
-    assert not client_app.evaluate(request_from_server(honest()), fresh_context(site, run_id=8)).has_error()
-    assert not site.state  # nothing of it travels in Flower's context
-    folder = tmp_path / "site-cache" / client_app.SITE_STATE_FOLDER / "sartaj"
-    assert private_files(folder) == {"sartaj": 0o700, "run-7-test-requests.pt": 0o600, "run-8-test-requests.pt": 0o600}
+    assert_refused(answer(request_from_server(honest()), fresh_context(site)), capsys, "number 2")
+    assert not answer(request_from_server(honest()), fresh_context(site, run_id=8)).failed
+    assert not site.memory.values  # nothing of it travels in Flower's context
+    # Both runs' scorings are counted in the site's test quota (fedbt.fl.ledger), owner-only.
+    files = private_files(tmp_path / "site-cache" / SITE_STATE_FOLDER / "sartaj")
+    assert files.pop("sartaj") == 0o700
+    [(quota, mode)] = files.items()
+    assert quota.startswith("test-quota-") and mode == 0o600
 
 
 def test_a_sites_optimiser_state_is_kept_at_the_site_not_in_the_context_it_pushes_back(site, tmp_path):
     cfg = ExperimentConfig(data=DataConfig(cache_dir=str(tmp_path / "site-cache")))
-    local = client_app.LocalState(optimizer={"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []})
-    client_app._save_local(fresh_context(site), cfg, local)
-    assert client_app._load_local(fresh_context(site), cfg).optimizer["state"][0]["step"] == 3
-    assert client_app._load_local(fresh_context(site, run_id=8), cfg).optimizer is None
-    assert not site.state
-    folder = tmp_path / "site-cache" / client_app.SITE_STATE_FOLDER / "sartaj"
+    local = LocalState(optimizer={"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []})
+    fresh_context(site).store(cfg).write("local", local.as_tensors())
+    assert load_local(fresh_context(site), cfg).optimizer["state"][0]["step"] == 3
+    assert load_local(fresh_context(site, run_id=8), cfg).optimizer is None
+    assert not site.memory.values
+    folder = tmp_path / "site-cache" / SITE_STATE_FOLDER / "sartaj"
     assert private_files(folder) == {"sartaj": 0o700, "run-7-local.pt": 0o600}
 
 
 def test_a_simulated_site_keeps_its_state_in_the_context(tmp_path):
-    simulated = Context(run_id=7, node_id=5, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
-                        run_config={})  # fmt: skip
+    simulated = SiteContext({"partition-id": 0, "num-partitions": 3}, run_id=7)
     cfg = ExperimentConfig(data=DataConfig(cache_dir=str(tmp_path / "cache")))
-    client_app.count_test_request(simulated, cfg, SitePolicy())
+    count_test_request(simulated.store(cfg), SitePolicy())
     with pytest.raises(PolicyRefusal, match="test scoring number 2"):
-        client_app.count_test_request(simulated, cfg, SitePolicy())
-    client_app._save_local(simulated, cfg, client_app.LocalState(batchnorm={"bn.weight": torch.ones(2)}))
-    assert client_app._load_local(simulated, cfg).batchnorm["bn.weight"].tolist() == [1.0, 1.0]
-    assert set(simulated.state) == {client_app.LOCAL_STATE_KEY, client_app.TEST_REQUESTS_KEY}
+        count_test_request(simulated.store(cfg), SitePolicy())
+    simulated.store(cfg).write("local", LocalState(batchnorm={"bn.weight": torch.ones(2)}).as_tensors())
+    assert load_local(simulated, cfg).batchnorm["bn.weight"].tolist() == [1.0, 1.0]
+    assert set(simulated.memory.values) == {"local", "test-requests"}
     assert not (tmp_path / "cache").exists()
 
 
 def test_a_scaffold_training_request_is_accepted_and_the_site_keeps_its_control_variate_on_its_disk(site):
     cfg = server_experiment()
     cfg.federated.strategy = "scaffold"
-    request = request_from_server(experiment_record(cfg, settable_only=True), kind="train")
-    request.content["config"][ROUND_KEY] = 1
+    request = request_from_server(json.dumps(settable_part(cfg)), kind=TRAIN, **{ROUND_KEY: 1})
     model = new_model(cfg, TASK.num_classes)
-    request.content[CONTROL_KEY] = ArrayRecord(torch_state_dict=zero_control(model))
-    answer = client_app.train(request, site)
-    assert not answer.has_error()
-    delta = answer.content[CONTROL_DELTA_KEY].to_torch_state_dict()
+    request.tensors[CONTROL] = zero_control(model)
+    reply = answer(request, site)
+    assert not reply.failed
+    delta = reply.tensors[CONTROL_DELTA]
     assert delta.keys() == {name for name, _ in model.named_parameters()}
     assert any(v.abs().sum() > 0 for v in delta.values())
-    # Its first c_i is all of its change (it started from zeros), read back as tensors alone (weights_only).
-    site_cfg, _ = client_experiment(request, site)
-    kept = client_app._load_local(fresh_context(site), site_cfg).control
-    assert kept.keys() == delta.keys() and all(torch.equal(kept[k], delta[k]) for k in kept)
+    # Its first c_i is all of its change (it started from zeros), read back as tensors alone (weights_only);
+    # kept pending until the server says it counted this reply into c (LocalState.settled).
+    site_cfg, _ = site_experiment_of(request, site.node_config)
+    kept = load_local(fresh_context(site), site_cfg)
+    assert kept.control is None and kept.pending_round == 1
+    pending = kept.pending_control
+    assert pending.keys() == delta.keys() and all(torch.equal(pending[k], delta[k]) for k in pending)
 
 
 @pytest.mark.parametrize(
@@ -218,21 +233,20 @@ def test_a_scaffold_training_request_is_accepted_and_the_site_keeps_its_control_
     ],
 )
 def test_a_server_asking_for_what_the_site_decides_is_refused(site, capsys, section, key, value, logged):
-    reply = client_app.evaluate(request_from_server(asking_for(section, key, value), split="val"), site)
+    reply = answer(request_from_server(asking_for(section, key, value), split="val"), site)
     assert_refused(reply, capsys, logged)
-    assert str(value) not in reply.error.reason
+    assert str(value) not in reply.error_reason
 
 
 def test_training_beyond_the_local_epoch_limit_is_refused(site, capsys):
-    request = request_from_server(asking_for("federated", "local_epochs", 50), kind="train")
-    request.content["config"]["server-round"] = 1
-    assert_refused(client_app.train(request, site), capsys, "federated.local_epochs=50 is above")
+    request = request_from_server(asking_for("federated", "local_epochs", 50), kind=TRAIN, **{ROUND_KEY: 1})
+    assert_refused(answer(request, site), capsys, "federated.local_epochs=50 is above")
 
 
 def test_a_failure_at_the_site_reaches_the_server_without_its_paths(site, tmp_path, capsys):
     site.node_config[NODE_DATA_ROOT] = str(tmp_path / "patient-0042-scans")  # no images there
-    reply = client_app.evaluate(request_from_server(honest()), site)
-    assert reply.has_error() and reply.error.reason == client_app.FAILED_REASON
+    reply = answer(request_from_server(honest()), site)
+    assert reply.failed and reply.error_reason == FAILED_REASON
     log = capsys.readouterr().err
     assert "patient-0042-scans" in log and "Traceback" in log
 
@@ -242,7 +256,7 @@ def test_site_policy_limits_come_from_the_site_file(site, tmp_path, capsys):
     text = open(site.node_config[NODE_SITE]).read()
     site_file.write_text(text + "policy:\n  max_image_size: 24\n")
     site.node_config[NODE_SITE] = str(site_file)
-    assert_refused(client_app.evaluate(request_from_server(honest(), split="val"), site), capsys, "limit of 24")
+    assert_refused(answer(request_from_server(honest(), split="val"), site), capsys, "limit of 24")
 
 
 def test_a_policy_the_site_file_gets_wrong_is_refused_in_one_line_naming_the_file(tmp_path, site_files, demo_root):

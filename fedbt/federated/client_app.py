@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedbt.federated.packing import packing_mod, reply_message, request_of
+from fedbt.federated.packing import UNREADABLE, packing_mod, reply_message, request_of
 from fedbt.fl.protocol import MALFORMED_CODE
 from fedbt.fl.site import SiteContext, answer
 from fedbt.progress import log
@@ -43,7 +43,7 @@ class ContextStore:
 def handle(msg: Message, context: Context) -> Message:
     try:
         request = request_of(msg)
-    except (KeyError, TypeError, ValueError) as err:
+    except UNREADABLE as err:
         reason = f"malformed request ({type(err).__name__}: {err})"
         log(f"[site] refused the server's {msg.metadata.message_type} request of run {msg.metadata.run_id}: {reason}")
         return Message(Error(MALFORMED_CODE, reason), reply_to=msg)

@@ -49,6 +49,8 @@ ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "i
 # A request's settings, a reply's numbers, a reply's site name and metrics.
 CONFIG_RECORD, METRICS_RECORD, SITE_RECORD = "config", "metrics", "site"
 MESSAGE_TYPES = {TRAIN: MessageType.TRAIN, EVALUATE: MessageType.EVALUATE}
+# What reading a message that is not what it claims raises (numpy's EOFError: an array with no bytes).
+UNREADABLE = (KeyError, TypeError, ValueError, EOFError)
 
 
 class PackingError(ValueError):
@@ -257,7 +259,7 @@ def reply_of(message: Message) -> Reply:
         tensors = {key: record.to_torch_state_dict() for key, record in content.array_records.items()}
         metrics = dict(content[METRICS_RECORD]) if METRICS_RECORD in content else {}
         site = dict(content[SITE_RECORD]) if SITE_RECORD in content else {}
-    except (KeyError, TypeError, ValueError) as err:
+    except UNREADABLE as err:
         reason = f"malformed reply ({type(err).__name__}: {err})"
         log(f"[federated] the reply of node {node} is not used: {reason}")
         return Reply.error(node, MALFORMED_CODE, reason)
