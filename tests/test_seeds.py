@@ -8,6 +8,7 @@ import pytest
 
 from fedbt.cli import main
 from fedbt.config import ExperimentConfig
+from fedbt.federated import seeds
 from fedbt.federated.seeds import seed_config
 from fedbt.federated.simulation import _fingerprint, _reusable
 from fedbt.fileio import write_json, write_text
@@ -181,3 +182,26 @@ def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args
     assert set(study["paired"]) == {"0", "1"}  # JSON keys
     report = (out / "report.html").read_text()
     assert "Selection rule" in report and "seed-1/report.html" in report
+
+
+def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path, monkeypatch):
+    study, out = tmp_path / "study", tmp_path / "completed"
+    for seed in (0, 1, 2):
+        folder = study / f"seed-{seed}"
+        write_json(folder / "experiment.json", {"data": {"data_root": str(tmp_path)}, "train": {"seed": seed}})
+        if seed != 1:  # seed 1 is still training: no comparison.json yet
+            write_json(folder / "comparison.json", {"results": {}})
+    completed = []
+
+    def complete_run(run, target, overrides):
+        completed.append((run.name, target))
+        test = scores(0.9 - 0.01 * len(completed), None)
+        return {"federated": {"test": test}, "central": {"test": scores(0.93, None)}}
+
+    monkeypatch.setattr(seeds, "complete_run", complete_run)
+    result = seeds.complete_seed_study(study, out)
+    assert completed == [("seed-0", out / "seed-0"), ("seed-2", out / "seed-2")]
+    assert result["seeds"] == [0, 2]
+    assert json.loads((out / "seeds.json").read_text())["summary"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx(
+        [-0.04, -0.05]
+    )
