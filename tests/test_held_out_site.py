@@ -56,9 +56,12 @@ def test_the_held_out_sites_images_are_never_trained_on(marked_cfg):
 def test_a_site_keeps_its_own_split_whichever_sites_are_loaded(marked_cfg):
     everything = build_catalog(marked_cfg.data, progress=False)
     alone = build_catalog(held_out_site_config(marked_cfg, "figshare").data, progress=False)
+
+    def images(catalog, site: str) -> dict[str, set[str]]:
+        return {split: {catalog.records[i].sha256 for i in catalog.indices(site, split)} for split in ("train", "val")}
+
     for site in alone.site_names:
-        splits = {split: {everything.records[i].sha256 for i in everything.indices(site, split)} for split in ("train", "val")}
-        assert splits == {split: {alone.records[i].sha256 for i in alone.indices(site, split)} for split in ("train", "val")}
+        assert images(everything, site) == images(alone, site)
 
 
 def test_an_unknown_held_out_site_is_a_one_line_error(demo_args, capsys):

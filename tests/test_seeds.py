@@ -98,7 +98,8 @@ def test_a_personalised_model_is_judged_against_its_own_seeds_local_model():
     def personalised(sartaj: float, chosen: str) -> dict:
         return {"sartaj": {"chosen": chosen, "test": {"set_accuracy": sartaj}}}
 
-    gains = site_gains(tests, {0: local(0.84), 1: local(0.86)}, {0: personalised(0.85, "all"), 1: personalised(0.85, "global")})
+    mine = {0: personalised(0.85, "all"), 1: personalised(0.85, "global")}
+    gains = site_gains(tests, {0: local(0.84), 1: local(0.86)}, mine)
     assert gains["sartaj"]["seeds_worse_off"] == 2
     assert gains["sartaj"]["personalised"]["values"] == [0.85, 0.85]
     assert gains["sartaj"]["personalised_seeds_worse_off"] == 1  # seed 1: 0.85 below its local 0.86
@@ -109,7 +110,8 @@ def test_each_seed_row_gives_its_mcnemar_test_and_calibration():
     mcnemar = {"p_value": 0.0007, "a_right_b_wrong": 3, "a_wrong_b_right": 19}
     calibration = {"test_ece_before": 0.118, "test_ece_after": 0.02}
     run = {
-        m: {"test": {"pooled": {"accuracy": a}}, "calibration": calibration} for m, a in (("federated", 0.9), ("central", 0.92))
+        model: {"test": {"pooled": {"accuracy": accuracy}}, "calibration": calibration}
+        for model, accuracy in (("federated", 0.9), ("central", 0.92))
     }
     rows = seed_rows({0: {**run, "paired": {"pooled": mcnemar}}})
     assert rows == [["0", "90.0% / 92.0%", "0.0007 (3 / 19)", "- / -", "not run", "0.118 → 0.020", "0.118 → 0.020"]]
@@ -202,6 +204,5 @@ def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path
     result = seeds.complete_seed_study(study, out)
     assert completed == [("seed-0", out / "seed-0"), ("seed-2", out / "seed-2")]
     assert result["seeds"] == [0, 2]
-    assert json.loads((out / "seeds.json").read_text())["summary"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx(
-        [-0.04, -0.05]
-    )
+    summary = json.loads((out / "seeds.json").read_text())["summary"]
+    assert summary["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.04, -0.05])

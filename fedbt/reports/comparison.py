@@ -175,7 +175,15 @@ PAIRED_NOTE = (
     "right or wrong (fine-labelled images), only the images where the two models disagree counting. The "
     "per-image results stay in paired.json on this machine."
 )
-PAIRED_HEADER = ["test images", "n", "federated acc", "central acc", "fed right, central wrong", "fed wrong, central right", "p"]
+PAIRED_HEADER = [
+    "test images",
+    "n",
+    "federated acc",
+    "central acc",
+    "fed right, central wrong",
+    "fed wrong, central right",
+    "p",
+]
 PAIRED_SPLITS = {"pooled": "pooled", "pooled_with_held_out": "pooled with held out"}
 
 
@@ -192,6 +200,16 @@ def paired_rows(paired: dict) -> list[list[str]]:
         ]
         for split, t in paired.items()
     ]
+
+
+def paired_blocks(paired: dict) -> list[Block]:
+    table = (PAIRED_HEADER, paired_rows(paired))
+    return [("h2", "Federated against central, image by image"), ("table", table), ("p", PAIRED_NOTE)]
+
+
+def personalised_blocks(results: dict) -> list[Block]:
+    table = (PERSONALISED_HEADER, personalised_rows(results))
+    return [("h2", "Each site's own model"), ("table", table), ("p", PERSONALISED_NOTE)]
 
 
 def _number_files(out: Path) -> list[tuple[str, str]]:
@@ -229,16 +247,8 @@ def write_report(
         ("p", SELECTION_RULE),
         *([("p", FEDBN_NOTE)] if cfg.federated.fedbn else []),
         ("p", _split_control(results)),
-        *(
-            [("h2", "Federated against central, image by image"), ("table", (PAIRED_HEADER, paired_rows(results["paired"]))), ("p", PAIRED_NOTE)]
-            if "paired" in results
-            else []
-        ),
-        *(
-            [("h2", "Each site's own model"), ("table", (PERSONALISED_HEADER, personalised_rows(results))), ("p", PERSONALISED_NOTE)]
-            if "personalised" in results
-            else []
-        ),
+        *(paired_blocks(results["paired"]) if "paired" in results else []),
+        *(personalised_blocks(results) if "personalised" in results else []),
         ("h2", "Calibration"),
         ("table", (CALIBRATION_HEADER, calibration_rows(results))),
         ("p", CALIBRATION_NOTE),

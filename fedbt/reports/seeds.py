@@ -265,7 +265,11 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
         ("h2", "Each seed: federated against central, image by image, and calibration"),
         ("table", (PER_SEED_HEADER, per_seed)),
         ("p", PAIRED_NOTE),
-        *([("h2", "Is each site better off in the federation?"), ("table", gain_table), ("p", PERSONALISED_NOTE)] if gains else []),
+        *(
+            [("h2", "Is each site better off in the federation?"), ("table", gain_table), ("p", PERSONALISED_NOTE)]
+            if gains
+            else []
+        ),
         ("h2", "Each seed's runs"),
         ("links", [(f"seed {seed}", f"seed-{seed}/report.html") for seed in seeds] + [("numbers", "seeds.json")]),
     ]
