@@ -128,20 +128,49 @@ def cmd_central(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedbt.federated.seeds import run_seed_study
-    from fedbt.federated.simulation import run_experiment
+    from fedbt.federated.simulation import run_experiment, run_held_out_study
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.seeds > 1 and args.skip_central:
         raise ValueError("--seeds compares federated with central at every seed: it cannot skip the central run")
+    if args.held_out_site and (args.seeds > 1 or args.skip_central):
+        raise ValueError("--held-out-site compares federated with central once: no --seeds, no --skip-central")
     cfg = config_from_args(args, ("federated.resume=true",) if args.resume else ())
-    if args.seeds > 1:
+    if args.held_out_site:
+        sites = held_out_sites(cfg, args.held_out_site)
+        results = run_held_out_study(cfg, sites, reuse=not args.no_reuse)
+    elif args.seeds > 1:
         results = run_seed_study(cfg, args.seeds, skip_local=args.skip_local, reuse=not args.no_reuse)
     else:
         results = run_experiment(
             cfg, skip_central=args.skip_central, skip_local=args.skip_local, reuse=not args.no_reuse
         )
     print(f"report: {Path(cfg.output_dir) / 'report.html'}  (wall time {results['wall_seconds_total']:.0f} s)")
+    return 0
+
+
+def held_out_sites(cfg: ExperimentConfig, choice: str) -> list[str]:
+    """--held-out-site: one site, or every site of the run in turn ('all')."""
+    from fedbt.data.sites import load_sites
+
+    if choice != "all":
+        return [choice]
+    return [site.name for site in load_sites(cfg.data.sites, cfg.data.data_root)]
+
+
+def cmd_personalise(args: argparse.Namespace) -> int:
+    from fedbt.federated.seeds import complete_seed_study
+    from fedbt.federated.simulation import complete_run
+
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run
+    if not run.is_dir():
+        raise ValueError(f"--run {run}: no such folder")
+    # A seed study's folder holds seed-<k>/ folders, each a simulation's.
+    complete = complete_seed_study if any(run.glob("seed-*")) else complete_run
+    complete(run, out, args.overrides)
+    print(f"report: {out / 'report.html'}")
     return 0
 
 
@@ -404,6 +433,12 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeat federated and central over this many training seeds (train.seed and the next ones; "
         "the split stays); each in OUT/seed-<seed>/, with mean, sd and the paired gap in OUT/report.html",
     )
+    parser.add_argument(
+        "--held-out-site",
+        metavar="SITE",
+        help="leave this site out (or 'all': each in turn): federate the others, train central on the same "
+        "sites, score both on the held-out site's test split; each in OUT/held-out-<site>/",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="federated simulation + central and local-only baselines + report")
     add_simulation_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
+    personalise = sub.add_parser(
+        "personalise",
+        help="personalised site models and the federated-vs-central McNemar test for a finished simulation "
+        "(or every finished seed of a seed study), from its final models; then its report again",
+    )
+    personalise.add_argument("--run", required=True, help="a finished simulation's folder, or a seed study's")
+    personalise.add_argument("--out", help="results folder (default: the run's own)")
+    personalise.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the run's, e.g. --set personalise.epochs=2 (repeatable)",
+    )
+    personalise.set_defaults(func=cmd_personalise)
     bench = sub.add_parser("bench", help="training, evaluation and inference speed on this machine")
     add_config_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed reference steps and latency repeats")

@@ -282,6 +282,24 @@ class TrackingConfig:
 
 
 @dataclass(config=STRICT_FIELDS)
+class PersonaliseConfig:
+    """After the last round each site adapts the final global model on its own training split and keeps
+    the adaptation only when it scores higher on its own validation split (fedbt/train/personalise.py)."""
+
+    # On by default in simulation: the report then shows, per site, local-only, global and personalised.
+    enabled: bool = True
+    # What is tried, each from the global model: 'batchnorm' re-estimates the BatchNorm statistics on the
+    # site's images, 'head' trains the last layer (ResNet's fc), 'all' trains every layer at a lower LR.
+    candidates: Annotated[list[Literal["batchnorm", "head", "all"]], Field(min_length=1)] = field(
+        default_factory=lambda: ["batchnorm", "head", "all"]
+    )
+    # Passes over the site's training split for 'head' and for 'all' (each), against the run's rounds x local epochs.
+    epochs: PositiveInt = 1
+    # Peak LR of 'all' as a share of train.lr: low, so the model adapts without forgetting the federation's.
+    lr_factor: PositiveFloat = 0.1
+
+
+@dataclass(config=STRICT_FIELDS)
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "results"
@@ -290,6 +308,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

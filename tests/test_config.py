@@ -51,7 +51,7 @@ def test_unknown_setting_lists_the_valid_names(tmp_path):
     assert message.startswith("--set train.epochz=1: train: unknown setting 'epochz' (valid: epochs, batch_size,")
     top = write(tmp_path / "top.yaml", "trian:\n  epochs: 1\n")
     assert config_error([top]) == (
-        f"{top}: unknown setting 'trian' (valid: name, output_dir, data, model, train, federated, privacy, tracking)"
+        f"{top}: unknown setting 'trian' (valid: name, output_dir, data, model, train, federated, privacy, personalise, tracking)"
     )
 
 

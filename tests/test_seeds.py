@@ -8,10 +8,11 @@ import pytest
 
 from fedbt.cli import main
 from fedbt.config import ExperimentConfig
+from fedbt.federated import seeds
 from fedbt.federated.seeds import seed_config
 from fedbt.federated.simulation import _fingerprint, _reusable
 from fedbt.fileio import write_json, write_text
-from fedbt.reports.seeds import seed_summary, site_gains, t_interval
+from fedbt.reports.seeds import WITH_HELD_OUT, seed_rows, seed_summary, site_gains, summary_rows, t_interval
 
 
 def test_t_interval_matches_a_hand_computed_one():
@@ -64,6 +65,58 @@ def test_a_site_is_worse_off_at_the_seeds_where_federated_scores_below_that_seed
     assert gains["sartaj"]["seeds_worse_off"] == 2
 
 
+def test_equal_gaps_over_two_seeds_give_an_undefined_interval_not_a_point():
+    tests = {
+        0: {"federated": scores(0.90, None), "central": scores(0.92, None)},
+        1: {"federated": scores(0.88, None), "central": scores(0.90, None)},
+    }
+    summary = seed_summary(tests)
+    assert summary["pooled 4-class acc"]["gap"]["ci95"] is None
+    _, rows = summary_rows(summary)
+    assert rows[0][-1] == "undefined (n=2, no spread)"
+
+
+def test_the_pooled_figure_with_the_held_out_images_stands_beside_the_pooled_one():
+    def with_held_out(pooled: float, counted: float) -> dict:
+        return {"pooled": {"accuracy": pooled}, "pooled_with_held_out": {"accuracy": counted}, "sites": {}}
+
+    tests = {
+        0: {"federated": with_held_out(0.90, 0.93), "central": with_held_out(0.92, 0.95)},
+        1: {"federated": with_held_out(0.89, 0.93), "central": with_held_out(0.93, 0.96)},
+    }
+    summary = seed_summary(tests)
+    assert list(summary)[:2] == ["pooled 4-class acc", WITH_HELD_OUT]
+    assert summary[WITH_HELD_OUT]["gap"]["values"] == pytest.approx([-0.02, -0.03])
+
+
+def test_a_personalised_model_is_judged_against_its_own_seeds_local_model():
+    tests = {seed: {"federated": scores(0.9, 0.80)} for seed in (0, 1)}
+
+    def local(sartaj: float) -> dict:
+        return {"sartaj": {"sites": {"sartaj": {"set_accuracy": sartaj}}}}
+
+    def personalised(sartaj: float, chosen: str) -> dict:
+        return {"sartaj": {"chosen": chosen, "test": {"set_accuracy": sartaj}}}
+
+    mine = {0: personalised(0.85, "all"), 1: personalised(0.85, "global")}
+    gains = site_gains(tests, {0: local(0.84), 1: local(0.86)}, mine)
+    assert gains["sartaj"]["seeds_worse_off"] == 2
+    assert gains["sartaj"]["personalised"]["values"] == [0.85, 0.85]
+    assert gains["sartaj"]["personalised_seeds_worse_off"] == 1  # seed 1: 0.85 below its local 0.86
+    assert gains["sartaj"]["personalised_kept"] == ["all", "global"]
+
+
+def test_each_seed_row_gives_its_mcnemar_test_and_calibration():
+    mcnemar = {"p_value": 0.0007, "a_right_b_wrong": 3, "a_wrong_b_right": 19}
+    calibration = {"test_ece_before": 0.118, "test_ece_after": 0.02}
+    run = {
+        model: {"test": {"pooled": {"accuracy": accuracy}}, "calibration": calibration}
+        for model, accuracy in (("federated", 0.9), ("central", 0.92))
+    }
+    rows = seed_rows({0: {**run, "paired": {"pooled": mcnemar}}})
+    assert rows == [["0", "90.0% / 92.0%", "0.0007 (3 / 19)", "- / -", "not run", "0.118 → 0.020", "0.118 → 0.020"]]
+
+
 def test_a_baseline_is_never_reused_from_another_training_seed(tmp_path):
     cfg = ExperimentConfig(output_dir=str(tmp_path))
     first, second = seed_config(cfg, 0), seed_config(cfg, 1)
@@ -92,7 +145,8 @@ def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args
     captured = capsys.readouterr()
     assert "seed 2 of 2" in captured.err
     assert "gap 95% interval" in captured.out
-    assert "seeds worse off (same seed)" in captured.out
+    assert "seeds global < local (same seed)" in captured.out
+    assert "McNemar p" in captured.out
 
     runs = {}
     for seed in (0, 1):
@@ -125,5 +179,30 @@ def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args
     assert low <= pooled["gap"]["mean"] <= high
     assert {"figshare", "sartaj", "br35h"} <= set(study["summary"])
     assert set(study["site_gains"]) == {"figshare", "sartaj", "br35h"} and study["local_seeds"] == [0, 1]
+    assert study["personalised_seeds"] == [0, 1]
+    assert all(len(g["personalised"]["values"]) == 2 for g in study["site_gains"].values())
+    assert set(study["paired"]) == {"0", "1"}  # JSON keys
     report = (out / "report.html").read_text()
     assert "Selection rule" in report and "seed-1/report.html" in report
+
+
+def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path, monkeypatch):
+    study, out = tmp_path / "study", tmp_path / "completed"
+    for seed in (0, 1, 2):
+        folder = study / f"seed-{seed}"
+        write_json(folder / "experiment.json", {"data": {"data_root": str(tmp_path)}, "train": {"seed": seed}})
+        if seed != 1:  # seed 1 is still training: no comparison.json yet
+            write_json(folder / "comparison.json", {"results": {}})
+    completed = []
+
+    def complete_run(run, target, overrides):
+        completed.append((run.name, target))
+        test = scores(0.9 - 0.01 * len(completed), None)
+        return {"federated": {"test": test}, "central": {"test": scores(0.93, None)}}
+
+    monkeypatch.setattr(seeds, "complete_run", complete_run)
+    result = seeds.complete_seed_study(study, out)
+    assert completed == [("seed-0", out / "seed-0"), ("seed-2", out / "seed-2")]
+    assert result["seeds"] == [0, 2]
+    summary = json.loads((out / "seeds.json").read_text())["summary"]
+    assert summary["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.04, -0.05])

@@ -7,9 +7,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedbt.config import ExperimentConfig
+from fedbt.config import ExperimentConfig, load_config
 from fedbt.data.synthetic import is_generated_data
-from fedbt.federated.simulation import run_experiment
+from fedbt.federated.simulation import complete_run, run_experiment
 from fedbt.progress import log
 from fedbt.reports.seeds import write_seed_report
 
@@ -45,12 +45,32 @@ def run_seed_study(cfg: ExperimentConfig, count: int, skip_local: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seeds = training_seeds(cfg, count)
-    tests, local_tests = {}, {}
+    runs = {}
     for number, seed in enumerate(seeds, 1):
         log(f"[seeds] seed {number} of {count}: train.seed={seed}, split seed data.seed={cfg.data.seed}")
-        results = run_experiment(seed_config(cfg, seed), skip_local=skip_local, reuse=reuse)
-        tests[seed] = {model: results[model]["test"] for model in ("federated", "central")}
-        if not skip_local:
-            local_tests[seed] = {site: result["test"] for site, result in results["local"].items()}
-    summary = write_seed_report(tests, cfg, out, local_tests, is_generated_data(cfg.data.data_root))
+        runs[seed] = run_experiment(seed_config(cfg, seed), skip_local=skip_local, reuse=reuse)
+    summary = write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root))
     return {"seeds": seeds, "summary": summary, "wall_seconds_total": time.perf_counter() - started}
+
+
+def finished_seeds(study: Path) -> dict[int, Path]:
+    """The seed folders of a seed study whose simulation has finished (its comparison.json written), by seed."""
+    folders = {int(f.name.removeprefix("seed-")): f for f in study.glob("seed-*") if f.name[5:].isdigit()}
+    return {seed: folders[seed] for seed in sorted(folders) if (folders[seed] / "comparison.json").is_file()}
+
+
+def complete_seed_study(study: Path, out: Path, overrides: list[str] | None = None) -> dict:
+    """Personalised models and paired tests for every finished seed of a seed study (fedbt.federated.
+    simulation.complete_run, into out/seed-<seed>/), then the seed report over those seeds in out."""
+    seeds = finished_seeds(study)
+    if not seeds:
+        raise ValueError(f"{study}: no finished seed (seed-<k>/comparison.json) in this seed study")
+    started = time.perf_counter()
+    runs = {}
+    for number, (seed, folder) in enumerate(seeds.items(), 1):
+        log(f"[seeds] completing seed {seed} ({number} of {len(seeds)} finished)")
+        runs[seed] = complete_run(folder, out / folder.name, overrides)
+    cfg = load_config([seeds[min(seeds)] / "experiment.json"], overrides)
+    cfg.output_dir = str(out)
+    summary = write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root)) if len(runs) > 1 else {}
+    return {"seeds": list(runs), "summary": summary, "wall_seconds_total": time.perf_counter() - started}

@@ -13,18 +13,27 @@ from pathlib import Path
 
 import torch
 
-from fedbt.config import RUNTIME, ExperimentConfig, keys_in_scope, to_dict
-from fedbt.data.catalog import Catalog, build_catalog
+from fedbt.config import RUNTIME, ExperimentConfig, keys_in_scope, load_config, to_dict
+from fedbt.data.catalog import Catalog, MRIDataset, build_catalog
+from fedbt.data.labels import get_task
+from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
+from fedbt.data.sites import load_sites
 from fedbt.data.synthetic import is_generated_data
 from fedbt.data.transforms import augmentation_for
+from fedbt.eval.clinical import mcnemar
+from fedbt.eval.evaluate import fine_correct
+from fedbt.eval.inference import evaluate, predict_log_probabilities
 from fedbt.federated.server_app import EXPERIMENT_ENV
-from fedbt.fileio import read_json, write_json, write_text
-from fedbt.model.device import select_device
+from fedbt.fileio import atomic_write, read_json, to_json, write_json, write_text
+from fedbt.model.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of
+from fedbt.model.device import prepare_model, select_device
 from fedbt.progress import log
 from fedbt.reports.comparison import GENERATED_DATA_NOTE, write_report
+from fedbt.reports.held_out import write_held_out_report
 from fedbt.tracking import experiment_run
 from fedbt.train.central import TrainData, evaluate_everywhere, run_central, train_model
+from fedbt.train.personalise import SiteData, personalise_site
 
 
 def budget_matched(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -180,6 +189,63 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
     return result
 
 
+def personalised_models(
+    cfg: ExperimentConfig, catalog: Catalog, partitions: list[Partition], global_checkpoint: Path, out: Path
+) -> dict:
+    """Every site's personalised model (fedbt.train.personalise) from the federation's final model, scored
+    on the site's own test split only: out/personalised/<site>/ (final.pt, metrics.json)."""
+    state = load_checkpoint(global_checkpoint)["model_state"]
+    results = {}
+    for p in partitions:
+        data = SiteData(
+            train=catalog.subset(p.indices["train"], augment=augmentation_for(cfg.train)),
+            val=catalog.subset(p.indices["val"]),
+            test=catalog.subset(p.indices["test"]),
+        )
+        target = out / "personalised" / p.name
+        results[p.name] = personalise_site(cfg, state, data, target, f"personalise {p.name}")
+        write_json(target / "metrics.json", results[p.name])
+    return results
+
+
+def loaded_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """A final model and its temperature."""
+    payload = load_checkpoint(checkpoint)
+    return prepare_model(model_from_checkpoint(payload), device), temperature_of(payload)
+
+
+def paired_tests(cfg: ExperimentConfig, catalog: Catalog, run: Path, out: Path) -> dict:
+    """McNemar's test of the federated against the central final model on the pooled test split (and
+    with the held-out images), from each image's correctness: right 4-class prediction of a
+    fine-labelled image, what pooled 4-class accuracy counts. Each image's correctness is kept in
+    out/paired.json, owner-only, on this machine; the counts and p-values go in the report."""
+    device = select_device(cfg.train.device)
+    models = {name: loaded_model(run / name / "final.pt", device)[0] for name in ("federated", "central")}
+    splits = {"pooled": catalog.dataset(split="test", pooled=True)}
+    if catalog.held_out_test:
+        splits["pooled_with_held_out"] = catalog.dataset(split="test", pooled=True, keep_held_out=True)
+    per_image, summary = {}, {}
+    for split, dataset in splits.items():
+        loader = make_loader(dataset, cfg.train.batch_size, False, device)
+        correct = {name: fine_correct(*predict_log_probabilities(m, loader, device)) for name, m in models.items()}
+        per_image[split] = {name: c.tolist() for name, c in correct.items()}
+        summary[split] = {
+            "a": "federated",
+            "b": "central",
+            **{f"{name}_accuracy": float(c.mean()) for name, c in correct.items()},
+            **mcnemar(correct["federated"], correct["central"]),
+        }
+    atomic_write(out / "paired.json", lambda fh: fh.write(to_json(per_image).encode()), private=True)
+    return summary
+
+
+def score_checkpoint(checkpoint: Path, dataset: MRIDataset, cfg: ExperimentConfig) -> dict:
+    device = select_device(cfg.train.device)
+    model, temperature = loaded_model(checkpoint, device)
+    loader = make_loader(dataset, cfg.train.batch_size, False, device)
+    return evaluate(model, loader, device, get_task(cfg.data.task), temperature)
+
+
 def run_experiment(
     cfg: ExperimentConfig, skip_central: bool = False, skip_local: bool = False, reuse: bool = True
 ) -> dict:
@@ -194,9 +260,7 @@ def run_experiment(
             log(GENERATED_DATA_NOTE)
         # Decode into the cache here, once, before Ray's workers start and all want it.
         catalog = build_catalog(cfg.data)
-        partitions = make_partitions(
-            catalog, cfg.federated.num_clients, cfg.federated.partition, cfg.federated.dirichlet_alpha, cfg.data.seed
-        )
+        partitions = site_partitions(cfg, catalog)
         for p in partitions:
             log(f"[data] client {p.name}: " + ", ".join(f"{s} {len(p.indices[s])}" for s in ("train", "val", "test")))
         results: dict = {"federated": run_flower_simulation(cfg, out)}
@@ -204,9 +268,91 @@ def run_experiment(
             results["central"] = central_baseline(cfg, catalog, out, reuse)
         if not skip_local:
             results["local"] = {p.name: local_only(cfg, catalog, p, out, reuse) for p in partitions}
+        results.update(after_the_federation(cfg, catalog, partitions, out, out))
         results["wall_seconds_total"] = time.perf_counter() - started
         results["held_out_test"] = catalog.held_out_test_names()
         write_report(results, cfg, list(catalog.task.classes), out, generated)
         tracker.log_metrics({"wall_seconds": results["wall_seconds_total"]})
         tracker.log_files(*sorted(out.iterdir()))  # the report, its figures and the resolved experiment.json
     return results
+
+
+def site_partitions(cfg: ExperimentConfig, catalog: Catalog) -> list[Partition]:
+    fc = cfg.federated
+    return make_partitions(catalog, fc.num_clients, fc.partition, fc.dirichlet_alpha, cfg.data.seed)
+
+
+def after_the_federation(
+    cfg: ExperimentConfig, catalog: Catalog, partitions: list[Partition], run: Path, out: Path
+) -> dict:
+    """What is computed from a finished run's final models without training the federation again: each
+    site's personalised model (under personalise.enabled) and, when there is a central model, the
+    per-image paired test against it. `run` holds the models, `out` gets the results."""
+    results: dict = {}
+    if cfg.personalise.enabled:
+        results["personalised"] = personalised_models(cfg, catalog, partitions, run / "federated" / "final.pt", out)
+    if (run / "central" / "final.pt").is_file():
+        results["paired"] = paired_tests(cfg, catalog, run, out)
+    return results
+
+
+def complete_run(run: Path, out: Path, overrides: list[str] | None = None) -> dict:
+    """Personalised models and the paired test for a finished simulation's folder, from its resolved
+    experiment.json (with `overrides`, e.g. personalise.epochs=2) and final models; results and the
+    run's report, rewritten with them, go to `out` (the run folder itself, or another)."""
+    finished = read_json(run / "comparison.json")
+    if not (run / "experiment.json").is_file() or not isinstance(finished, dict):
+        raise ValueError(f"{run}: not a finished simulation (it has no experiment.json or comparison.json)")
+    cfg = load_config([run / "experiment.json"], overrides)
+    cfg.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = build_catalog(cfg.data)
+    results = {**finished["results"], **after_the_federation(cfg, catalog, site_partitions(cfg, catalog), run, out)}
+    write_report(results, cfg, list(catalog.task.classes), out, is_generated_data(cfg.data.data_root))
+    return results
+
+
+def held_out_site_config(cfg: ExperimentConfig, site: str) -> ExperimentConfig:
+    """cfg federating every site but `site`, into <out>/held-out-<site>/: its site file left out of
+    data.sites (the others' splits stay: a site splits its own images), as many clients a site."""
+    specs = load_sites(cfg.data.sites, cfg.data.data_root)
+    names = [spec.name for spec in specs]
+    if site not in names:
+        raise ValueError(f"--held-out-site {site}: not a site of this run ({', '.join(names)})")
+    fc = cfg.federated
+    if fc.partition != "origin" or fc.num_clients % len(specs):
+        raise ValueError("leaving a site out needs partition 'origin' with as many clients at every site")
+    kept = [path for path, spec in zip(cfg.data.sites, specs, strict=True) if spec.name != site]
+    clients = fc.num_clients // len(specs) * len(kept)
+    federated = replace(fc, num_clients=clients, min_clients=min(fc.min_clients or clients, clients))
+    return replace(
+        cfg,
+        data=replace(cfg.data, sites=kept),
+        federated=federated,
+        personalise=replace(cfg.personalise, enabled=False),  # the question is the site that never joined
+        output_dir=str(Path(cfg.output_dir) / f"held-out-{site}"),
+    )
+
+
+def run_held_out_site(cfg: ExperimentConfig, site: str, reuse: bool = True) -> dict:
+    """Federate the other sites and train central on the same sites, then score both on `site`'s test split."""
+    trained = held_out_site_config(cfg, site)
+    trained_on = [spec.name for spec in load_sites(trained.data.sites, trained.data.data_root)]
+    log(f"[held out {site}] federating {', '.join(trained_on)}; scoring on {site}")
+    run_experiment(trained, skip_local=True, reuse=reuse)
+    # The held-out site's test split, leakage control included, as when it federates.
+    held_out = build_catalog(cfg.data).dataset(site=site, split="test")
+    run = Path(trained.output_dir)
+    return {
+        "site": site,
+        "trained_on": trained_on,
+        "test": {name: score_checkpoint(run / name / "final.pt", held_out, cfg) for name in ("federated", "central")},
+    }
+
+
+def run_held_out_study(cfg: ExperimentConfig, sites: list[str], reuse: bool = True) -> dict:
+    """Leave each of `sites` out in turn; held-out.json and a report in cfg.output_dir."""
+    started = time.perf_counter()
+    results = {site: run_held_out_site(cfg, site, reuse) for site in sites}
+    write_held_out_report(results, cfg, Path(cfg.output_dir), is_generated_data(cfg.data.data_root))
+    return {"held_out": results, "wall_seconds_total": time.perf_counter() - started}

@@ -93,11 +93,22 @@ def test_results(results: dict) -> dict[str, dict]:
     return out
 
 
+def personalisation_share(results: dict) -> float | None:
+    """Personalisation's wall time (every site's) as a share of the federated run's."""
+    federated = results["federated"].get("wall_seconds")
+    if "personalised" not in results or not federated:
+        return None
+    return sum(r["wall_seconds"] for r in results["personalised"].values()) / federated
+
+
 def _wall_times(results: dict) -> list[list[str]]:
     rows = [["federated", f"{results['federated'].get('wall_seconds', 0):.0f} s"]]
     if "central" in results:
         rows.append(["central", f"{results['central']['wall_seconds']:.0f} s"])
     rows += [[f"local {n}", f"{r['wall_seconds']:.0f} s"] for n, r in results.get("local", {}).items()]
+    if (share := personalisation_share(results)) is not None:
+        seconds = sum(r["wall_seconds"] for r in results["personalised"].values())
+        rows.append(["personalisation (every site)", f"{seconds:.0f} s ({100 * share:.0f}% of federated)"])
     rows.append(["whole experiment", f"{results.get('wall_seconds_total', 0):.0f} s"])
     return rows
 
@@ -138,6 +149,69 @@ def held_out_effect(models: dict[str, dict]) -> str:
     return f" Counting them, pooled 4-class accuracy would read: {'; '.join(moved)}." if moved else ""
 
 
+PERSONALISED_NOTE = (
+    "Each site's own test split, three models: its local-only model, the federation's global model, and the "
+    "global model personalised at the site (adapted on its training split; the adaptation kept only when it "
+    "scores higher on the site's validation split, else the global model itself). A personalised model serves "
+    "its own site alone: its scores are never pooled into the global model's row above."
+)
+PERSONALISED_HEADER = ["site (own test split)", "local-only", "global", "personalised", "kept", "validation: tried"]
+
+
+def personalised_rows(results: dict) -> list[list[str]]:
+    """Per site: local-only, global and personalised set accuracy on the site's own test split."""
+    rows = []
+    for site, mine in results.get("personalised", {}).items():
+        local = results.get("local", {}).get(site, {}).get("test", {}).get("sites", {}).get(site, {})
+        global_ = results["federated"]["test"]["sites"].get(site, {})
+        tried = ", ".join(f"{name} {pct(c['val']['set_accuracy'])}" for name, c in mine["candidates"].items())
+        row = [local.get("set_accuracy"), global_.get("set_accuracy"), mine["test"]["set_accuracy"]]
+        rows.append([site, *map(pct, row), mine["chosen"], tried])
+    return rows
+
+
+PAIRED_NOTE = (
+    "McNemar's exact test, federated against central on the same images: each image's 4-class prediction "
+    "right or wrong (fine-labelled images), only the images where the two models disagree counting. The "
+    "per-image results stay in paired.json on this machine."
+)
+PAIRED_HEADER = [
+    "test images",
+    "n",
+    "federated acc",
+    "central acc",
+    "fed right, central wrong",
+    "fed wrong, central right",
+    "p",
+]
+PAIRED_SPLITS = {"pooled": "pooled", "pooled_with_held_out": "pooled with held out"}
+
+
+def paired_rows(paired: dict) -> list[list[str]]:
+    return [
+        [
+            PAIRED_SPLITS[split],
+            str(t["n"]),
+            pct(t["federated_accuracy"]),
+            pct(t["central_accuracy"]),
+            str(t["a_right_b_wrong"]),
+            str(t["a_wrong_b_right"]),
+            f"{t['p_value']:.2g}",
+        ]
+        for split, t in paired.items()
+    ]
+
+
+def paired_blocks(paired: dict) -> list[Block]:
+    table = (PAIRED_HEADER, paired_rows(paired))
+    return [("h2", "Federated against central, image by image"), ("table", table), ("p", PAIRED_NOTE)]
+
+
+def personalised_blocks(results: dict) -> list[Block]:
+    table = (PERSONALISED_HEADER, personalised_rows(results))
+    return [("h2", "Each site's own model"), ("table", table), ("p", PERSONALISED_NOTE)]
+
+
 def _number_files(out: Path) -> list[tuple[str, str]]:
     """Links to the JSON behind the page: comparison.json and each run's own metrics.json here."""
     runs = sorted(path.relative_to(out).as_posix() for path in out.glob("**/metrics.json"))
@@ -154,7 +228,7 @@ def write_report(
     models = test_results(results)
     header, rows = summary_rows(models)
     figures = {
-        "Learning curves": plot_learning_curves(results, out / "curves.png").name,
+        "Learning curves": plot_learning_curves(results, out / "curves.png", cfg.federated.local_epochs).name,
         "Confusion matrices (pooled test)": plot_confusion_matrices(
             {n: m["pooled"]["confusion_matrix"] for n, m in models.items() if "confusion_matrix" in m["pooled"]},
             classes,
@@ -173,6 +247,8 @@ def write_report(
         ("p", SELECTION_RULE),
         *([("p", FEDBN_NOTE)] if cfg.federated.fedbn else []),
         ("p", _split_control(results)),
+        *(paired_blocks(results["paired"]) if "paired" in results else []),
+        *(personalised_blocks(results) if "personalised" in results else []),
         ("h2", "Calibration"),
         ("table", (CALIBRATION_HEADER, calibration_rows(results))),
         ("p", CALIBRATION_NOTE),
@@ -184,5 +260,9 @@ def write_report(
     blocks += [("h2", "Numbers"), ("links", _number_files(out))]
     page = write_pages(blocks, out, "fedbt report")
     print_summary_table(models, generated_data)
+    if "paired" in results:
+        print(format_table(PAIRED_HEADER, paired_rows(results["paired"])))
+    if "personalised" in results:
+        print(format_table(PERSONALISED_HEADER, personalised_rows(results)))
     print(format_table(CALIBRATION_HEADER, calibration_rows(results)))
     return page

@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedbt.reports.render import num  # noqa: E402
 
@@ -60,35 +59,75 @@ def plot_confusion_matrices(matrices: dict[str, list[list[int]]], classes: list[
     return path
 
 
-def plot_learning_curves(results: dict, path: Path) -> Path:
-    """Federated: pooled val and each site's val per round; central: pooled val per epoch."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+@dataclass
+class Curve:
+    label: str
+    epochs: list[float]  # epochs of training done at each point: a round of a quarter epoch adds 0.25
+    accuracy: list[float | None]
+    loss: list[float]
+    style: str
+
+
+def learning_curves(results: dict, epochs_per_round: float) -> list[Curve]:
+    """Federated: pooled val and each site's val per scored round; central: pooled val per epoch. All on
+    one axis of epochs of training done, so that equal x means equal compute per training image."""
     history = results["federated"]["history"]
+
+    def at(round_: int) -> float:
+        return round_ * epochs_per_round
+
     # Only rounds that were scored (federated.evaluate_every may skip some).
     scored = [h for h in history if "accuracy" in h["server"]]
+    curves = []
     if scored:
-        rounds = [h["round"] for h in scored]
-        ax_acc.plot(rounds, [h["server"]["accuracy"] for h in scored], "o-", lw=2, label="federated global (pooled)")
-        ax_loss.plot(rounds, [h["server"]["loss"] for h in scored], "o-", lw=2, label="federated global (pooled)")
+        curves.append(
+            Curve(
+                "federated global (pooled)",
+                [at(h["round"]) for h in scored],
+                [h["server"]["accuracy"] for h in scored],
+                [h["server"]["loss"] for h in scored],
+                "o-",
+            )
+        )
     for site in sorted({s for h in history for s in h["sites"]}):
         on_site = [(h["round"], h["sites"][site]) for h in history if site in h["sites"]]
-        rounds = [r for r, _ in on_site]
-        ax_acc.plot(rounds, [m["set_accuracy"] for _, m in on_site], ".--", label=f"federated on {site}")
-        ax_loss.plot(rounds, [m["loss"] for _, m in on_site], ".--", label=f"federated on {site}")
+        curves.append(
+            Curve(
+                f"federated on {site}",
+                [at(r) for r, _ in on_site],
+                [m["set_accuracy"] for _, m in on_site],
+                [m["loss"] for _, m in on_site],
+                ".--",
+            )
+        )
     if "central" in results:
         central = results["central"]["history"]
-        epochs = [h["epoch"] for h in central]
-        ax_acc.plot(epochs, [h["val"].get("accuracy") for h in central], "s-", color="black", label="central (pooled)")
-        ax_loss.plot(epochs, [h["val"]["loss"] for h in central], "s-", color="black", label="central (pooled)")
-    ax_acc.set(xlabel="round (federated) / epoch (central)", ylabel="validation accuracy", title="accuracy")
-    ax_loss.set(xlabel="round (federated) / epoch (central)", ylabel="validation loss", title="loss")
+        curves.append(
+            Curve(
+                "central (pooled)",
+                [float(h["epoch"]) for h in central],
+                [h["val"].get("accuracy") for h in central],
+                [h["val"]["loss"] for h in central],
+                "s-",
+            )
+        )
+    return curves
+
+
+def plot_learning_curves(results: dict, path: Path, epochs_per_round: float = 1.0) -> Path:
+    """The learning curves (see learning_curves), accuracy and loss side by side."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for curve in learning_curves(results, epochs_per_round):
+        emphasis = {"lw": 2} if curve.style != ".--" else {}
+        colour = {"color": "black"} if curve.label.startswith("central") else {}
+        ax_acc.plot(curve.epochs, curve.accuracy, curve.style, label=curve.label, **emphasis, **colour)
+        ax_loss.plot(curve.epochs, curve.loss, curve.style, label=curve.label, **emphasis, **colour)
+    xlabel = f"epochs of training done (federated: round x {epochs_per_round:g})"
+    ax_acc.set(xlabel=xlabel, ylabel="validation accuracy", title="accuracy")
+    ax_loss.set(xlabel=xlabel, ylabel="validation loss", title="loss")
     for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_roc_curves(models: dict[str, dict], path: Path) -> Path:

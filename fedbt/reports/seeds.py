@@ -1,5 +1,7 @@
-"""Several training seeds over one split: each model's mean and spread per score, and the paired
-gap federated - central (seed by seed) with its 95% t-interval, as seeds.json, a report and a table."""
+"""Several training seeds over one split: each model's mean and spread per score, the paired gap
+federated - central (seed by seed) with its 95% t-interval, each seed's per-image McNemar test and
+calibration, and per site the local-only, global and personalised models, as seeds.json, a report
+and tables."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from fedbt.config import ExperimentConfig, to_dict
 from fedbt.fileio import write_json
 from fedbt.reports.comparison import (
     GENERATED_DATA_NOTE,
+    PAIRED_NOTE,
+    PERSONALISED_NOTE,
     SELECTION_RULE,
     SITE_NOTE,
     headline_scores,
@@ -23,8 +27,13 @@ from fedbt.reports.render import Block, format_table, pct, write_pages
 COMPARED = ("federated", "central")
 GAP_NOTE = (
     "Gap: federated minus central, seed by seed (both trained with the same seed), in percentage points; "
-    "its mean and the 95% t-interval of that mean (n - 1 degrees of freedom)."
+    "its mean and the 95% t-interval of that mean (n - 1 degrees of freedom). When the seeds' gaps are all "
+    "equal the interval is undefined (a spread of 0 over a few seeds is no certainty): the per-seed McNemar "
+    "tests below carry the evidence then."
 )
+WITH_HELD_OUT = "pooled 4-class acc, with held out"
+# Below this the seeds' gaps are taken as equal: far under one image's share of any test split.
+NO_SPREAD = 1e-9
 
 
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -36,19 +45,31 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
 
 
 def spread(values: list[float]) -> dict:
-    return {"values": values, "mean": statistics.mean(values), "sd": statistics.stdev(values)}
+    """Mean and sample standard deviation (None for one value: no spread can be measured)."""
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return {"values": values, "mean": statistics.mean(values), "sd": sd}
 
 
 def paired_gap(federated: list[float], central: list[float]) -> dict:
+    """The gaps' spread and 95% t-interval; the interval None (undefined) when the gaps do not vary."""
     gaps = [f - c for f, c in zip(federated, central, strict=True)]
-    return {**spread(gaps), "ci95": list(t_interval(gaps))}
+    gap = spread(gaps)
+    return {**gap, "ci95": list(t_interval(gaps)) if gap["sd"] is not None and gap["sd"] > NO_SPREAD else None}
+
+
+def study_scores(test: dict, sites: list[str]) -> dict[str, float | None]:
+    """The run report's scores with the pooled figure counting the held-out test images beside the pooled one."""
+    scores = headline_scores(test, sites)
+    with_held_out = test.get("pooled_with_held_out", {}).get("accuracy")
+    pooled, *rest = scores.items()
+    return dict([pooled, (WITH_HELD_OUT, with_held_out), *rest])
 
 
 def seed_summary(tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """tests: {seed: {'federated': test metrics, 'central': test metrics}} -> for every score both
     models have at every seed: each model's spread and the paired gap."""
     sites = site_names(t[m] for t in tests.values() for m in COMPARED)
-    scores = {m: [headline_scores(t[m], sites) for t in tests.values()] for m in COMPARED}
+    scores = {m: [study_scores(t[m], sites) for t in tests.values()] for m in COMPARED}
     summary = {}
     for name in scores["federated"][0]:
         values = {m: [s[name] for s in scores[m]] for m in COMPARED}
@@ -61,28 +82,41 @@ def seed_summary(tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return summary
 
 
-def site_gains(tests: dict[int, dict[str, dict]], local_tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
+def site_gains(
+    tests: dict[int, dict[str, dict]],
+    local_tests: dict[int, dict[str, dict]],
+    personalised: dict[int, dict[str, dict]] | None = None,
+) -> dict[str, dict]:
     """Is a site better off in the federation? On each site's own test split, seed by seed: the
-    federated model against the local-only model trained with the same seed.
-    local_tests: {seed: {site: the local-only model's test metrics}}."""
+    global model and (where the seed has one) the site's personalised model, each against the
+    local-only model trained with the same seed.
+    local_tests: {seed: {site: the local-only model's test metrics}};
+    personalised: {seed: {site: the personalised model's result (its test split is the site's own)}}."""
+    personalised = personalised or {}
     gains = {}
     for site in sorted({site for local in local_tests.values() for site in local}):
-        pairs = [
-            (t["federated"]["sites"][site]["set_accuracy"], local_tests[seed][site]["sites"][site]["set_accuracy"])
-            for seed, t in tests.items()
-            if site in local_tests.get(seed, {})
-        ]
-        federated, alone = [f for f, _ in pairs], [a for _, a in pairs]
+        seeds = [seed for seed in tests if site in local_tests.get(seed, {})]
+        alone = [local_tests[seed][site]["sites"][site]["set_accuracy"] for seed in seeds]
+        federated = [tests[seed]["federated"]["sites"][site]["set_accuracy"] for seed in seeds]
         gains[site] = {
+            "seeds": seeds,
             "local": spread(alone),
             "federated": spread(federated),
-            "seeds_worse_off": sum(f < a for f, a in pairs),
+            "seeds_worse_off": sum(f < a for f, a in zip(federated, alone)),
         }
+        own = [(a, personalised[seed][site]) for seed, a in zip(seeds, alone) if site in personalised.get(seed, {})]
+        if own:
+            scores = [p["test"]["set_accuracy"] for _, p in own]
+            gains[site]["personalised"] = spread(scores)
+            gains[site]["personalised_seeds_worse_off"] = sum(p < a for (a, _), p in zip(own, scores))
+            gains[site]["personalised_kept"] = [p["chosen"] for _, p in own]
     return gains
 
 
 def mean_sd(values: dict) -> str:
     """A spread() as 'mean% ± sd' (the sd in percentage points)."""
+    if values["sd"] is None:
+        return pct(values["mean"])
     return f"{pct(values['mean'])} ± {100 * values['sd']:.1f}"
 
 
@@ -90,34 +124,95 @@ def points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
 
+def interval_text(gap: dict) -> str:
+    if gap["ci95"] is None:
+        return f"undefined (n={len(gap['values'])}, no spread)"
+    low, high = gap["ci95"]
+    return f"[{points(low)}, {points(high)}]"
+
+
 def summary_rows(summary: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     header = ["score", "federated mean ± sd", "central mean ± sd", "gap (points)", "gap 95% interval"]
+    rows = [
+        [name, *(mean_sd(s[m]) for m in COMPARED), points(s["gap"]["mean"]), interval_text(s["gap"])]
+        for name, s in summary.items()
+    ]
+    return header, rows
+
+
+def worse_off(count: int, of: int) -> str:
+    return f"{count} of {of}"
+
+
+def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "site (own test split)",
+        "local-only mean ± sd",
+        "global mean ± sd",
+        "personalised mean ± sd",
+        "seeds global < local (same seed)",
+        "seeds personalised < local",
+        "personalised kept",
+    ]
     rows = []
-    for name, s in summary.items():
-        low, high = s["gap"]["ci95"]
+    for site, g in gains.items():
+        seeds = len(g["seeds"])
+        mine = g.get("personalised")
         rows.append(
             [
-                name,
-                *(mean_sd(s[m]) for m in COMPARED),
-                points(s["gap"]["mean"]),
-                f"[{points(low)}, {points(high)}]",
+                site,
+                mean_sd(g["local"]),
+                mean_sd(g["federated"]),
+                mean_sd(mine) if mine else "not run",
+                worse_off(g["seeds_worse_off"], seeds),
+                worse_off(g["personalised_seeds_worse_off"], len(mine["values"])) if mine else "",
+                ", ".join(g.get("personalised_kept", [])),
             ]
         )
     return header, rows
 
 
-def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["site (own test split)", "local-only mean ± sd", "federated mean ± sd", "seeds worse off (same seed)"]
-    rows = [
-        [
-            site,
-            mean_sd(g["local"]),
-            mean_sd(g["federated"]),
-            f"{g['seeds_worse_off']} of {len(g['federated']['values'])}",
-        ]
-        for site, g in gains.items()
-    ]
-    return header, rows
+PER_SEED_HEADER = [
+    "seed",
+    "pooled: federated / central",
+    "McNemar p (fed right-wrong / wrong-right)",
+    "with held out: federated / central",
+    "McNemar p",
+    "ECE federated before → after",
+    "ECE central before → after",
+]
+
+
+def seed_rows(runs: dict[int, dict]) -> list[list[str]]:
+    """One row per seed: pooled accuracies and McNemar, the same with the held-out images, calibration."""
+
+    def accuracies(test: str, run: dict) -> str:
+        return " / ".join(pct(run[m]["test"].get(test, {}).get("accuracy")) for m in COMPARED)
+
+    def mcnemar_text(paired: dict | None) -> str:
+        if paired is None:
+            return "not run"
+        return f"{paired['p_value']:.2g} ({paired['a_right_b_wrong']} / {paired['a_wrong_b_right']})"
+
+    def ece(run: dict, model: str) -> str:
+        c = run[model].get("calibration")
+        return f"{c['test_ece_before']:.3f} → {c['test_ece_after']:.3f}" if c else ""
+
+    rows = []
+    for seed, run in runs.items():
+        paired = run.get("paired", {})
+        rows.append(
+            [
+                str(seed),
+                accuracies("pooled", run),
+                mcnemar_text(paired.get("pooled")),
+                accuracies("pooled_with_held_out", run),
+                mcnemar_text(paired.get("pooled_with_held_out")),
+                ece(run, "federated"),
+                ece(run, "central"),
+            ]
+        )
+    return rows
 
 
 def _seeds_text(seeds: list[int], cfg: ExperimentConfig, with_local: bool) -> str:
@@ -128,28 +223,31 @@ def _seeds_text(seeds: list[int], cfg: ExperimentConfig, with_local: bool) -> st
     )
 
 
-def write_seed_report(
-    tests: dict[int, dict[str, dict]],
-    cfg: ExperimentConfig,
-    out: Path,
-    local_tests: dict[int, dict[str, dict]],
-    generated_data: bool = False,
-) -> dict:
+def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, generated_data: bool = False) -> dict:
     """seeds.json, report.md and report.html in out (beside the seeds' own folders); prints the tables.
-    local_tests: the local-only models' test metrics by seed and site (none when local-only was skipped).
-    Returns the summary."""
+    runs: each seed's simulation results (its comparison.json's), local-only and personalised models
+    where the seed has them. Returns the summary."""
+    tests = {seed: {m: run[m]["test"] for m in COMPARED} for seed, run in runs.items()}
+    local_tests = {
+        seed: {site: r["test"] for site, r in run["local"].items()} for seed, run in runs.items() if "local" in run
+    }
+    personalised = {seed: run["personalised"] for seed, run in runs.items() if "personalised" in run}
     summary = seed_summary(tests)
-    gains = site_gains(tests, local_tests)
-    seeds = list(tests)
+    gains = site_gains(tests, local_tests, personalised)
+    seeds = list(runs)
+    per_seed = seed_rows(runs)
     write_json(
         out / "seeds.json",
         {
             "seeds": seeds,
             "split_seed": cfg.data.seed,
             "local_seeds": list(local_tests),
+            "personalised_seeds": list(personalised),
             "selection_rule": SELECTION_RULE,
             "summary": summary,
             "site_gains": gains,
+            "paired": {seed: run.get("paired") for seed, run in runs.items()},
+            "calibration": {seed: {m: run[m].get("calibration") for m in COMPARED} for seed, run in runs.items()},
             "config": to_dict(cfg),
         },
     )
@@ -164,7 +262,14 @@ def write_seed_report(
         ("p", GAP_NOTE),
         ("p", SITE_NOTE),
         ("p", SELECTION_RULE),
-        *([("h2", "Is each site better off in the federation?"), ("table", gain_table)] if gains else []),
+        ("h2", "Each seed: federated against central, image by image, and calibration"),
+        ("table", (PER_SEED_HEADER, per_seed)),
+        ("p", PAIRED_NOTE),
+        *(
+            [("h2", "Is each site better off in the federation?"), ("table", gain_table), ("p", PERSONALISED_NOTE)]
+            if gains
+            else []
+        ),
         ("h2", "Each seed's runs"),
         ("links", [(f"seed {seed}", f"seed-{seed}/report.html") for seed in seeds] + [("numbers", "seeds.json")]),
     ]
@@ -173,6 +278,7 @@ def write_seed_report(
     print(format_table(*table))
     print(GAP_NOTE)
     print(SELECTION_RULE)
+    print(format_table(PER_SEED_HEADER, per_seed))
     if gains:
         print(format_table(*gain_table))
     if generated_data:

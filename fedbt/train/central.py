@@ -67,18 +67,20 @@ def train_model(
     kind: str,
     resume: bool = False,
     tracker: Tracker | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Train for cfg.train.epochs (or until early stopping ends it); returns the final model and history.
 
     Like every run here it reports the model it ends with: validation is watched, and may stop
     training early, but never picks an earlier epoch's model. out_dir gets last.pt every epoch (for
     resuming) and final.pt, the reported model, at the end. A tracker gets each epoch's numbers as
-    the epoch ends."""
+    the epoch ends. initial_state: the weights to start from (a site adapting the global model)
+    instead of the seed's untrained ones."""
     tracker = tracker or Tracker()
     tc = cfg.train
     last_path = out_dir / "last.pt"
     saved = load_checkpoint(last_path) if resume and last_path.is_file() else None
-    setup = training_setup(cfg, data.train.masks.shape[1], data.train.masks)
+    setup = training_setup(cfg, data.train.masks.shape[1], data.train.masks, initial_state)
     if cfg.privacy.enabled:
         saved_account = saved["optimizer_state"].get("privacy") if saved is not None else None
         setup = make_private(setup, data.train, cfg, tc.epochs, saved_account)
