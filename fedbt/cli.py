@@ -25,6 +25,7 @@ from fedbt.data.sites import SliceRule
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.fileio import write_json
 from fedbt.model.checkpoint import CheckpointError
+from fedbt.progress import set_verbose
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_ROOT = Path("demo-data")
@@ -130,6 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedbt.federated.seeds import run_seed_study
     from fedbt.federated.simulation import run_experiment, run_held_out_study
 
+    set_verbose(args.verbose)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.seeds > 1 and args.skip_central:
@@ -426,6 +428,9 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-local", action="store_true", help="no local-only models")
     parser.add_argument("--no-reuse", action="store_true", help="retrain baselines even if an earlier run matches")
     parser.add_argument("--resume", action="store_true", help="resume the federated run from its last round checkpoint")
+    parser.add_argument(
+        "--verbose", action="store_true", help="Flower's and Ray's output on the terminal instead of in OUT/flower.log"
+    )
     parser.add_argument(
         "--seeds",
         type=int,

@@ -1,8 +1,12 @@
-"""Shared fixtures: generated data for unit tests, the shared real data for integration tests."""
+"""Shared fixtures: generated data for unit tests, the shared real data for integration tests;
+and the test tiers (docs/design.md#tests)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,95 @@ from fedbt.data.synthetic import generate_demo_data
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri"
 SITE_FILES = [str(PROJECT_ROOT / "sites" / f"{name}.yaml") for name in ("figshare", "sartaj", "br35h")]
+
+pytest_plugins = ["pytester"]  # test_tiers.py runs sessions of its own with this file
+
+
+# Test tiers (docs/design.md#tests). The fast tier, `pytest --fast`, is what a developer runs
+# between edits: generated data, one process, no long training. It leaves out these marks:
+NOT_IN_FAST_TIER = ("e2e", "real_data", "slow")
+# Fixtures that start processes (a whole simulation starts Ray): every test using one is e2e.
+PROCESS_FIXTURES = {"finished_run"}
+# An e2e test's limit: above the longest wait one sets itself (test_deployment_trust's 900 s run).
+E2E_TIMEOUT_SECONDS = 1200
+# What the fast tier never starts: Ray's services and workers (programs and scripts inside its
+# package), Flower's processes (fedbt's own commands start them), a browser, nginx.
+RAY_PACKAGE = importlib.util.find_spec("ray").submodule_search_locations[0]
+HEAVY_PROGRAMS = ("flower-", "flwr", "fedbt", "chromium", "google-chrome", "nginx")
+HEAVY_MODULES = ("ray", "flwr", "fedbt")
+
+
+def pytest_addoption(parser):
+    tier = "the fast tier: no test marked e2e, real_data or slow; one that starts Ray, Flower, a browser or nginx fails"
+    parser.addoption("--fast", action="store_true", help=tier)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the marks added here count there too
+def pytest_collection_modifyitems(config, items):
+    kept, left_out = [], []
+    for item in items:
+        if PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_SECONDS))
+        slower = any(item.get_closest_marker(mark) for mark in NOT_IN_FAST_TIER)
+        (left_out if slower and config.getoption("--fast") else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
+
+def heavy_program(args) -> str | None:
+    """The name of what a command would start, if the fast tier must never start it."""
+    words = shlex.split(args) if isinstance(args, str) else [os.fsdecode(word) for word in args]
+    if any(word.startswith(RAY_PACKAGE) for word in words):
+        return "ray"
+    if "-m" in words[:-1]:
+        module = words[words.index("-m") + 1].split(".")[0]
+        return module if module in HEAVY_MODULES else None
+    program = Path(words[0]).name
+    return program if program.startswith(HEAVY_PROGRAMS) else None
+
+
+class HeavyProcessInFastTier(RuntimeError):
+    pass
+
+
+refused_in_fast_tier: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_tier_starts_no_heavy_process(request):
+    """Under --fast, starting Ray, Flower, a browser or nginx raises instead, and is remembered
+    for when the library that tried catches the error (see pytest_runtest_makereport)."""
+    if not request.config.getoption("--fast"):
+        yield
+        return
+    start = subprocess.Popen.__init__
+
+    def start_unless_heavy(self, args, *rest, **kwargs):
+        if program := heavy_program(args):
+            refused_in_fast_tier.append(program)
+            raise HeavyProcessInFastTier(f"the fast tier starts no {program}: mark the test e2e")
+        start(self, args, *rest, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", start_unless_heavy)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that passed although it tried to start a heavy process (the library that tried
+    caught the refusal) fails, naming the program: no such test joins the fast tier unnoticed."""
+    report = yield
+    if refused_in_fast_tier:
+        programs = ", ".join(sorted(set(refused_in_fast_tier)))
+        refused_in_fast_tier.clear()
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = f"this test tried to start {programs}, which the fast tier never starts: mark it e2e"
+    return report
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,7 +1,7 @@
 """The report pages as a reader sees them: opened in headless Chromium, every image decoded,
 every link leading to a file that exists, and a screenshot kept in the test's folder.
 
-Chromium is Debian's package (.ci/run installs it). Without it the tests skip, except in CI,
+Chromium is Debian's package (scripts/test.sh installs it). Without it the tests skip, except in CI,
 where they fail.
 """
 
@@ -37,7 +37,7 @@ def chromium() -> str:
         if path := shutil.which(name):
             return path
     if os.environ.get("CI"):
-        pytest.fail("headless Chromium expected in CI: .ci/run installs Debian's chromium package")
+        pytest.fail("headless Chromium expected in CI: scripts/test.sh installs Debian's chromium package")
     pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
 
 

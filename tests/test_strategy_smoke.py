@@ -85,6 +85,7 @@ def test_two_rounds_of_each_strategy_lower_the_validation_loss(name, smoke_data,
     assert after < before, f"{name}: validation loss {before:.4f} -> {after:.4f}"
 
 
+@pytest.mark.slow  # ResNet18, 2 rounds x 3 epochs at 3 sites: 88 s on the shared 2-core machine
 def test_two_rounds_of_fedbn_lower_the_validation_loss_each_site_scoring_with_its_own_batchnorm(smoke_data, tmp_path):
     # ResNet18: the CNN has no BatchNorm for FedBN to keep at the sites. At the CNN's lr (2e-3)
     # Adam on batches of 8 threw ResNet18 about (the validation loss rose under FedBN, from 1.2 to
