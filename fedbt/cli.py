@@ -76,6 +76,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from fedbt.data.catalog import build_catalog
+    from fedbt.data.pack import default_pack_path, write_pack
+
+    cfg = config_from_args(args)
+    catalog = build_catalog(cfg.data)
+    path = Path(args.pack) if args.pack else default_pack_path(cfg.data)
+    digest = write_pack(path, cfg.data, catalog.sites, catalog.records, catalog.problems, catalog.pixels)
+    size = path.stat().st_size / 2**20
+    print(f"{len(catalog.records)} images of {len(catalog.sites)} sites at {cfg.data.image_size} px: {path} ({size:.1f} MiB)")
+    print(f"sha256 {digest} (in {path.name}.sha256); use it as --data-root {path}")
+    return 0
+
+
 def cmd_central(args: argparse.Namespace) -> int:
     from fedbt.data.catalog import build_catalog
     from fedbt.reports.comparison import print_summary_table
@@ -340,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    pack = data.add_parser("pack", help="the sites' decoded images in one checksummed file, usable as --data-root")
+    add_config_arguments(pack)
+    pack.add_argument("pack", nargs="?", help="the pack file, *.npz (default: packs/<data root>-<size>px.npz)")
+    pack.set_defaults(func=cmd_pack)
 
     central = sub.add_parser("central", help="train the central baseline on the pooled training splits")
     add_config_arguments(central)
