@@ -102,8 +102,10 @@ def write_pack(
     records: list[Record],
     problems: list[Problem],
     pixels: torch.Tensor,
+    generated: bool = False,
 ) -> str:
-    """Write the pack and its checksum file; returns the pack's sha256.
+    """Write the pack and its checksum file; returns the pack's sha256. `generated`: the images
+    are generated data (the device check says which it measured on).
 
     `pixels` has one row per record, as the catalog holds them; each file hash is stored once."""
     path = Path(path)
@@ -120,6 +122,8 @@ def write_pack(
         "version": PACK_VERSION,
         "decoding": _decoding(cfg),
         "sites": [site.name for site in sites],
+        "generated": generated,
+        "images": len(records),
         "problems": [{"site": p.site, "path": Path(p.path).name, "message": p.message} for p in problems],
     }
     arrays = {
@@ -145,6 +149,23 @@ def verify_checksum(path: Path) -> str:
     if digest != expected:
         raise ValueError(f"pack {path} does not match its checksum ({digest[:12]}, expected {expected[:12]})")
     return digest
+
+
+def _stored_meta(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as stored:
+        return json.loads(stored["meta"].tobytes())
+
+
+def pack_summary(path: str | Path) -> dict:
+    """What the pack holds, from its metadata and checksum file (the pixels are not read)."""
+    path = Path(path)
+    meta = _stored_meta(path)
+    return {
+        "source": "generated" if meta["generated"] else "real",
+        "images": meta["images"],
+        "image_size": meta["decoding"]["image_size"],
+        "sha256": (checksum_path(path).read_text().split() or ["unknown"])[0],
+    }
 
 
 def read_pack(path: str | Path, cfg: DataConfig, sites: list[SiteSpec]) -> PackContents:
