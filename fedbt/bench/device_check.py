@@ -89,7 +89,8 @@ QUICK = Plan(
     # The GPU profile's rounds are a quarter epoch each: 4 rounds make the whole epoch it requires.
     simulation_rounds=4,
     experiment_rounds=4,
-    generated_per_class=3,
+    # Enough for every site to hold validation and test images (a local-only model is scored on them).
+    generated_per_class=8,
     device="cpu",
     # One thread: at tiny sizes a second one adds only synchronisation, which a busy machine
     # (a test run beside others) turns into seconds a step.

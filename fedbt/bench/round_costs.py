@@ -32,7 +32,8 @@ from fedbt.config import ExperimentConfig
 from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.loader import make_loader
 from fedbt.eval.inference import evaluate
-from fedbt.federated.packing import pack_content, unpack_content
+# Flower's records as the federated layer's packing uses them (Flower is imported only under federated/).
+from fedbt.federated.packing import ArrayRecord, RecordDict, pack_content, unpack_content
 from fedbt.federated.task import transport_state
 from fedbt.model.checkpoint import save_checkpoint
 from fedbt.model.device import prepare_model, select_device
@@ -62,8 +63,6 @@ def round_entry(server_round: int, sites: list[str]) -> dict:
 
 def round_costs(cfg: ExperimentConfig, catalog: Catalog, repeats: int = 3) -> dict[str, float]:
     """Median seconds of each fixed piece of one round, for the whole round (all its sites)."""
-    from flwr.app import ArrayRecord, RecordDict
-
     device = select_device(cfg.train.device)
     fc = cfg.federated
     classes = catalog.task.num_classes
