@@ -86,6 +86,8 @@ def test_federated_overhead_from_a_known_history(sim_run):
     assert (fed.rounds, fed.wall_seconds, fed.train_seconds) == (2, 16.0, 12.0)
     assert fed.overhead_ratio == pytest.approx(16 / 12)
     assert fed.overhead_seconds_per_round == pytest.approx(2.0)
+    # Round 2 alone: 16 - 6 s of wall for 4 + 3 s of training, without round 1's start-up.
+    assert fed.later_overhead_seconds_per_round == pytest.approx(3.0)
 
 
 def test_federated_overhead_names_what_is_missing(tmp_path):
