@@ -340,7 +340,7 @@ def measured_rows(results: dict) -> list[tuple[str, str]]:
 
 
 def describe_data(data: dict) -> str:
-    if data["source"] == "generated":
+    if "sha256" not in data:
         return f"generated images at {data['image_size']} px (no pack of the real images given)"
     return f"{data['source']} images from pack {data['sha256'][:12]} ({data['images']} images, {data['image_size']} px)"
 
