@@ -115,6 +115,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from fedbt.data.catalog import build_catalog
+    from fedbt.data.pack import default_pack_path, write_pack
+    from fedbt.data.synthetic import is_generated_data
+
+    cfg = config_from_args(args)
+    catalog = build_catalog(cfg.data)
+    path = Path(args.pack) if args.pack else default_pack_path(cfg.data)
+    generated = is_generated_data(cfg.data.data_root)
+    digest = write_pack(path, cfg.data, catalog.sites, catalog.records, catalog.problems, catalog.pixels, generated)
+    size = path.stat().st_size / 2**20
+    print(f"{len(catalog.records)} images of {len(catalog.sites)} sites at {cfg.data.image_size} px: {path} ({size:.1f} MiB)")
+    print(f"sha256 {digest} (in {path.name}.sha256); use it as --data-root {path}")
+    return 0
+
+
 def cmd_central(args: argparse.Namespace) -> int:
     from fedbt.data.catalog import build_catalog
     from fedbt.reports.comparison import print_summary_table
@@ -178,6 +194,17 @@ def cmd_personalise(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedbt.bench import run_and_print
+
+    if args.device_check:
+        from fedbt.bench import device_check
+
+        if not args.out:
+            raise ValueError("--device-check writes device-check.json and .md into --out DIR: name it")
+        return device_check.run_and_print(args.out, args.quick, args.pack, args.commit)
+    if args.round_costs:
+        from fedbt.bench import round_costs
+
+        return round_costs.run_and_print(config_from_args(args), args.sim_run)
 
     return run_and_print(
         config_from_args(args),
@@ -461,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    pack = data.add_parser("pack", help="the sites' decoded images in one checksummed file, usable as --data-root")
+    add_config_arguments(pack)
+    pack.add_argument("pack", nargs="?", help="the pack file, *.npz (default: packs/<data root>-<size>px.npz)")
+    pack.set_defaults(func=cmd_pack)
 
     central = sub.add_parser("central", help="train the central baseline on the pooled training splits")
     add_config_arguments(central)
@@ -499,6 +530,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tuned", "flower-defaults", "both"],
         help="also measure a loopback deployment's per-round overhead (server + a SuperNode per site)",
     )
+    bench.add_argument(
+        "--device-check",
+        action="store_true",
+        help="the lent-GPU check instead (scripts/device_check.sh): engine, latency, concurrent clients, "
+        "the whole experiment; results in --out",
+    )
+    bench.add_argument(
+        "--round-costs",
+        action="store_true",
+        help="instead: time each fixed piece of a simulation round (with --sim-run: beside its measured overhead)",
+    )
+    bench.add_argument("--quick", action="store_true", help="with --device-check: the same steps at tiny sizes")
+    bench.add_argument("--pack", help="with --device-check: the pack of real images (default: packs/brain-mri-128px.npz)")
+    bench.add_argument("--commit", help="with --device-check: the commit to report where the tree has no .git")
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("evaluate", help="clinical metrics, calibration, CIs, plots and report of a checkpoint")

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from fedbt import bench
 from fedbt.bench import DEPLOYMENT_UNAVAILABLE, federated_overhead, format_table, profile_training, run_bench
+from fedbt.cli import main
 from fedbt.config import ExperimentConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.eval import timing
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
@@ -78,6 +86,8 @@ def test_federated_overhead_from_a_known_history(sim_run):
     assert (fed.rounds, fed.wall_seconds, fed.train_seconds) == (2, 16.0, 12.0)
     assert fed.overhead_ratio == pytest.approx(16 / 12)
     assert fed.overhead_seconds_per_round == pytest.approx(2.0)
+    # Round 2 alone: 16 - 6 s of wall for 4 + 3 s of training, without round 1's start-up.
+    assert fed.later_overhead_seconds_per_round == pytest.approx(3.0)
 
 
 def test_federated_overhead_names_what_is_missing(tmp_path):
@@ -103,3 +113,62 @@ def test_table_shows_the_deployment_overhead_before_and_after_when_measured(tiny
     table = format_table(result)
     assert "deployment per-round overhead" in table and "2.5 s" in table
     assert "deployment overhead, Flower defaults" in table and "21.0 s" in table
+
+
+@pytest.mark.e2e
+def test_the_quick_device_check_measures_every_step_on_a_pack(demo_args, tmp_path, capsys):
+    """`scripts/device_check.sh --quick` on CPU, on a pack of generated data: every step of the
+    full check (the two simulations and the whole experiment included) at tiny sizes."""
+    pack = tmp_path / "demo.npz"
+    assert main(["data", "pack", *demo_args, str(pack)]) == 0
+    out = tmp_path / "check"
+    completed = subprocess.run(
+        ["bash", str(PROJECT_ROOT / "scripts" / "device_check.sh"), "--out", str(out), "--quick", "--pack", str(pack)],
+        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "device-check.json").read_text())
+    assert results["data"]["source"] == "generated" and results["data"]["images"] > 0  # the pack was read
+    assert [row["image_size"] for row in results["engine"]] == [32, 48]
+    assert all(row["engine_over_bare_step"] > 0 for row in results["engine"])
+    assert results["inference"]["batch1_ms"] > 0 and results["inference"]["batch64_ms"] > 0
+    assert sum(results["round_costs"].values()) > 0
+    for name in ("concurrent", "sequential"):
+        assert results["simulation"][name]["rounds"] == 4 and results["simulation"][name]["client_train_seconds"] > 0
+    experiment = results["experiment"]
+    assert experiment["rounds"] == 4 and set(experiment["pooled_test_accuracy"]) == {
+        "federated", "central", "local figshare", "local sartaj", "local br35h"}  # fmt: skip
+    table = (out / "device-check.md").read_text()
+    for measure in ("bare ResNet18 step, 32 px", "inference latency, batch 64", "clients concurrent",
+                    "whole experiment", "commit"):  # fmt: skip
+        assert measure in table and measure in completed.stdout
+
+
+def test_device_check_reports_steps_a_machine_cannot_run_and_measures_the_others(tmp_path, monkeypatch):
+    """A lent GPU machine may lack Flower and Ray: their steps say so, the others are in the table."""
+    from fedbt.bench import device_check
+
+    def missing(package):
+        def step(*_):
+            raise ModuleNotFoundError(f"No module named {package!r}", name=package)
+
+        return step
+
+    engine = [{"image_size": 128, "bare_step_images_per_second": 4000.0, "engine_images_per_second": 3600.0,
+               "engine_over_bare_step": 0.9}]  # fmt: skip
+    monkeypatch.setattr(device_check, "generate_demo_data", lambda root, **_: root)
+    monkeypatch.setattr(device_check, "engine_against_bare_step", lambda *_: engine)
+    monkeypatch.setattr(device_check, "inference_latency", missing("pydicom"))
+    monkeypatch.setattr(device_check, "fixed_round_costs", missing("flwr"))
+    monkeypatch.setattr(device_check, "concurrent_against_sequential", missing("ray"))
+    monkeypatch.setattr(device_check, "whole_experiment", missing("ray"))
+    results = device_check.run_device_check(tmp_path / "out", quick=True, commit="abc1234")
+
+    table = (tmp_path / "out" / "device-check.md").read_text()
+    assert "| engine, 128 px (engine / bare step) | 3600 img/s (0.90) |" in table
+    assert "| commit | abc1234 |" in table and "generated images at 32 px" in table
+    assert "| whole experiment | not run: the Python package ray is not installed here |" in table
+    assert "| fixed pieces of a round | not run: the Python package flwr is not installed here |" in table
+    saved = json.loads((tmp_path / "out" / "device-check.json").read_text())
+    assert saved["simulation"] == results["simulation"] == {"skipped": "not run: the Python package ray is not installed here"}
+    assert saved["engine"] == engine

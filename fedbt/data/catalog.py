@@ -21,6 +21,7 @@ from fedbt.data.cache import ImageCache, fill_cache, load_pixels
 from fedbt.data.dedup import UnionFind, difference_hash, near_duplicate_pairs, union_equal
 from fedbt.data.images import ImageLimits
 from fedbt.data.labels import Task, get_task
+from fedbt.data.pack import is_pack, read_pack
 from fedbt.data.readers import scan_site
 from fedbt.data.records import Problem, Record
 from fedbt.data.sites import SiteSpec, load_sites
@@ -117,7 +118,8 @@ class Catalog:
 
     def subset(self, indices: list[int], augment: Augmentation | None = None) -> MRIDataset:
         idx = torch.tensor(indices, dtype=torch.long)
-        return MRIDataset(self.pixels[idx], self.masks[idx], augment)
+        # index_select copies whole rows; indexing with a tensor gathers element by element (slower).
+        return MRIDataset(self.pixels.index_select(0, idx), self.masks.index_select(0, idx), augment)
 
     def class_counts(self, indices: list[int]) -> dict[str, int]:
         """Images per source-label set, e.g. {'glioma': 80, 'glioma|meningioma|pituitary': 40}."""
@@ -151,10 +153,24 @@ def split_groups(records: list[Record], near_pairs: list[tuple[int, int]], sites
 
 
 def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path | None = None) -> Catalog:
-    """Scan, decode, de-duplicate and split every site named in the config."""
+    """Scan, decode, de-duplicate and split every site named in the config.
+
+    A data root that is a pack (`fedbt data pack`) gives the records and pixels the folders and
+    the decode cache would; duplicates and splits are then found the same way."""
     root = data_root if data_root is not None else cfg.data_root
     sites = load_sites(cfg.sites, root)
-    task = get_task(cfg.task)
+    if is_pack(root):
+        contents = read_pack(root, cfg, sites)
+        records, problems, pixels = contents.records, contents.problems, contents.pixels
+    else:
+        records, problems, pixels = scan_and_decode(cfg, sites, progress)
+    return catalog_of(cfg, sites, records, problems, pixels)
+
+
+def scan_and_decode(
+    cfg: DataConfig, sites: list[SiteSpec], progress: bool = True
+) -> tuple[list[Record], list[Problem], torch.Tensor]:
+    """Every site's readable records, the files not used, and the records' pixels from the decode cache."""
     records: list[Record] = []
     problems: list[Problem] = []
     tallies: dict[str, Counter[str]] = {}
@@ -177,8 +193,14 @@ def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path 
         tally["kept"] = sum(r.site == name for r in records)
     if not records:
         raise ValueError("no readable images in any site")
+    return records, problems, load_pixels(records, cache)
 
-    pixels = load_pixels(records, cache)
+
+def catalog_of(
+    cfg: DataConfig, sites: list[SiteSpec], records: list[Record], problems: list[Problem], pixels: torch.Tensor
+) -> Catalog:
+    """Duplicates, split groups, splits and the held-out test rule over decoded records."""
+    task = get_task(cfg.task)
     masks = torch.tensor([task.target_mask(r.allowed) for r in records], dtype=torch.bool)
     max_bits = cfg.near_duplicate_bits
     pairs = near_duplicate_pairs(difference_hash(pixels), max_bits) if max_bits >= 0 else []

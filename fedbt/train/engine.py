@@ -101,7 +101,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     anchor: list[torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     present_classes: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     batch_augmentation: Augmentation | None = None,
@@ -114,7 +114,10 @@ def train_one_epoch(
     records the gradients it corrects."""
     model.train()
     weights = class_weights.to(device) if class_weights is not None else None
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    # Summed on the device (in float64, as Python floats would be): reading the loss every step
+    # would make the host wait for each step to finish before it queues the next one.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen, start = 0, time.perf_counter()
     for step, (images, masks) in enumerate(loader):
         if schedule is not None:
             for group in optimizer.param_groups:
@@ -131,13 +134,15 @@ def train_one_epoch(
         if drift is not None:
             correct_drift(model, drift, optimizer, scaler)
         optimizer_step(optimizer, scaler)
-        total_loss += loss.item() * len(images)
+        total_loss += loss.detach().double() * len(images)
         seen += len(images)
         if on_step is not None:
-            on_step(step, len(loader), loss.item())
+            # A 0-d tensor: a logger that formats it waits for the step, one that skips the step does not.
+            on_step(step, len(loader), loss.detach())
+    mean_loss = total_loss.item() / max(seen, 1)  # waits for the last step: the clock below includes it
     seconds = time.perf_counter() - start
     return {
-        "loss": total_loss / max(seen, 1),
+        "loss": mean_loss,
         "images": seen,
         "seconds": seconds,
         "images_per_second": seen / max(seconds, 1e-9),

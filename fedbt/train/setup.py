@@ -56,10 +56,20 @@ def param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]
     return [{"params": head}, {"params": layer4, "lr": cfg.train.lr * factor, "lr_scale": factor}]
 
 
-def new_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
-    """The untrained model of this experiment: the same weights for the same training seed."""
+def new_model(cfg: ExperimentConfig, num_classes: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The untrained model of this experiment: the same weights for the same training seed.
+
+    With `state`: the model holding those weights, built without drawing initial weights first
+    (drawing ResNet18's 11M of them is most of building it, and every federated round's set-up
+    would throw them away)."""
     seed_everything(cfg.training_seed)
-    return build_model(cfg.model, num_classes, cfg.data.image_size)
+    if state is None:
+        return build_model(cfg.model, num_classes, cfg.data.image_size)
+    with torch.device("meta"):
+        model = build_model(cfg.model, num_classes, cfg.data.image_size)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state)  # strict: every weight and buffer the empty model holds is written
+    return model
 
 
 def training_setup(
@@ -71,10 +81,7 @@ def training_setup(
     """Model (from `initial_state` when given) on its device, optimiser, scaler, class weights."""
     configure_threads(cfg.train.threads)
     device = select_device(cfg.train.device)
-    model = new_model(cfg, num_classes)
-    if initial_state is not None:
-        model.load_state_dict(initial_state)
-    model = prepare_model(model, device)
+    model = prepare_model(new_model(cfg, num_classes, initial_state), device)
     weights = class_weights_from_masks(train_masks) if cfg.train.class_weights and train_masks is not None else None
     return TrainingSetup(
         model=model,

@@ -65,6 +65,9 @@ class FederatedOverhead:
     train_seconds: float
     overhead_ratio: float
     overhead_seconds_per_round: float
+    # Rounds 2 onwards: without the first round's start-up (Ray's client actors importing and
+    # loading the catalog), what every further round adds. None for a one-round run.
+    later_overhead_seconds_per_round: float | None = None
 
 
 @dataclass
@@ -214,13 +217,17 @@ def federated_overhead(run_dir: str | Path) -> FederatedOverhead:
     if not history:
         raise ValueError(f"{path}: no rounds in the history")
     try:
-        train = sum(site["train_seconds"] for entry in history for site in entry["train"].values())
-        wall = history[-1]["elapsed_seconds"]
+        per_round = [sum(site["train_seconds"] for site in entry["train"].values()) for entry in history]
+        elapsed = [entry["elapsed_seconds"] for entry in history]
     except KeyError as err:
         raise ValueError(f"{path}: history lacks {err}") from None
+    train, wall = sum(per_round), elapsed[-1]
     if train <= 0:
         raise ValueError(f"{path}: no client training time recorded")
-    return FederatedOverhead(len(history), wall, train, wall / train, (wall - train) / len(history))
+    later = None
+    if len(history) > 1:
+        later = (elapsed[-1] - elapsed[0] - sum(per_round[1:])) / (len(history) - 1)
+    return FederatedOverhead(len(history), wall, train, wall / train, (wall - train) / len(history), later)
 
 
 def run_bench(
@@ -306,6 +313,7 @@ def format_table(result: BenchResult) -> str:
     federated = (
         f"{fed.overhead_ratio:.2f} x (wall {fed.wall_seconds:.1f} s / client training {fed.train_seconds:.1f} s), "
         f"{fed.overhead_seconds_per_round:.1f} s per round over {fed.rounds} rounds"
+        + (f" ({fed.later_overhead_seconds_per_round:.1f} s after the first)" if fed.later_overhead_seconds_per_round is not None else "")
         if fed
         else "not measured (pass --sim-run DIR)"
     )
