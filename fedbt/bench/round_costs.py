@@ -34,7 +34,7 @@ from fedbt.data.loader import make_loader
 from fedbt.eval.inference import evaluate
 # Flower's records as the federated layer's packing uses them (Flower is imported only under federated/).
 from fedbt.federated.packing import ArrayRecord, RecordDict, pack_content, unpack_content
-from fedbt.federated.task import transport_state
+from fedbt.fl.task import transport_state
 from fedbt.model.checkpoint import save_checkpoint
 from fedbt.model.device import prepare_model, select_device
 from fedbt.tracking import experiment_run

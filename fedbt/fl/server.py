@@ -158,6 +158,7 @@ class FederatedRun:
         self.sites = SiteRegistry(sizes={p.name: len(p.indices["train"]) for p in partitions})
         if fc.resume and (self.out / "last.pt").is_file():
             self._resume(load_checkpoint(self.out / "last.pt"))
+        self._wire_cache: tuple[tuple[str, int], dict[str, torch.Tensor]] = (("", 0), {})
         self.started = time.perf_counter()
 
     @property
@@ -183,18 +184,23 @@ class FederatedRun:
         log(f"[federated] resuming after round {self.last_round} of {self.cfg.federated.rounds}")
 
     def global_model(self) -> torch.nn.Module:
-        model = new_model(self.cfg, self.task.num_classes)
-        model.load_state_dict(self.global_state)
-        return model
+        return new_model(self.cfg, self.task.num_classes, self.global_state)
+
+    def wire_state(self, name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` in the transport precision, made once for every request of a round (the server's
+        own copy stays float32)."""
+        key = (name, id(state))
+        if self._wire_cache[0] != key:
+            self._wire_cache = (key, transport_state(state, self.cfg.federated.transport_dtype))
+        return self._wire_cache[1]
 
     def request(self, node: int, kind: str, server_round: int, **config) -> Request:
         """The global model (in the transport precision; the server's own copy stays float32) and the
         experiment: all of it in a simulation, the settings a server may set in a deployment."""
         experiment = to_dict(self.cfg) if self.server_has_data else settable_part(self.cfg)
-        dtype = self.cfg.federated.transport_dtype
-        tensors = {MODEL: transport_state(self.global_state, dtype)}
+        tensors = {MODEL: self.wire_state(MODEL, self.global_state)}
         if self.control is not None and kind == TRAIN:
-            tensors[CONTROL] = transport_state(self.control, dtype)
+            tensors[CONTROL] = transport_state(self.control, self.cfg.federated.transport_dtype)
         settings = {ROUND_KEY: server_round, EXPERIMENT_KEY: json.dumps(experiment), **config}
         return Request(node, kind, server_round, settings, tensors)
 
