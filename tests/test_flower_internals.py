@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-import itertools
+import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import flwr.serverapp.strategy
-import flwr.supercore.retry
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
-import httpx
 import pytest
 import tomli
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
@@ -27,10 +25,14 @@ from fedbt.deployment.certs import CertLayout
 from fedbt.deployment.nodes import (
     ServerSettings,
     SiteSettings,
+    executor_command,
     flower_defaults_if_internals_differ,
+    require_site_guard,
     superlink_command,
     supernode_command,
+    write_superexec_secret,
 )
+from fedbt.deployment.processes import DeploymentError
 from fedbt.federated import flower_internals
 from fedbt.federated.flower_internals import ForkserverExecutor, check_flower_internals
 
@@ -65,7 +67,10 @@ def mismatches():
     run_clientapp = flwr.supernode.runtime.run_clientapp
     loop = flwr.supernode.start_client_internal
     return {
-        "another flwr": (lambda patch: patch.setattr(flower_internals, "FLOWER_VERSION", "1.40.0"), "flwr 1.41.0"),
+        "another flwr": (
+            lambda patch: patch.setattr(flower_internals, "FLOWER_VERSION", "1.40.0"),
+            f"flwr {importlib.metadata.version('flwr')} is installed",
+        ),
         "a parameter gone": (
             lambda patch: patch.setattr(run_clientapp, "run_clientapp", a_clientapp_runner_without_certificates),
             "run_clientapp() has no parameter 'certificates'",
@@ -140,30 +145,60 @@ def server_certs(tmp_path) -> CertLayout:
 
 
 def test_matching_flower_runs_the_tuned_processes_without_a_warning(site_settings, server_certs, tmp_path, capsys):
-    site = flower_defaults_if_internals_differ(site_settings)
+    require_site_guard()
     server = flower_defaults_if_internals_differ(ServerSettings(server_certs.root, tmp_path / "server"))
-    assert supernode_command(site)[1:4] == ["-m", "fedbt.federated.flower_internals", "supernode"]
+    assert supernode_command(site_settings)[1:4] == ["-m", "fedbt.federated.flower_internals", "supernode"]
     assert superlink_command(server, server_certs)[1:4] == ["-m", "fedbt.federated.flower_internals", "superlink"]
     assert capsys.readouterr().err == ""
 
 
-def test_a_different_flower_runs_flower_defaults_with_one_warning(
-    site_settings, server_certs, tmp_path, monkeypatch, capsys
+def test_a_different_flower_runs_the_default_superlink_with_one_warning_and_no_site(
+    server_certs, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(flwr.supernode.runtime.run_clientapp, "run_clientapp", a_clientapp_runner_without_certificates)
-    site = flower_defaults_if_internals_differ(site_settings)
     server = flower_defaults_if_internals_differ(ServerSettings(server_certs.root, tmp_path / "server"))
 
-    node = supernode_command(site)
-    assert Path(node[0]).name == "flower-supernode" and "--isolation" not in node
     assert Path(superlink_command(server, server_certs)[0]).name == "flower-superlink"
-    warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == 2  # one per command started
-    assert warnings[0] == (
-        "fedbt: warning: Flower 1.41.0 differs from the 1.41.0 this tuning was written for "
-        "(flwr.supernode.runtime.run_clientapp.run_clientapp() has no parameter 'certificates'); "
+    version = importlib.metadata.version("flwr")
+    assert capsys.readouterr().err.splitlines() == [
+        f"fedbt: warning: Flower {version} differs from the {flower_internals.FLOWER_VERSION} this tuning was "
+        "written for (flwr.supernode.runtime.run_clientapp.run_clientapp() has no parameter 'certificates'); "
         "running Flower's defaults"
+    ]
+    # A site's code guard is one of the patches: the site refuses to start instead of running without it.
+    with pytest.raises(DeploymentError) as refused:
+        require_site_guard()
+    assert str(refused.value) == (
+        "this site cannot make sure it runs only its installed ClientApp on the installed Flower "
+        "(flwr.supernode.runtime.run_clientapp.run_clientapp() has no parameter 'certificates'): "
+        f"install the Flower fedbt supports: pip install 'flwr[simulation]=={flower_internals.FLOWER_VERSION}'"
     )
+
+
+@pytest.mark.parametrize("flower_defaults", [False, True])
+def test_every_site_command_leaves_clientapps_to_the_guarded_executor_and_shares_a_secret_with_it(
+    site_settings, flower_defaults
+):
+    """`--isolation process`: the SuperNode never starts a ClientApp itself (Flower's default,
+    subprocess isolation, runs `flwr-clientapp`, which loads the code the server's bundle names)."""
+    settings = replace(site_settings, runtime_port=9094, flower_defaults=flower_defaults)
+    node = supernode_command(settings)
+    executor = executor_command(settings, supernode_pid=1)
+    assert node[node.index("--isolation") + 1] == "process"
+    assert executor[1:4] == ["-m", "fedbt.federated.flower_internals", "executor"]
+    secret = str(settings.state_dir / "superexec.secret")
+    assert node[node.index("--superexec-auth-secret-file") + 1] == secret
+    assert executor[executor.index("--superexec-auth-secret-file") + 1] == secret
+    # Flower's defaults: its own SuperNode, and each task imports afresh; the guard stays either way.
+    assert (Path(node[0]).name == "flower-supernode") is flower_defaults
+    assert ("--no-preload" in executor) is flower_defaults
+
+
+def test_a_sites_superexec_secret_is_new_at_each_start_and_its_owners_alone(site_settings):
+    first = write_superexec_secret(site_settings).read_bytes()
+    path = write_superexec_secret(site_settings)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_bytes()) == 32 and path.read_bytes() != first
 
 
 def test_the_forkserver_executor_takes_what_flowers_executor_protocol_passes():
@@ -192,30 +227,3 @@ def test_the_app_id_a_site_accepts_is_the_one_fedbts_pyproject_gives_its_runs():
     app_id = f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']}"
     assert flower_internals.FEDBT_APP_ID == app_id
     assert project["project"]["version"] == importlib.metadata.version("fedbt")
-
-
-class SuperNodeDroppingFirstPush:
-    """A task's Runtime API client whose first push of the task's output dies half-sent."""
-
-    def __init__(self, first_failure: Exception):
-        self.first_failure = first_failure
-        self.pushes = []
-
-    def PushTaskOutput(self, request):  # Flower's name
-        self.pushes.append(request)
-        if len(self.pushes) == 1:
-            raise self.first_failure
-        return "landed"
-
-
-def test_a_tasks_output_push_is_retried_after_an_interrupted_request_but_not_when_its_supernode_is_gone(monkeypatch):
-    monkeypatch.setattr(flwr.supercore.retry, "exponential", lambda max_delay: itertools.repeat(0.0))
-    push = flower_internals.output_push_retried(flwr.supernode.runtime.run_clientapp.push_task_output)
-
-    cut = SuperNodeDroppingFirstPush(httpx.WriteError("cut mid-body"))
-    push(client=cut, context=None, sub_status="completed", details="")
-    assert [request.sub_status for request in cut.pushes] == ["completed", "completed"]
-
-    gone = SuperNodeDroppingFirstPush(httpx.ConnectError("connection refused"))
-    push(client=gone, context=None, sub_status="completed", details="")  # Flower logs the failure and exits
-    assert len(gone.pushes) == 1

@@ -23,14 +23,18 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+if TYPE_CHECKING:
+    # The types in Grid's own signatures, which Flower does not export: read by type checkers
+    # only, so nothing at run time depends on where Flower keeps them.
+    from flwr.proto.node_pb2 import NodeInfo
+    from flwr.supercore.run import Run
 
 from fedbt.progress import log
 
