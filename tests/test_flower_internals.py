@@ -4,12 +4,14 @@ difference, and a difference makes `fedbt site` / `fedbt server` build Flower's 
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import inspect
 import stat
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import flwr.serverapp.strategy
 import flwr.superlink.main
@@ -17,8 +19,13 @@ import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
 import pytest
 import tomli
+from flwr.app import Message, Metadata, RecordDict
+from flwr.proto.task_pb2 import Task
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore import heartbeat
+from flwr.supercore.constant import ExecutorType, TaskType
+from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor import types as executor_types
 
 from fedbt.deployment.certs import CertLayout
@@ -227,3 +234,149 @@ def test_the_app_id_a_site_accepts_is_the_one_fedbts_pyproject_gives_its_runs():
     app_id = f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']}"
     assert flower_internals.FEDBT_APP_ID == app_id
     assert project["project"]["version"] == importlib.metadata.version("fedbt")
+
+
+# What each patch changes, shown on stock Flower: when one of these fails on a new Flower
+# release, that release changed the behaviour, and the patch named in the test can go.
+
+
+def sleeps_and_pull_calls(module) -> tuple[set[float], list[ast.Call]]:
+    """The literal waits of `time.sleep(...)` in a module's source, and its calls of pull_objects."""
+    tree = ast.parse(inspect.getsource(module))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    sleeps = {
+        call.args[0].value
+        for call in calls
+        if ast.unparse(call.func) == "time.sleep" and isinstance(call.args[0], ast.Constant)
+    }
+    pulls = [call for call in calls if ast.unparse(call.func) == "pull_objects"]
+    return sleeps, pulls
+
+
+def test_stock_supernode_waits_fixed_seconds_between_pulls_and_retries_a_pull_after_a_second():
+    """CappedSleep (SUPERNODE_LOOP_TIME) and the shorter first retry (SUPERNODE_PULL_OBJECTS)."""
+    sleeps, pulls = sleeps_and_pull_calls(flwr.supernode.start_client_internal)
+    assert sleeps == {3, 0.5}  # between pulls, and while a ClientApp's reply is awaited: no option sets them
+    assert pulls and all("initial_backoff" not in {kw.arg for kw in call.keywords} for call in pulls)
+    pull_objects = flower_internals.SUPERNODE_PULL_OBJECTS.get()
+    assert inspect.signature(pull_objects).parameters["initial_backoff"].default == 1.0
+
+
+def test_stock_supernode_announces_and_keeps_a_heartbeat_slower_than_a_superlink_accepts():
+    """ANNOUNCED_HEARTBEAT and SENT_HEARTBEAT, replaced by SHORTEST_HEARTBEAT."""
+    shortest = flower_internals.SHORTEST_HEARTBEAT.get()
+    assert flower_internals.ANNOUNCED_HEARTBEAT.get() == flower_internals.SENT_HEARTBEAT.get() == 30 > shortest
+
+
+def node_state_with_two_pulled_messages():
+    """A SuperNode's state holding two messages of one run, both pulled (each by its own task)."""
+    objects = flower_internals.OBJECT_STORE_FACTORY.get()(flower_internals.IN_MEMORY_DATABASE.get())
+    state = flower_internals.SUPERNODE_STATE.get()(objects.store())
+    messages = [
+        with_its_id(Message(RecordDict(), metadata=Metadata(run_id=7, message_id="", src_node_id=0, dst_node_id=1,
+                                                            reply_to_message_id="", group_id=group, created_at=0.0,
+                                                            ttl=1e12, message_type="train")))
+        for group in ("1", "2")
+    ]  # fmt: skip
+    for message in messages:
+        state.store_message(message)
+    assert len(state.get_messages_legacy(run_ids=[7], is_reply=False)) == 2
+    return state, messages
+
+
+def with_its_id(message: Message) -> Message:
+    message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperLink names it
+    return message
+
+
+def store_reply(state, message: Message) -> bool:
+    reply = with_its_id(Message(RecordDict(), reply_to=message))
+    stored, _ = state.store_message_and_object_tree(reply, get_object_tree(reply), state.start_session(7))
+    return stored
+
+
+def replies_to(state, message: Message) -> list[Message]:
+    answered = message.metadata.message_id
+    return [e.message for e in state.msg_store.values() if e.message.metadata.reply_to_message_id == answered]
+
+
+def test_stock_supernode_answers_another_tasks_message_with_a_crash_when_a_task_that_replied_expires():
+    """RepliedTasks (SUPERNODE_REPLY_HANDLER, SUPERNODE_STATE._on_task_tokens_expired): with it, the
+    task that replied gets no crash reply, and the other task's message keeps its own answer."""
+    state, (first, second) = node_state_with_two_pulled_messages()
+    assert store_reply(state, first)  # task 1 answered the first message and is finishing
+    expired = Task(task_id=1, run_id=7, type=TaskType.CLIENT_APP)
+
+    state._on_task_tokens_expired([expired])
+    [crash] = replies_to(state, second)  # task 2 is still working on the second message
+    assert crash.has_error()
+
+    state, (first, second) = node_state_with_two_pulled_messages()
+    replied = flower_internals.RepliedTasks()
+    stored_reply = SimpleNamespace(message_ids=["its reply"])
+    replied.noting_replies(lambda request, state, task: stored_reply)(None, state, expired)
+    assert store_reply(state, first)
+    replied.crash_replies_for_unanswered(type(state)._on_task_tokens_expired)(state, [expired])
+    assert replies_to(state, second) == []
+
+
+def test_stock_supernode_stores_a_second_reply_to_a_message_already_answered_by_a_crash():
+    """storing_open_replies_only (SUPERNODE_STATE.store_message_and_object_tree, MessageEntry)."""
+    state, (_, second) = node_state_with_two_pulled_messages()
+    state._on_task_tokens_expired([Task(task_id=2, run_id=7, type=TaskType.CLIENT_APP)])
+    assert store_reply(state, second)  # the task's reply, admitted before its token expired
+    assert len(replies_to(state, second)) == 2
+
+    state, (_, second) = node_state_with_two_pulled_messages()
+    state._on_task_tokens_expired([Task(task_id=2, run_id=7, type=TaskType.CLIENT_APP)])
+    patched_store = flower_internals.storing_open_replies_only(type(state).store_message_and_object_tree)
+    reply = with_its_id(Message(RecordDict(), reply_to=second))
+    assert patched_store(state, reply, get_object_tree(reply), state.start_session(7)) == (False, [])
+    assert len(replies_to(state, second)) == 1
+
+
+def test_stock_superlink_keeps_message_arrays_in_its_database_file(tmp_path):
+    """SUPERLINK_FACTORIES, replaced: arrays in memory (OBJECT_STORE_FACTORY with IN_MEMORY_DATABASE),
+    run state in the file (LINK_STATE_FACTORY)."""
+    database = tmp_path / "superlink.db"
+    objects, _ = flower_internals.SUPERLINK_FACTORIES.get()(str(database), federation_manager=None)
+    assert objects.database == str(database) != flower_internals.IN_MEMORY_DATABASE.get()
+
+
+def test_stock_superexec_starts_each_task_as_a_fresh_flwr_clientapp_with_its_token_on_the_command_line(monkeypatch):
+    """GET_EXECUTOR, replaced by ForkserverExecutor (EXECUTOR, EXECUTION_SPEC, LAUNCH_RESULT, RUN_CLIENTAPP):
+    a task is a forkserver child that imported torch and fedbt once, and gets its token through a pipe."""
+    started = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    executor = flower_internals.GET_EXECUTOR.get()(ExecutorType.SUBPROCESS)
+    spec = flower_internals.EXECUTION_SPEC.get()(
+        task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="the-task-token", insecure=True,
+        root_certificates_path=None, runtime_dependency_install=False, parent_pid=None, suppress_output=True,
+        task_id=1,
+    )  # fmt: skip
+    executor.launch(spec)
+    [command] = started
+    assert command[0] == "flwr-clientapp" and "the-task-token" in command
+
+
+def flower_app_folder(folder: Path, clientapp: str) -> Path:
+    """An app folder as Flower installs a run's bundle: fedbt's name and version, another ClientApp."""
+    folder.mkdir()
+    project = tomli.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    (folder / "pyproject.toml").write_text(
+        f'[project]\nname = "fedbt"\nversion = "{project["project"]["version"]}"\n\n'
+        f'[tool.flwr.app]\npublisher = "fedbt"\n\n[tool.flwr.app.components]\n'
+        f'serverapp = "fedbt.federated.server_app:app"\nclientapp = "{clientapp}"\n'
+    )
+    return folder
+
+
+def test_stock_clientapp_loader_runs_the_code_a_bundle_names_under_fedbts_own_name(tmp_path, monkeypatch):
+    """CLIENTAPP_LOADER, replaced by installed_clientapp_loader: the site's installed ClientApp or none."""
+    app = flower_app_folder(tmp_path / "app", "their_code:app")
+    (app / "their_code.py").write_text("from flwr.clientapp import ClientApp\napp = ClientApp()\napp.theirs = True\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Flower puts the bundle first on the path
+    monkeypatch.delitem(sys.modules, "their_code", raising=False)
+    load = flower_internals.CLIENTAPP_LOADER.get()(default_app_ref="", app_path=str(app), multi_app=True)
+    version = importlib.metadata.version("fedbt")
+    assert getattr(load("fedbt/fedbt", version, "any hash"), "theirs", False)
