@@ -4,21 +4,26 @@ difference, and a difference makes `fedbt site` / `fedbt server` build Flower's 
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import inspect
-import itertools
+import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
-import flwr.supercore.retry
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
-import httpx
 import pytest
 import tomli
+from flwr.app import Message, Metadata, RecordDict
+from flwr.proto.task_pb2 import Task
 from flwr.supercore import heartbeat
+from flwr.supercore.constant import ExecutorType, TaskType
+from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor import types as executor_types
 from flwr.supernode.nodestate import in_memory_nodestate
 
@@ -26,10 +31,14 @@ from fedbt.deployment.certs import CertLayout
 from fedbt.deployment.nodes import (
     ServerSettings,
     SiteSettings,
+    executor_command,
     flower_defaults_if_internals_differ,
+    require_site_guard,
     superlink_command,
     supernode_command,
+    write_superexec_secret,
 )
+from fedbt.deployment.processes import DeploymentError
 from fedbt.federated import flower_internals
 from fedbt.federated.flower_internals import ForkserverExecutor, check_flower_internals
 
@@ -64,7 +73,10 @@ def mismatches():
     run_clientapp = flwr.supernode.runtime.run_clientapp
     loop = flwr.supernode.start_client_internal
     return {
-        "another flwr": (lambda patch: patch.setattr(flower_internals, "FLOWER_VERSION", "1.40.0"), "flwr 1.41.0"),
+        "another flwr": (
+            lambda patch: patch.setattr(flower_internals, "FLOWER_VERSION", "1.40.0"),
+            f"flwr {importlib.metadata.version('flwr')} is installed",
+        ),
         "a parameter gone": (
             lambda patch: patch.setattr(run_clientapp, "run_clientapp", a_clientapp_runner_without_certificates),
             "run_clientapp() has no parameter 'certificates'",
@@ -137,30 +149,60 @@ def server_certs(tmp_path) -> CertLayout:
 
 
 def test_matching_flower_runs_the_tuned_processes_without_a_warning(site_settings, server_certs, tmp_path, capsys):
-    site = flower_defaults_if_internals_differ(site_settings)
+    require_site_guard()
     server = flower_defaults_if_internals_differ(ServerSettings(server_certs.root, tmp_path / "server"))
-    assert supernode_command(site)[1:4] == ["-m", "fedbt.federated.flower_internals", "supernode"]
+    assert supernode_command(site_settings)[1:4] == ["-m", "fedbt.federated.flower_internals", "supernode"]
     assert superlink_command(server, server_certs)[1:4] == ["-m", "fedbt.federated.flower_internals", "superlink"]
     assert capsys.readouterr().err == ""
 
 
-def test_a_different_flower_runs_flower_defaults_with_one_warning(
-    site_settings, server_certs, tmp_path, monkeypatch, capsys
+def test_a_different_flower_runs_the_default_superlink_with_one_warning_and_no_site(
+    server_certs, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(flwr.supernode.runtime.run_clientapp, "run_clientapp", a_clientapp_runner_without_certificates)
-    site = flower_defaults_if_internals_differ(site_settings)
     server = flower_defaults_if_internals_differ(ServerSettings(server_certs.root, tmp_path / "server"))
 
-    node = supernode_command(site)
-    assert Path(node[0]).name == "flower-supernode" and "--isolation" not in node
     assert Path(superlink_command(server, server_certs)[0]).name == "flower-superlink"
-    warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == 2  # one per command started
-    assert warnings[0] == (
-        "fedbt: warning: Flower 1.41.0 differs from the 1.41.0 this tuning was written for "
-        "(flwr.supernode.runtime.run_clientapp.run_clientapp() has no parameter 'certificates'); "
+    version = importlib.metadata.version("flwr")
+    assert capsys.readouterr().err.splitlines() == [
+        f"fedbt: warning: Flower {version} differs from the {flower_internals.FLOWER_VERSION} this tuning was "
+        "written for (flwr.supernode.runtime.run_clientapp.run_clientapp() has no parameter 'certificates'); "
         "running Flower's defaults"
+    ]
+    # A site's code guard is one of the patches: the site refuses to start instead of running without it.
+    with pytest.raises(DeploymentError) as refused:
+        require_site_guard()
+    assert str(refused.value) == (
+        "this site cannot make sure it runs only its installed ClientApp on the installed Flower "
+        "(flwr.supernode.runtime.run_clientapp.run_clientapp() has no parameter 'certificates'): "
+        f"install the Flower fedbt supports: pip install 'flwr[simulation]=={flower_internals.FLOWER_VERSION}'"
     )
+
+
+@pytest.mark.parametrize("flower_defaults", [False, True])
+def test_every_site_command_leaves_clientapps_to_the_guarded_executor_and_shares_a_secret_with_it(
+    site_settings, flower_defaults
+):
+    """`--isolation process`: the SuperNode never starts a ClientApp itself (Flower's default,
+    subprocess isolation, runs `flwr-clientapp`, which loads the code the server's bundle names)."""
+    settings = replace(site_settings, runtime_port=9094, flower_defaults=flower_defaults)
+    node = supernode_command(settings)
+    executor = executor_command(settings, supernode_pid=1)
+    assert node[node.index("--isolation") + 1] == "process"
+    assert executor[1:4] == ["-m", "fedbt.federated.flower_internals", "executor"]
+    secret = str(settings.state_dir / "superexec.secret")
+    assert node[node.index("--superexec-auth-secret-file") + 1] == secret
+    assert executor[executor.index("--superexec-auth-secret-file") + 1] == secret
+    # Flower's defaults: its own SuperNode, and each task imports afresh; the guard stays either way.
+    assert (Path(node[0]).name == "flower-supernode") is flower_defaults
+    assert ("--no-preload" in executor) is flower_defaults
+
+
+def test_a_sites_superexec_secret_is_new_at_each_start_and_its_owners_alone(site_settings):
+    first = write_superexec_secret(site_settings).read_bytes()
+    path = write_superexec_secret(site_settings)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_bytes()) == 32 and path.read_bytes() != first
 
 
 def test_the_forkserver_executor_takes_what_flowers_executor_protocol_passes():
@@ -191,28 +233,147 @@ def test_the_app_id_a_site_accepts_is_the_one_fedbts_pyproject_gives_its_runs():
     assert project["project"]["version"] == importlib.metadata.version("fedbt")
 
 
-class SuperNodeDroppingFirstPush:
-    """A task's Runtime API client whose first push of the task's output dies half-sent."""
-
-    def __init__(self, first_failure: Exception):
-        self.first_failure = first_failure
-        self.pushes = []
-
-    def PushTaskOutput(self, request):  # Flower's name
-        self.pushes.append(request)
-        if len(self.pushes) == 1:
-            raise self.first_failure
-        return "landed"
+# What each patch changes, shown on stock Flower: when one of these fails on a new Flower
+# release, that release changed the behaviour, and the patch named in the test can go.
 
 
-def test_a_tasks_output_push_is_retried_after_an_interrupted_request_but_not_when_its_supernode_is_gone(monkeypatch):
-    monkeypatch.setattr(flwr.supercore.retry, "exponential", lambda max_delay: itertools.repeat(0.0))
-    push = flower_internals.output_push_retried(flwr.supernode.runtime.run_clientapp.push_task_output)
+def sleeps_and_pull_calls(module) -> tuple[set[float], list[ast.Call]]:
+    """The literal waits of `time.sleep(...)` in a module's source, and its calls of pull_objects."""
+    tree = ast.parse(inspect.getsource(module))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    sleeps = {
+        call.args[0].value
+        for call in calls
+        if ast.unparse(call.func) == "time.sleep" and isinstance(call.args[0], ast.Constant)
+    }
+    pulls = [call for call in calls if ast.unparse(call.func) == "pull_objects"]
+    return sleeps, pulls
 
-    cut = SuperNodeDroppingFirstPush(httpx.WriteError("cut mid-body"))
-    push(client=cut, context=None, sub_status="completed", details="")
-    assert [request.sub_status for request in cut.pushes] == ["completed", "completed"]
 
-    gone = SuperNodeDroppingFirstPush(httpx.ConnectError("connection refused"))
-    push(client=gone, context=None, sub_status="completed", details="")  # Flower logs the failure and exits
-    assert len(gone.pushes) == 1
+def test_stock_supernode_waits_fixed_seconds_between_pulls_and_retries_a_pull_after_a_second():
+    """CappedSleep (SUPERNODE_LOOP_TIME) and the shorter first retry (SUPERNODE_PULL_OBJECTS)."""
+    sleeps, pulls = sleeps_and_pull_calls(flwr.supernode.start_client_internal)
+    assert sleeps == {3, 0.5}  # between pulls, and while a ClientApp's reply is awaited: no option sets them
+    assert pulls and all("initial_backoff" not in {kw.arg for kw in call.keywords} for call in pulls)
+    pull_objects = flower_internals.SUPERNODE_PULL_OBJECTS.get()
+    assert inspect.signature(pull_objects).parameters["initial_backoff"].default == 1.0
+
+
+def test_stock_supernode_announces_and_keeps_a_heartbeat_slower_than_a_superlink_accepts():
+    """ANNOUNCED_HEARTBEAT and SENT_HEARTBEAT, replaced by SHORTEST_HEARTBEAT."""
+    shortest = flower_internals.SHORTEST_HEARTBEAT.get()
+    assert flower_internals.ANNOUNCED_HEARTBEAT.get() == flower_internals.SENT_HEARTBEAT.get() == 30 > shortest
+
+
+def node_state_with_two_pulled_messages():
+    """A SuperNode's state holding two messages of one run, both pulled (each by its own task)."""
+    objects = flower_internals.OBJECT_STORE_FACTORY.get()(flower_internals.IN_MEMORY_DATABASE.get())
+    state = flower_internals.SUPERNODE_STATE.get()(objects.store())
+    messages = [
+        with_its_id(Message(RecordDict(), metadata=Metadata(run_id=7, message_id="", src_node_id=0, dst_node_id=1,
+                                                            reply_to_message_id="", group_id=group, created_at=0.0,
+                                                            ttl=1e12, message_type="train")))
+        for group in ("1", "2")
+    ]  # fmt: skip
+    for message in messages:
+        state.store_message(message)
+    assert len(state.get_messages_legacy(run_ids=[7], is_reply=False)) == 2
+    return state, messages
+
+
+def with_its_id(message: Message) -> Message:
+    message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperLink names it
+    return message
+
+
+def store_reply(state, message: Message) -> bool:
+    reply = with_its_id(Message(RecordDict(), reply_to=message))
+    stored, _ = state.store_message_and_object_tree(reply, get_object_tree(reply), state.start_session(7))
+    return stored
+
+
+def replies_to(state, message: Message) -> list[Message]:
+    answered = message.metadata.message_id
+    return [e.message for e in state.msg_store.values() if e.message.metadata.reply_to_message_id == answered]
+
+
+def test_stock_supernode_answers_another_tasks_message_with_a_crash_when_a_task_that_replied_expires():
+    """RepliedTasks (SUPERNODE_REPLY_HANDLER, SUPERNODE_STATE._on_task_tokens_expired): with it, the
+    task that replied gets no crash reply, and the other task's message keeps its own answer."""
+    state, (first, second) = node_state_with_two_pulled_messages()
+    assert store_reply(state, first)  # task 1 answered the first message and is finishing
+    expired = Task(task_id=1, run_id=7, type=TaskType.CLIENT_APP)
+
+    state._on_task_tokens_expired([expired])
+    [crash] = replies_to(state, second)  # task 2 is still working on the second message
+    assert crash.has_error()
+
+    state, (first, second) = node_state_with_two_pulled_messages()
+    replied = flower_internals.RepliedTasks()
+    stored_reply = SimpleNamespace(message_ids=["its reply"])
+    replied.noting_replies(lambda request, state, task: stored_reply)(None, state, expired)
+    assert store_reply(state, first)
+    replied.crash_replies_for_unanswered(type(state)._on_task_tokens_expired)(state, [expired])
+    assert replies_to(state, second) == []
+
+
+def test_stock_supernode_stores_a_second_reply_to_a_message_already_answered_by_a_crash():
+    """storing_open_replies_only (SUPERNODE_STATE.store_message_and_object_tree, MessageEntry)."""
+    state, (_, second) = node_state_with_two_pulled_messages()
+    state._on_task_tokens_expired([Task(task_id=2, run_id=7, type=TaskType.CLIENT_APP)])
+    assert store_reply(state, second)  # the task's reply, admitted before its token expired
+    assert len(replies_to(state, second)) == 2
+
+    state, (_, second) = node_state_with_two_pulled_messages()
+    state._on_task_tokens_expired([Task(task_id=2, run_id=7, type=TaskType.CLIENT_APP)])
+    patched_store = flower_internals.storing_open_replies_only(type(state).store_message_and_object_tree)
+    reply = with_its_id(Message(RecordDict(), reply_to=second))
+    assert patched_store(state, reply, get_object_tree(reply), state.start_session(7)) == (False, [])
+    assert len(replies_to(state, second)) == 1
+
+
+def test_stock_superlink_keeps_message_arrays_in_its_database_file(tmp_path):
+    """SUPERLINK_FACTORIES, replaced: arrays in memory (OBJECT_STORE_FACTORY with IN_MEMORY_DATABASE),
+    run state in the file (LINK_STATE_FACTORY)."""
+    database = tmp_path / "superlink.db"
+    objects, _ = flower_internals.SUPERLINK_FACTORIES.get()(str(database), federation_manager=None)
+    assert objects.database == str(database) != flower_internals.IN_MEMORY_DATABASE.get()
+
+
+def test_stock_superexec_starts_each_task_as_a_fresh_flwr_clientapp_with_its_token_on_the_command_line(monkeypatch):
+    """GET_EXECUTOR, replaced by ForkserverExecutor (EXECUTOR, EXECUTION_SPEC, LAUNCH_RESULT, RUN_CLIENTAPP):
+    a task is a forkserver child that imported torch and fedbt once, and gets its token through a pipe."""
+    started = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    executor = flower_internals.GET_EXECUTOR.get()(ExecutorType.SUBPROCESS)
+    spec = flower_internals.EXECUTION_SPEC.get()(
+        task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="the-task-token", insecure=True,
+        root_certificates_path=None, runtime_dependency_install=False, parent_pid=None, suppress_output=True,
+        task_id=1,
+    )  # fmt: skip
+    executor.launch(spec)
+    [command] = started
+    assert command[0] == "flwr-clientapp" and "the-task-token" in command
+
+
+def flower_app_folder(folder: Path, clientapp: str) -> Path:
+    """An app folder as Flower installs a run's bundle: fedbt's name and version, another ClientApp."""
+    folder.mkdir()
+    project = tomli.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    (folder / "pyproject.toml").write_text(
+        f'[project]\nname = "fedbt"\nversion = "{project["project"]["version"]}"\n\n'
+        f'[tool.flwr.app]\npublisher = "fedbt"\n\n[tool.flwr.app.components]\n'
+        f'serverapp = "fedbt.federated.server_app:app"\nclientapp = "{clientapp}"\n'
+    )
+    return folder
+
+
+def test_stock_clientapp_loader_runs_the_code_a_bundle_names_under_fedbts_own_name(tmp_path, monkeypatch):
+    """CLIENTAPP_LOADER, replaced by installed_clientapp_loader: the site's installed ClientApp or none."""
+    app = flower_app_folder(tmp_path / "app", "their_code:app")
+    (app / "their_code.py").write_text("from flwr.clientapp import ClientApp\napp = ClientApp()\napp.theirs = True\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Flower puts the bundle first on the path
+    monkeypatch.delitem(sys.modules, "their_code", raising=False)
+    load = flower_internals.CLIENTAPP_LOADER.get()(default_app_ref="", app_path=str(app), multi_app=True)
+    version = importlib.metadata.version("fedbt")
+    assert getattr(load("fedbt/fedbt", version, "any hash"), "theirs", False)

@@ -1,11 +1,12 @@
 """End to end: a site whose ClientApp tasks lose their connection to their own SuperNode mid-push.
 
-Under load, a task's last request to its SuperNode (its state and final status, one HTTP body
-as large as the optimiser's state) can die half-sent: the SuperNode logs
-`[/v1/runtime/push-task-output][UnexpectedError:ClientDisconnect]`. Flower sends that request
-once; a task that never finishes is later declared crashed by its SuperNode, whose error reply
-then lands on the site's next message. Here a proxy between one site's tasks and its SuperNode
-cuts every task's first push of its output half way, and the run must still complete.
+Under load, a task's last request to its SuperNode (its context and final status) can die
+half-sent: the SuperNode logs `[/v1/runtime/push-task-output][UnexpectedError:ClientDisconnect]`.
+Flower sends that request once, and the task that never finished is later declared crashed. That
+costs a site nothing: its state is in its own files, not in the context (fedbt's client_app), and
+a task that has replied gets no crash reply (flower_internals.RepliedTasks), which would otherwise
+land on the site's next message. Here a proxy between one site's tasks and its SuperNode cuts
+every task's push of its output half way, and the run must still complete.
 """
 
 from __future__ import annotations
@@ -132,5 +133,5 @@ def test_a_site_whose_tasks_lose_their_output_push_still_completes_every_round(t
         federation.close()
     assert outcome.status == "finished:completed", outcome.details
     assert [entry["round"] for entry in outcome.metrics["history"]] == [1, 2]
-    # Every task's first push was cut, and each pushed again until it landed.
-    assert len(proxy.pushes) >= 3 and set(proxy.pushes.values()) == {2}, proxy.pushes
+    # Every task's push was cut, and none was sent again (Flower sends it once).
+    assert len(proxy.pushes) >= 3 and set(proxy.pushes.values()) == {1}, proxy.pushes

@@ -5,6 +5,7 @@ Both run until stopped (Ctrl-C or SIGTERM) and take their Flower processes down 
 
 from __future__ import annotations
 
+import secrets
 import socket
 import sys
 import time
@@ -23,13 +24,14 @@ from fedbt.deployment.processes import (
     install_stop_handlers,
     wait_forever,
 )
-from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
 from fedbt.federated.flower_internals import (
     FLOWER_VERSION,
     SUPEREXEC_POLL_ENV,
     check_flower_internals,
     installed_flower_version,
 )
+from fedbt.fileio import atomic_write
+from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
 
 SERVER_READY = "server ready"
 SITE_READY = "connected to the server"
@@ -40,6 +42,9 @@ LOOPBACK = "127.0.0.1"
 ACTIVATION_RETRY_SECONDS = 2.0
 # `python -m FLOWER_INTERNALS supernode|superlink|executor` runs that Flower process tuned.
 FLOWER_INTERNALS = "fedbt.federated.flower_internals"
+# The secret a site's SuperNode and its executor authenticate the executor's task requests with.
+SUPEREXEC_SECRET_FILE = "superexec.secret"
+SUPEREXEC_SECRET_BYTES = 32
 
 
 @dataclass
@@ -69,9 +74,9 @@ class SiteSettings:
     # port, chosen at start and printed, so several sites share a machine without flags.
     runtime_port: int | None = None
     connect_timeout: float = 300.0
-    # Seconds between the SuperNode's checks for work; 3 s and a fresh ClientApp process per
-    # message are Flower's defaults (flower_defaults=True), kept for measuring the difference
-    # and run when the installed Flower is not the one fedbt's tuning was written for.
+    # Seconds between the SuperNode's checks for work; 3 s and a fresh interpreter per message
+    # are Flower's defaults (flower_defaults=True), kept for measuring the difference. Either way
+    # the site runs only its installed ClientApp.
     poll_interval: float = 0.2
     flower_defaults: bool = False
 
@@ -97,9 +102,9 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float 
             time.sleep(0.2)
 
 
-def flower_defaults_if_internals_differ(settings: ServerSettings | SiteSettings):
-    """`settings`, switched to Flower's default processes (with one warning) if the installed Flower's
-    internals differ from those fedbt's tuned processes patch: those would be slower, or fail, not faster.
+def flower_defaults_if_internals_differ(settings: ServerSettings) -> ServerSettings:
+    """`settings`, switched to Flower's default SuperLink (with one warning) if the installed Flower's
+    internals differ from those fedbt's tuned SuperLink patches: it would be slower, or fail, not faster.
     """
     if settings.flower_defaults:
         return settings
@@ -188,6 +193,17 @@ def run_server(settings: ServerSettings) -> int:
             managed.stop()
 
 
+def require_site_guard() -> None:
+    """Refuse to start a site on a Flower whose internals fedbt cannot check: its code guard (run only
+    the installed ClientApp) replaces one of them, and without it the site would run the server's code."""
+    problems = check_flower_internals()
+    if problems:
+        raise DeploymentError(
+            f"this site cannot make sure it runs only its installed ClientApp on the installed Flower "
+            f"({problems[0]}): install the Flower fedbt supports: pip install 'flwr[simulation]=={FLOWER_VERSION}'"
+        )
+
+
 def check_site_data(site_file: Path, data_root: Path | None) -> str:
     """The site's name, after making sure its YAML points at images: a clear error now, not mid-run."""
     from fedbt.data.readers import scan_site
@@ -224,7 +240,20 @@ def node_config(settings: SiteSettings) -> str:
     return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
+def superexec_secret_file(settings: SiteSettings) -> Path:
+    return settings.state_dir / SUPEREXEC_SECRET_FILE
+
+
+def write_superexec_secret(settings: SiteSettings) -> Path:
+    """A new secret for this start of the site, readable by its owner alone."""
+    return atomic_write(
+        superexec_secret_file(settings), lambda fh: fh.write(secrets.token_bytes(SUPEREXEC_SECRET_BYTES)), private=True
+    )
+
+
 def supernode_command(settings: SiteSettings) -> list[str]:
+    """The SuperNode, always with `--isolation process`: it never starts a ClientApp itself; the
+    site's executor (executor_command) runs each task, with the installed ClientApp only."""
     flower_args = [
         "--superlink", settings.server,
         "--root-certificates", str(_require_file(settings.ca_cert, "CA certificate")),
@@ -232,19 +261,23 @@ def supernode_command(settings: SiteSettings) -> list[str]:
         "--node-config", node_config(settings),
         "--port", str(settings.runtime_port),
         "--max-wait-time", str(settings.connect_timeout),
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(superexec_secret_file(settings)),
     ]  # fmt: skip
     if settings.flower_defaults:
         return [flower_command("flower-supernode"), *flower_args]
     tuned = [sys.executable, "-m", FLOWER_INTERNALS, "supernode", "--poll-interval", str(settings.poll_interval)]
-    return [*tuned, *flower_args, "--isolation", "process"]
+    return [*tuned, *flower_args]
 
 
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
-    return [
+    command = [
         sys.executable, "-m", FLOWER_INTERNALS, "executor",
         "--runtime-api-address", f"{LOOPBACK}:{settings.runtime_port}",
         "--supernode-pid", str(supernode_pid),
+        "--superexec-auth-secret-file", str(superexec_secret_file(settings)),
     ]  # fmt: skip
+    return [*command, "--no-preload"] if settings.flower_defaults else command
 
 
 def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> ManagedProcess:
@@ -253,6 +286,7 @@ def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> Manag
     A site that died is still online for the server until its heartbeats are overdue, and
     the server refuses a second activation meanwhile: a restarted site retries until then.
     """
+    write_superexec_secret(settings)
     deadline = time.monotonic() + settings.connect_timeout
     while True:
         log_file = settings.state_dir / "supernode.log"
@@ -273,8 +307,9 @@ def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> Manag
 
 def run_site(settings: SiteSettings) -> int:
     """Check the site's data, join the server, run ClientApps until stopped."""
+    require_site_guard()
     name = check_site_data(settings.site_file, settings.data_root)
-    settings = with_runtime_port(flower_defaults_if_internals_differ(settings))
+    settings = with_runtime_port(settings)
     print(f"fedbt: site {name} runtime API on {LOOPBACK}:{settings.runtime_port} (this machine only)", flush=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # How often the executor asks the SuperNode for a task (Flower's default: every second).
@@ -285,16 +320,15 @@ def run_site(settings: SiteSettings) -> int:
     try:
         node = join_server(settings, name, env)
         processes.append(node)
-        if not settings.flower_defaults:
-            processes.append(
-                ManagedProcess(
-                    f"site {name} executor",
-                    executor_command(settings, node.process.pid),
-                    env,
-                    settings.state_dir / "executor.log",
-                    own_group=False,
-                )
+        processes.append(
+            ManagedProcess(
+                f"site {name} executor",
+                executor_command(settings, node.process.pid),
+                env,
+                settings.state_dir / "executor.log",
+                own_group=False,
             )
+        )
         print(f"fedbt: site {name} {SITE_READY} at {settings.server}", flush=True)
         ended = wait_forever(processes)
         raise DeploymentError(ended.failure())

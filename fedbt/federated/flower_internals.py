@@ -5,8 +5,11 @@ replace names inside flwr. Each such name is declared here (`declare`) with what
 relies on: a function's parameters, a constant's type, a class's methods or fields. Code reaches
 a name only through its declaration (`.get()`, `.replace()`), and `check_flower_internals()`
 compares all declarations, and the flwr version they were read from, with the installed flwr
-without changing anything: `fedbt site` and `fedbt server` run Flower's default processes when it
-finds a difference, instead of losing the speed silently or failing at start.
+without changing anything. On any difference `fedbt site` refuses to start: its code guard (the
+site runs only the ClientApp it installed) is one of these patches, and a site without it would
+run whatever the server sends. `fedbt server` runs Flower's default processes instead (its
+patches only change speed). tests/test_flower_internals.py shows, on stock Flower, the behaviour
+each patch changes: the day a Flower release changes it, that test says which patch can go.
 
 The tuned processes. With Flower's defaults every message a site receives costs a fresh
 `flwr-clientapp` process that imports torch and the project again (about 5 s on a 2-core
@@ -19,8 +22,12 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   isolates it) and inherits none of the loop's threads or connections; only the imports are
   shared. The ClientApp that runs is the one installed at the site, and only for a run of
   fedbt's own app at the site's version: any other run is refused (`installed_clientapp_loader`).
-  A task's last request to its SuperNode (the site's state and the task's status) is retried
-  until it lands, where Flower sends it once (`OutputPushRetried`).
+  The loop and the SuperNode share the SuperExec secret (`--superexec-auth-secret-file`, an
+  owner-only file): without it another local account cannot acquire a task at the SuperNode's
+  Runtime API, so it gets no task token, cannot run the site's task or push its output.
+  `fedbt site --flower-defaults` runs this same executor, guard and secret included, with
+  nothing preloaded (each task imports torch and fedbt afresh, as `flwr-clientapp` does) and
+  under plain `flower-supernode --isolation process`.
 - `python -m fedbt.federated.flower_internals supernode ...`: `flower-supernode` with its idle
   waits capped at `--poll-interval` seconds, its first retry of a model part the server is still
   uploading after that long too (Flower's: 1 s, then doubling), and heartbeats at the shortest
@@ -54,12 +61,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import httpx
-
 from fedbt.fl.protocol import RUN_REFUSED
 
-# The flwr whose source the declarations below were read from; any other version runs Flower's defaults.
-FLOWER_VERSION = "1.41.0"
+# The flwr whose source the declarations below were read from: `fedbt site` refuses any other
+# version (its code guard is checked against this one), `fedbt server` runs Flower's defaults.
+FLOWER_VERSION = "1.42.0"
 
 
 def parameter_problem(path: str, signature: inspect.Signature, relied_on: tuple[str, ...]) -> str | None:
@@ -136,14 +142,19 @@ class Class:
 
 @dataclass(frozen=True)
 class InstanceState:
-    """A class whose instances keep their state in these attributes; made with no arguments, or by `make`."""
+    """A class whose instances keep their state in these attributes (made with no arguments, or by
+    `make`), with these methods."""
 
     attributes: tuple[str, ...]
     make: Callable[[type], object] | None = None
+    methods: tuple[str, ...] = ()
 
     def problem(self, path: str, value: object) -> str | None:
         if not inspect.isclass(value):
             return f"{path} is not a class"
+        for method in self.methods:
+            if not callable(getattr(value, method, None)):
+                return f"{path} has no method {method!r}"
         instance = self.make(value) if self.make is not None else value()
         for attribute in self.attributes:
             if not hasattr(instance, attribute):
@@ -243,32 +254,30 @@ SUPERNODE_REPLY_HANDLER = declare(
     Function(("request", "state", "task")),
     "wrapped: notes which ClientApp tasks have stored their reply",
 )
-SUPERNODE_STATE = declare(
-    "flwr.supernode.nodestate.in_memory_nodestate",
-    "InMemoryNodeState",
-    Class(methods=("_on_task_tokens_expired", "store_message_and_object_tree")),
-    "its _on_task_tokens_expired wrapped: a task whose token expired after it replied gets no crash reply; "
-    "its store_message_and_object_tree (Runtime.PushMessages' only store) wrapped: a reply to a message "
-    "already answered, or no longer held, is not stored",
-)
 
 
 def _in_memory_node_state(state_class: type) -> object:
     return state_class(OBJECT_STORE_FACTORY.get()(IN_MEMORY_DATABASE.get()).store())
 
 
-SUPERNODE_MESSAGES = declare(
+SUPERNODE_STATE = declare(
     "flwr.supernode.nodestate.in_memory_nodestate",
     "InMemoryNodeState",
-    InstanceState(("msg_store", "lock_msg_store", "_lock_object_push_sessions"), make=_in_memory_node_state),
-    "read under both locks, taken in Flower's order: the messages and replies the SuperNode holds "
-    "(a dict by message id), the lock its crash replies are stored under",
+    InstanceState(
+        ("msg_store", "lock_msg_store", "_lock_object_push_sessions"),
+        make=_in_memory_node_state,
+        methods=("_on_task_tokens_expired", "store_message_and_object_tree"),
+    ),
+    "its _on_task_tokens_expired wrapped: a task whose token expired after it replied gets no crash reply; "
+    "its store_message_and_object_tree (Runtime.PushMessages' only store) wrapped: a reply to a message "
+    "already answered, or no longer held, is not stored; for that, its msg_store (the messages and "
+    "replies it holds, by message id) read under both its locks, taken in Flower's order",
 )
 SUPERNODE_MESSAGE_ENTRY = declare(
     "flwr.supernode.nodestate.in_memory_nodestate",
     "MessageEntry",
     Class(fields=("message",)),
-    "read: the message each of msg_store's values holds",
+    "read: the message each of msg_store's values holds (answers_an_open_message)",
 )
 FLOWER_SUPERNODE = declare(
     "flwr.supernode.cli.flower_supernode",
@@ -319,7 +328,7 @@ GET_EXECUTOR = declare(
 RUN_SUPEREXEC = declare(
     "flwr.supercore.superexec.run_superexec",
     "run_superexec",
-    Function(("runtime_api_address", "insecure", "parent_pid", "runtime_dependency_install")),
+    Function(("runtime_api_address", "insecure", "superexec_auth_secret", "parent_pid", "runtime_dependency_install")),
     "called: Flower's SuperExec loop",
 )
 SUPEREXEC_POLL_ENV = declare(
@@ -338,7 +347,7 @@ EXECUTION_SPEC = declare(
     "flwr.supercore.superexec.executor.types",
     "ExecutionSpec",
     Class(fields=("task_id", "runtime_api_address", "token", "insecure", "root_certificates_path", "parent_pid")),
-    "read: the task a launch starts",
+    "read by ForkserverExecutor.launch: the task it starts",
 )
 LAUNCH_RESULT = declare(
     "flwr.supercore.superexec.executor.types",
@@ -351,30 +360,6 @@ RUN_CLIENTAPP = declare(
     "run_clientapp",
     Function(("runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install")),
     "called in each task: the body of `flwr-clientapp`",
-)
-TASK_OUTPUT_PUSH = declare(
-    "flwr.supernode.runtime.run_clientapp",
-    "push_task_output",
-    Function(("client", "context", "sub_status", "details")),
-    "wrapped in each task: its last request (the site's state and the task's status) is retried, not sent once",
-)
-RUNTIME_CLIENT = declare(
-    "flwr.supercore.runtime",
-    "RuntimeHttpClient",
-    Class(methods=("PushTaskOutput",)),
-    "called through OutputPushRetried: the request a task's output push sends",
-)
-RETRY_INVOKER = declare(
-    "flwr.supercore.retry",
-    "RetryInvoker",
-    Class(params=("wait_gen_factory", "recoverable_exceptions", "max_tries", "max_time"), methods=("invoke",)),
-    "constructed: retries a task's output push",
-)
-EXPONENTIAL_WAITS = declare(
-    "flwr.supercore.retry",
-    "exponential",
-    Function(("max_delay",)),
-    "called: the waits between a task's output pushes",
 )
 CLIENTAPP_LOADER = declare(
     "flwr.supernode.runtime.run_clientapp",
@@ -532,67 +517,12 @@ def installed_clientapp_loader(default_app_ref: str, app_path, multi_app: bool):
     return load
 
 
-# A request that died after reaching a live SuperNode: cut or timed out mid-body, or unanswered.
-# Not ConnectError: a SuperNode that is gone ends its tasks itself (their parent-process monitor).
-INTERRUPTED_PUSH = (
-    httpx.ReadError,
-    httpx.WriteError,
-    httpx.RemoteProtocolError,
-    httpx.ReadTimeout,
-    httpx.WriteTimeout,
-    httpx.PoolTimeout,
-)
-# How long a task keeps pushing its output. The task's heartbeats go on meanwhile, so its
-# SuperNode neither declares it crashed nor takes another task's place for it.
-TASK_OUTPUT_PATIENCE_SECONDS = 600.0
-LONGEST_RETRY_WAIT_SECONDS = 10
-
-
-class OutputPushRetried:
-    """A task's Runtime API client whose PushTaskOutput is retried until it lands.
-
-    Flower pushes a task's output from its exit handler, once (it sets its client's retries to
-    one there, so that exiting never blocks). That request carries the site's whole context,
-    under fedbt the optimiser's state too (two ResNet18-sized tensors per weight under Adam),
-    with a 30 s client timeout; under load it can die half-sent. The SuperNode then keeps the
-    task running, never stores the context, and once the task's heartbeats are overdue declares
-    it crashed, with an error reply to whichever of the run's messages it is working on then.
-    """
-
-    def __init__(self, client):
-        self._client = client
-        self._retries = RETRY_INVOKER.get()(
-            wait_gen_factory=lambda: EXPONENTIAL_WAITS.get()(max_delay=LONGEST_RETRY_WAIT_SECONDS),
-            recoverable_exceptions=INTERRUPTED_PUSH,
-            max_tries=None,
-            max_time=TASK_OUTPUT_PATIENCE_SECONDS,
-            on_backoff=lambda state: print(
-                f"fedbt: site: pushing the task's output failed ({state.exception!r}); retrying",
-                file=sys.stderr,
-                flush=True,
-            ),
-        )
-
-    def PushTaskOutput(self, request):  # the name Flower calls
-        return self._retries.invoke(self._client.PushTaskOutput, request)
-
-
-def output_push_retried(flower_push: Callable) -> Callable:
-    """Flower's push of a task's output, sent through OutputPushRetried."""
-
-    def push(client, context, sub_status: str, details: str) -> None:
-        flower_push(client=OutputPushRetried(client), context=context, sub_status=sub_status, details=details)
-
-    return push
-
-
 def run_clientapp_task(spec) -> None:
     """One ClientApp task, in a forkserver child: what `flwr-clientapp` does, without its imports."""
     certificates = None
     if not spec.insecure and spec.root_certificates_path:
         certificates = Path(spec.root_certificates_path).read_bytes()
     CLIENTAPP_LOADER.replace(installed_clientapp_loader)
-    TASK_OUTPUT_PUSH.replace(output_push_retried(TASK_OUTPUT_PUSH.get()))
     # Ends in sys.exit with the task's exit code, which becomes this process's.
     RUN_CLIENTAPP.get()(
         runtime_api_address=spec.runtime_api_address,
@@ -608,12 +538,13 @@ class ForkserverExecutor:
     """A SuperExec executor that starts each ClientApp task as a forkserver child, not as `flwr-clientapp`.
 
     A plain fork of the SuperExec process would copy its threads and its open connection to the
-    SuperNode into every task; the forkserver holds neither.
+    SuperNode into every task; the forkserver holds neither. `preload`: what the forkserver
+    imports once for every task (TASK_PRELOAD; nothing: each task imports afresh).
     """
 
-    def __init__(self):
+    def __init__(self, preload: list[str]):
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(TASK_PRELOAD)
+        self._context.set_forkserver_preload(preload)
         self._tasks: set[multiprocessing.process.BaseProcess] = set()
 
     def start(self) -> None:
@@ -643,14 +574,26 @@ class ForkserverExecutor:
             task.terminate()
 
 
-def run_executor(runtime_api_address: str, supernode_pid: int) -> None:
-    executor = ForkserverExecutor()
+def superexec_secret(secret_file: Path) -> bytes:
+    """The SuperExec secret the SuperNode was given (read as Flower reads it: the file's bytes)."""
+    secret = secret_file.read_bytes()
+    if not secret:
+        raise SystemExit(f"fedbt: error: the SuperExec secret file {secret_file} is empty")
+    return secret
+
+
+def run_executor(runtime_api_address: str, supernode_pid: int, secret_file: Path, preload: bool) -> None:
+    problems = check_flower_internals()
+    if problems:  # `fedbt site` checked already; this process is the one that loads ClientApps
+        raise SystemExit(f"fedbt: error: the site's code guard cannot be checked on this Flower ({problems[0]})")
+    executor = ForkserverExecutor(TASK_PRELOAD if preload else [])
     executor.start()
     # Flower's loop picks its executor by type; hand it this one instead of a subprocess launcher.
     GET_EXECUTOR.replace(lambda *args, **kwargs: executor)
     RUN_SUPEREXEC.get()(
         runtime_api_address=runtime_api_address,
         insecure=True,  # the SuperNode's Runtime API listens on this machine's loopback only
+        superexec_auth_secret=superexec_secret(secret_file),
         parent_pid=supernode_pid,
         runtime_dependency_install=False,
     )
@@ -665,13 +608,15 @@ def main(argv: list[str] | None = None) -> None:
     executor = sub.add_parser("executor", help="SuperExec starting ClientApp tasks from a warm forkserver")
     executor.add_argument("--runtime-api-address", required=True)
     executor.add_argument("--supernode-pid", type=int, required=True)
+    executor.add_argument("--superexec-auth-secret-file", type=Path, required=True)
+    executor.add_argument("--no-preload", action="store_true", help="each task imports torch and fedbt afresh")
     args, rest = parser.parse_known_args(argv)
     if args.role == "supernode":
         run_supernode(args.poll_interval, rest)
     elif args.role == "superlink":
         run_superlink(rest)
     else:
-        run_executor(args.runtime_api_address, args.supernode_pid)
+        run_executor(args.runtime_api_address, args.supernode_pid, args.superexec_auth_secret_file, not args.no_preload)
 
 
 if __name__ == "__main__":
