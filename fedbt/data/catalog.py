@@ -161,16 +161,18 @@ def build_catalog(cfg: DataConfig, progress: bool = True, data_root: str | Path 
     sites = load_sites(cfg.sites, root)
     if is_pack(root):
         contents = read_pack(root, cfg, sites)
-        records, problems, pixels = contents.records, contents.problems, contents.pixels
+        # A pack keeps the records it holds, not the slices its DICOM or NIfTI sites skipped.
+        records, problems, pixels, tallies = contents.records, contents.problems, contents.pixels, {}
     else:
-        records, problems, pixels = scan_and_decode(cfg, sites, progress)
-    return catalog_of(cfg, sites, records, problems, pixels)
+        records, problems, pixels, tallies = scan_and_decode(cfg, sites, progress)
+    return catalog_of(cfg, sites, records, problems, pixels, tallies)
 
 
 def scan_and_decode(
     cfg: DataConfig, sites: list[SiteSpec], progress: bool = True
-) -> tuple[list[Record], list[Problem], torch.Tensor]:
-    """Every site's readable records, the files not used, and the records' pixels from the decode cache."""
+) -> tuple[list[Record], list[Problem], torch.Tensor, dict[str, Counter[str]]]:
+    """Every site's readable records, the files not used, the records' pixels from the decode cache,
+    and each DICOM or NIfTI site's tally of slices kept and skipped."""
     records: list[Record] = []
     problems: list[Problem] = []
     tallies: dict[str, Counter[str]] = {}
@@ -193,11 +195,16 @@ def scan_and_decode(
         tally["kept"] = sum(r.site == name for r in records)
     if not records:
         raise ValueError("no readable images in any site")
-    return records, problems, load_pixels(records, cache)
+    return records, problems, load_pixels(records, cache), tallies
 
 
 def catalog_of(
-    cfg: DataConfig, sites: list[SiteSpec], records: list[Record], problems: list[Problem], pixels: torch.Tensor
+    cfg: DataConfig,
+    sites: list[SiteSpec],
+    records: list[Record],
+    problems: list[Problem],
+    pixels: torch.Tensor,
+    tallies: dict[str, Counter[str]],
 ) -> Catalog:
     """Duplicates, split groups, splits and the held-out test rule over decoded records."""
     task = get_task(cfg.task)
