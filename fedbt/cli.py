@@ -72,11 +72,22 @@ FLAG_KEYS = {
 }
 
 
-def flag_overrides(args: argparse.Namespace) -> dict[str, str]:
-    """Every flag given, as KEY=VALUE (JSON, which YAML reads back as the same list, number or text),
-    with the flag as the user typed it."""
-    given = {flag: value for flag, value in vars(args).items() if flag in FLAG_KEYS and value is not None}
-    return {f"{FLAG_KEYS[flag]}={json.dumps(value)}": f"--{flag.replace('_', '-')} {value}" for flag, value in given.items()}
+def setting_text(value: object) -> str:
+    """A flag's value as `--set` takes it: YAML reads a number, a word, a path or a list back as
+    itself, and no quote is needed (quotes cannot travel in a deployment's run config)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(str(item) for item in value) + "]"
+    return str(value)
+
+
+def flag_overrides(args: argparse.Namespace, keys: dict[str, str] = FLAG_KEYS) -> dict[str, str]:
+    """Every flag given, as KEY=VALUE, with the flag as the user typed it."""
+    given = {flag: value for flag, value in vars(args).items() if flag in keys and value is not None}
+    return {f"{keys[flag]}={setting_text(value)}": f"--{flag.replace('_', '-')} {value}" for flag, value in given.items()}
+
+
+# `fedbt run`'s flags that are settings of the run (its --out is where the server writes).
+RUN_FLAG_KEYS = {flag: FLAG_KEYS[flag] for flag in ("rounds", "sites_in_run", "min_sites", "round_timeout", "strategy")}
 
 
 def config_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> ExperimentConfig:
@@ -347,7 +358,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedbt.deployment.runs import RunRequest, run_deployment
 
-    overrides = [*args.overrides, *flag_overrides(args)]
+    overrides = [*args.overrides, *flag_overrides(args, RUN_FLAG_KEYS)]
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if key.split(".")[0] in SECTION_SCOPES and scope_of(key) == SITE:

@@ -78,3 +78,14 @@ def test_an_error_from_a_library_keeps_its_traceback_one_of_ours_is_one_line(mon
     monkeypatch.setattr(cli, "cmd_demo", shape_error)
     with pytest.raises(RuntimeError):
         cli.main(["data", "demo", "unused"])
+
+
+def test_fedbt_runs_flags_travel_to_the_server_in_its_run_config(tmp_path):
+    from fedbt.cli import RUN_FLAG_KEYS, build_parser, flag_overrides
+    from fedbt.deployment.runs import RunRequest, run_config_arg
+
+    args = build_parser().parse_args(["run", "--rounds", "2", "--strategy", "fedprox", "--sites", "2", "--out", "o"])
+    request = RunRequest("127.0.0.1:1", tmp_path / "ca.pem", tmp_path, overrides=list(flag_overrides(args, RUN_FLAG_KEYS)))
+    config = run_config_arg(request)  # refuses an override holding a quote: it could not travel
+    assert "federated.rounds=2; federated.num_clients=2; federated.strategy=fedprox" in config
+    assert request.experiment().federated.rounds == 2 and "output_dir" not in config
