@@ -1,6 +1,8 @@
 """Personalised site models: the selection rule keeps the global model unless a candidate beats it on the
 site's validation split, BatchNorm re-estimation changes statistics only, and the kept model is stored."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +106,13 @@ def test_batchnorm_reestimation_changes_the_statistics_and_no_weight(cfg):
     after = model.state_dict()
     assert not torch.equal(after["bn1.running_mean"], state["bn1.running_mean"])
     assert all(torch.equal(after[k], state[k]) for k in state if "running" not in k and "num_batches" not in k)
+
+
+def test_batchnorm_is_reestimated_when_the_last_batch_holds_one_image(cfg):
+    device = select_device("cpu")
+    images = site_data(cfg, "br35h").train
+    one_left = replace(cfg, train=replace(cfg.train, batch_size=len(images) - 1))  # the last batch: one image
+    state = untrained_state(cfg)
+    model = global_model(cfg, state, device)
+    reestimated_batchnorm(model, images, one_left, device)
+    assert not torch.equal(model.state_dict()["layer4.1.bn2.running_mean"], state["layer4.1.bn2.running_mean"])

@@ -60,7 +60,11 @@ def reestimated_batchnorm(model: nn.Module, images: MRIDataset, cfg: ExperimentC
     """The BatchNorm layers' running statistics, recomputed as the mean over one pass of the site's images
     (torch's update_bn: cumulative, not a moving average) without augmentation; no weight changes."""
     loader = make_loader(images.without_augmentation(), cfg.train.batch_size, False, device)
-    update_bn((to_device_batch(batch, device) for batch, _ in loader), model)
+    # A batch of one image has no spread per channel for BatchNorm to measure (torch refuses it in
+    # training mode); a site with no larger batch keeps the statistics it has.
+    if len(images) < 2:
+        return
+    update_bn((to_device_batch(batch, device) for batch, _ in loader if len(batch) > 1), model)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
