@@ -8,6 +8,7 @@ import fedbt.fl.task as task
 from fedbt.config import ExperimentConfig, FederatedConfig, ModelConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.data.partition import make_partitions
+from fedbt.train.losses import coarse_label_loss
 from fedbt.train.setup import new_model
 
 
@@ -21,19 +22,32 @@ def test_fedprox_anchors_every_local_epoch_to_the_rounds_global_model(data_confi
     catalog = build_catalog(cfg.data, progress=False)
     partition = make_partitions(catalog, 3)[0]
     global_state = new_model(cfg, catalog.task.num_classes).state_dict()
-    anchors, epochs, real_epoch = [], [], task.train_epoch
+    anchors, criteria, epochs = [], [], []
+    real_criterion, real_epoch = task.site_criterion, task.train_epoch
 
-    def recording_epoch(setup, *args, anchor=None, **kwargs):
-        anchors.append([a.clone() for a in anchor])
-        epochs.append(real_epoch(setup, *args, anchor=anchor, **kwargs))
+    def recording_criterion(*args, anchor=None, **kwargs):
+        anchors.append(anchor)  # the live tensors: whatever training does to them shows at the end
+        return real_criterion(*args, anchor=anchor, **kwargs)
+
+    def recording_epoch(setup, *args, criterion=None, **kwargs):
+        criteria.append(criterion)
+        epochs.append(real_epoch(setup, *args, criterion=criterion, **kwargs))
         return epochs[-1]
 
+    monkeypatch.setattr(task, "site_criterion", recording_criterion)
     monkeypatch.setattr(task, "train_epoch", recording_epoch)
     state, _, metrics, _ = task.train_partition(cfg, catalog, partition, global_state, 1, task.LocalState())
     global_params = [global_state[name] for name, _ in new_model(cfg, 4).named_parameters()]
-    assert len(anchors) == 2
-    for anchor in anchors:  # both epochs pull towards the global model, not towards the previous epoch
-        assert all(torch.equal(a, g) for a, g in zip(anchor, global_params))
+    # One FedProx loss for both local epochs, anchored at the round's global model, which training
+    # left as it was: both epochs pull towards the global model, not towards the previous epoch.
+    assert len(anchors) == 1 and len(epochs) == 2 and criteria[0] is criteria[1]
+    assert all(torch.equal(a, g) for a, g in zip(anchors[0], global_params, strict=True))
+    # Its loss is the coarse-label loss plus mu/2 x the squared distance of the weights (as trained) to that model.
+    logits, masks = torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool)
+    names = [name for name, _ in new_model(cfg, 4).named_parameters()]
+    distance = sum(float((state[n] - global_state[n]).square().sum()) for n in names)
+    added = float(criteria[0](logits, masks) - coarse_label_loss(logits, masks))
+    assert distance > 0 and added == pytest.approx(0.1 / 2 * distance, rel=1e-4)
     assert not torch.equal(state["classifier.4.weight"], global_state["classifier.4.weight"])  # it did train
     # Time and loss cover both local epochs, not the last one only.
     assert metrics["train_seconds"] == sum(e["seconds"] for e in epochs)

@@ -16,6 +16,7 @@ from fedbt.model.architectures import build_resnet18
 from fedbt.model.device import prepare_model
 from fedbt.reports.plots import GridItem, overlay, plot_prediction_grid
 from fedbt.train.engine import build_optimizer, train_one_epoch
+from fedbt.train.losses import coarse_label_loss
 
 
 class LinearCam(nn.Module):
@@ -130,7 +131,7 @@ def test_grad_cam_of_a_trained_resnet18_points_at_the_lesion():
     optimizer = build_optimizer(model.parameters(), TrainConfig(lr=3e-4))
     loader = make_loader(MRIDataset(train_pixels, train_masks), 16, True, device)
     for _ in range(5):
-        train_one_epoch(model, loader, optimizer, device)
+        train_one_epoch(model, coarse_label_loss, optimizer, loader, device)
 
     result = grad_cam(model, to_device_batch(test_pixels, device), target=1)  # explain 'tumor'
     accuracy = (result.probs.argmax(axis=1) == test_masks.int().argmax(dim=1).numpy()).mean()

@@ -19,6 +19,7 @@ from fedbt.fl.task import LocalState, train_partition
 from fedbt.model.architectures import build_model
 from fedbt.model.device import prepare_model, select_device
 from fedbt.train.engine import build_optimizer, seed_everything, train_one_epoch
+from fedbt.train.losses import coarse_label_loss
 from fedbt.train.setup import make_private, train_epoch, training_setup
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus: secure RNG off, largest RDP order
@@ -104,9 +105,9 @@ def test_halves_of_an_epoch_draw_the_epochs_poisson_batches_and_spend_its_steps(
     cfg = config(PrivacyConfig(enabled=True, target_epsilon=3.0, noise_multiplier=2.0))
     drawn, real_epoch = [], trainer.train_one_epoch
 
-    def recording_epoch(model, loader, *args, **kwargs):
+    def recording_epoch(model, criterion, optimizer, loader, *args, **kwargs):
         drawn.append([labels for _, labels in loader])
-        return real_epoch(model, loader, *args, **kwargs)
+        return real_epoch(model, criterion, optimizer, loader, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_one_epoch", recording_epoch)
     whole = make_private(training_setup(cfg, 4), dataset, cfg, planned_epochs=1, saved=None)
@@ -146,7 +147,7 @@ def test_without_privacy_the_set_up_trains_exactly_as_the_plain_engine():
     model = prepare_model(build_model(cfg.model, 4, cfg.data.image_size), device)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     seed_everything(7)
-    train_one_epoch(model, make_loader(dataset, 16, True, device, seed=3), optimizer, device)
+    train_one_epoch(model, coarse_label_loss, optimizer, make_loader(dataset, 16, True, device, seed=3), device)
     expected = model.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in setup.model.state_dict().items())
 

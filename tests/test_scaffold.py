@@ -12,7 +12,8 @@ from fedbt.fl.protocol import CONTROL, EVALUATE, TRAIN, Reply
 from fedbt.fl.server import FederatedRun, screen_train_replies, update_global_model
 from fedbt.fl.strategies import Scaffold, SiteUpdate
 from fedbt.fl.task import LocalState, control_update
-from fedbt.train.engine import DriftCorrection, train_one_epoch
+from fedbt.fl.local import DriftCorrection, drift_hook
+from fedbt.train.engine import train_one_epoch
 from fedbt.train.losses import coarse_label_loss
 
 CPU = torch.device("cpu")
@@ -44,7 +45,9 @@ def test_a_step_moves_the_weights_by_the_gradient_plus_c_minus_c_i(corrected):
     correction = [torch.full_like(p, 0.25) - 0.5 * torch.arange(p.numel()).view_as(p) for p in start]
     drift = DriftCorrection(correction) if corrected else None
     # SGD at lr 1 without momentum: the weights move by exactly the gradient the optimiser is given.
-    train_one_epoch(model, batch, torch.optim.SGD(model.parameters(), lr=1.0), CPU, drift=drift)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    hook = drift_hook(model, drift, optimizer, None) if corrected else None
+    train_one_epoch(model, coarse_label_loss, optimizer, batch, CPU, after_backward=hook)
     for before, after, gradient, shift in zip(start, model.parameters(), expected, correction, strict=True):
         moved = before - after.detach()
         assert torch.allclose(moved, gradient + shift if corrected else gradient, atol=1e-6)

@@ -25,8 +25,8 @@ from fedbt.data.transforms import augmentation_for
 from fedbt.eval.calibration import TemperatureLosses, temperature_losses
 from fedbt.eval.inference import predict_log_probabilities
 from fedbt.eval.metrics import classification_metrics
+from fedbt.fl.local import DriftCorrection, drift_hook, site_criterion
 from fedbt.model.device import prepare_model, select_device
-from fedbt.train.engine import DriftCorrection
 from fedbt.train.privacy import PrivacyAccount
 from fedbt.train.schedules import StepSchedule
 from fedbt.train.setup import make_private, new_model, steps_per_epoch, train_epoch, training_setup
@@ -217,6 +217,16 @@ def train_partition(
     proximal = fc.strategy == "fedprox" and fc.proximal_mu > 0
     anchor = [p.detach().clone() for p in setup.model.parameters()] if proximal else None
     drift = drift_correction(setup.model, server_control, local.control) if server_control is not None else None
+    criterion = site_criterion(
+        setup.model,
+        setup.class_weights,
+        tc.label_smoothing,
+        setup.device,
+        present_classes=present,
+        anchor=anchor,
+        proximal_mu=fc.proximal_mu,
+    )
+    after_backward = drift_hook(setup.model, drift, setup.optimizer, setup.scaler) if drift is not None else None
     steps = steps_per_epoch(dataset, cfg, setup.device)
     # The LR follows one curve over all rounds, as the central run's does over its epochs.
     total_steps = fc.total_epochs * steps
@@ -234,9 +244,8 @@ def train_partition(
             schedule,
             seed,
             cfg.training_seed + global_epoch,
-            anchor=anchor,
-            present_classes=present,
-            drift=drift,
+            criterion=criterion,
+            after_backward=after_backward,
             batches=batches,
         )
         epochs.append(stats)

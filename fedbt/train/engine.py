@@ -1,15 +1,17 @@
 """The training step, one function per step (torchvision's references/classification style).
 
-Kept free of Flower: central, local-only and federated training, and the benchmark, all
-train through `train_one_epoch` on a `TrainingSetup`.
+Central, local-only and federated training, and the benchmark, all train through
+`train_one_epoch`, which knows no federated method: as torchvision's takes its criterion, it takes
+the loss to minimise and a hook between backward and step (FedProx's and FedRS's losses and
+SCAFFOLD's correction are fedbt.fl.local's).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,45 +46,6 @@ def make_grad_scaler(device: torch.device) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler("cuda") if needs_scaling else None
 
 
-def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
-    """FedProx: squared distance of the trainable weights to the round's global weights."""
-    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor) if p.requires_grad)
-
-
-@dataclass
-class DriftCorrection:
-    """SCAFFOLD's correction of a site's drift (Karimireddy et al. 2020), one tensor per trainable parameter
-    in `model.parameters()` order: `correction` (c - c_i, the server's control variate minus the site's)
-    is added to every minibatch gradient before the optimiser steps; `gradient_sum` adds up the gradients
-    as computed, uncorrected, whose mean over the `steps` is the site's next c_i."""
-
-    correction: list[torch.Tensor]
-    gradient_sum: list[torch.Tensor] = field(init=False)
-    steps: int = 0
-
-    def __post_init__(self) -> None:
-        self.gradient_sum = [torch.zeros_like(c) for c in self.correction]
-
-    def mean_gradients(self) -> list[torch.Tensor]:
-        return [total / max(self.steps, 1) for total in self.gradient_sum]
-
-
-def correct_drift(
-    model: nn.Module, drift: DriftCorrection, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
-) -> None:
-    """Record this step's gradients, then move them by c - c_i (a parameter without a gradient is left alone)."""
-    if scaler is not None:
-        # The correction is in gradient units, so the gradients are unscaled first (scaler.step knows they are).
-        scaler.unscale_(optimizer)
-        if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
-            return  # an overflow: the scaler skips this step, and it is no gradient of the site's data either
-    for parameter, correction, total in zip(model.parameters(), drift.correction, drift.gradient_sum, strict=True):
-        if parameter.grad is not None:
-            total += parameter.grad
-            parameter.grad += correction
-    drift.steps += 1
-
-
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
     if scaler is None:
         optimizer.step()
@@ -91,29 +54,37 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     scaler.update()
 
 
+# What a step's loss is: the model's output and the batch's label masks in, a scalar out. The
+# model is the criterion's to close over when the loss depends on the weights (FedProx's pull).
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def coarse_criterion(
+    class_weights: torch.Tensor | None, label_smoothing: float, device: torch.device
+) -> Criterion:
+    """The coarse-label loss every trainer minimises (fedbt.train.losses), with its class weights on the device."""
+    weights = class_weights.to(device) if class_weights is not None else None
+    return functools.partial(coarse_label_loss, class_weights=weights, smoothing=label_smoothing)
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable,  # a DataLoader or a BatchRange of one: batches with a length
+    criterion: Criterion,
     optimizer: torch.optim.Optimizer,
+    loader: Iterable,  # a DataLoader or a BatchRange of one: batches with a length
     device: torch.device,
     schedule: StepSchedule | None = None,
-    class_weights: torch.Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    anchor: list[torch.Tensor] | None = None,
-    proximal_mu: float = 0.0,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
-    present_classes: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
     batch_augmentation: Augmentation | None = None,
-    drift: DriftCorrection | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the loader. Returns mean loss, images seen, seconds and images/second.
 
     batch_augmentation: applied to each whole batch on the device (else the loader's items
-    arrive augmented, or not at all). drift: SCAFFOLD's gradient correction, which also
-    records the gradients it corrects."""
+    arrive augmented, or not at all). after_backward: called between the backward pass and the
+    optimiser's step, where a method may read or change the gradients (SCAFFOLD's correction)."""
     model.train()
-    weights = class_weights.to(device) if class_weights is not None else None
     # Summed on the device (in float64, as Python floats would be): reading the loss every step
     # would make the host wait for each step to finish before it queues the next one.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -126,13 +97,11 @@ def train_one_epoch(
         masks = masks.to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(images)
-        loss = coarse_label_loss(logits, masks, weights, present_classes, label_smoothing)
-        if anchor is not None and proximal_mu > 0:
-            loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
+        loss = criterion(logits, masks)
         optimizer.zero_grad(set_to_none=True)
         (loss if scaler is None else scaler.scale(loss)).backward()
-        if drift is not None:
-            correct_drift(model, drift, optimizer, scaler)
+        if after_backward is not None:
+            after_backward()
         optimizer_step(optimizer, scaler)
         total_loss += loss.detach().double() * len(images)
         seen += len(images)

@@ -24,8 +24,9 @@ from fedbt.data.transforms import Augmentation
 from fedbt.model.architectures import build_model
 from fedbt.model.device import configure_threads, prepare_model, select_device
 from fedbt.train.engine import (
-    DriftCorrection,
+    Criterion,
     build_optimizer,
+    coarse_criterion,
     make_grad_scaler,
     seed_everything,
     train_one_epoch,
@@ -163,17 +164,18 @@ def train_epoch(
     schedule: StepSchedule | None,
     seed: int,
     loader_seed: int,
-    anchor: list[torch.Tensor] | None = None,
-    present_classes: torch.Tensor | None = None,
+    criterion: Criterion | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
-    drift: DriftCorrection | None = None,
+    after_backward: Callable[[], None] | None = None,
     batches: range | None = None,
 ) -> dict[str, float]:
     """One pass over the dataset, seeded so that a resumed or repeated run draws the same batches.
 
-    batches: only these batches of the epoch (a federated round of a fraction of an epoch), with
-    the images the whole epoch would put in them. Under privacy: Poisson batches, as many as
-    the budget allows, and the epsilon spent after.
+    criterion: the loss minimised (default: the coarse-label loss with the set-up's class weights
+    and the configured label smoothing); after_backward: see train_one_epoch. batches: only these
+    batches of the epoch (a federated round of a fraction of an epoch), with the images the whole
+    epoch would put in them. Under privacy: Poisson batches, as many as the budget allows, and the
+    epsilon spent after.
     """
     seed_everything(seed)
     dataset, batch_augmentation = place_augmentation(dataset, cfg, setup.device)
@@ -186,21 +188,18 @@ def train_epoch(
         loader = poisson_batches(loader, batches.stop)
     if batches != range(len(loader)):
         loader = BatchRange(loader, batches)
+    criterion = criterion or coarse_criterion(setup.class_weights, cfg.train.label_smoothing, setup.device)
     stats = train_one_epoch(
         setup.model,
-        loader,
+        criterion,
         setup.optimizer,
+        loader,
         setup.device,
         schedule,
-        setup.class_weights,
         setup.scaler,
-        anchor=anchor,
-        proximal_mu=cfg.federated.proximal_mu if anchor is not None else 0.0,
         on_step=on_step,
-        present_classes=present_classes,
-        label_smoothing=cfg.train.label_smoothing,
         batch_augmentation=batch_augmentation,
-        drift=drift,
+        after_backward=after_backward,
     )
     if setup.privacy is not None:
         stats["epsilon"] = setup.privacy.epsilon()
