@@ -103,7 +103,8 @@ def test_an_image_size_above_the_sites_limit_fails_the_run_and_the_reason_stays_
     done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--set", "data.image_size=512"))
     assert done.returncode == 2
     message = last_line(done.stderr)
-    assert message.startswith("fedbt: error: run") and "only 0 of the required 3 sites returned a usable" in message
+    # Every site refused: the run stops at once and says so, without the reason (it stays at the sites).
+    assert message.startswith("fedbt: error: run") and "refused by 3 of 3 sites" in message
     assert "limit" not in done.stdout + done.stderr
     assert site_logs(federation).count("data.image_size=512 is above this site's limit of 256") == len(federation.sites)
 

@@ -211,7 +211,7 @@ def partition_of(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> Parti
 def answer(request: Request, context: SiteContext) -> Reply:
     """The site's reply to a request; a generic error reply when it refuses or fails (the detail is
     logged here, at the site)."""
-    what = f"{request.kind} request of round {request.round}"
+    what = f"{request.kind} request of run {context.run_id}"
     try:
         return train(request, context) if request.kind == TRAIN else evaluate(request, context)
     except PolicyRefusal as err:
