@@ -89,7 +89,7 @@ timeout "$RUN_TIMEOUT" ip netns exec "$PREFIX-server" "$FEDBT" run --server "127
 
 # Each site reached the server's front from its own address, and all three trained both rounds.
 for i in "${!SITES[@]}"; do
-  grep -q "\[front\] $SUBNET.$((11 + i)) - .*\"POST /v1/fleet/activate-node" "$WORK/server.log" \
+  grep -q "\[front\] $SUBNET.$((11 + i)):[0-9]* .*\"POST /v1/fleet/activate-node" "$WORK/server.log" \
     || { echo "site ${SITES[$i]} did not connect from $SUBNET.$((11 + i))" >&2; exit 1; }
 done
 "$PYTHON" - "$WORK/results/federated/metrics.json" <<'EOF'
