@@ -101,5 +101,8 @@ def test_a_sites_runtime_api_gives_no_task_to_a_caller_without_its_secret(federa
         root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
     )
-    with pytest.raises(Exception, match="SuperExec authentication failed"):
+    # Refused as unauthenticated (HTTP 401), and the site says why in its own log.
+    with pytest.raises(Exception, match="SuperExec authentication failed|401 Unauthorized"):
         intruder.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    log = (federation.work / f"site-{name}.out").read_text()
+    assert "SuperExec authentication failed for /flwr.proto.Runtime/AcquireTask" in log

@@ -52,6 +52,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import sys
@@ -257,7 +258,14 @@ SUPERNODE_REPLY_HANDLER = declare(
 
 
 def _in_memory_node_state(state_class: type) -> object:
-    return state_class(OBJECT_STORE_FACTORY.get()(IN_MEMORY_DATABASE.get()).store())
+    # The object store logs its creation at DEBUG on Flower's logger; a check prints nothing of its own.
+    flower_logger = logging.getLogger("flwr")
+    level = flower_logger.level
+    flower_logger.setLevel(logging.WARNING)
+    try:
+        return state_class(OBJECT_STORE_FACTORY.get()(IN_MEMORY_DATABASE.get()).store())
+    finally:
+        flower_logger.setLevel(level)
 
 
 SUPERNODE_STATE = declare(
