@@ -17,7 +17,6 @@ from fedbt.config import ExperimentConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.eval import timing
 
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

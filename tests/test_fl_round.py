@@ -111,7 +111,11 @@ def test_a_nan_reply_is_dropped_with_its_reason(cfg):
     result = server.run_federated(transport, cfg, clock=transport.clock)
     dropped = result["history"][0]["dropped"]
     assert list(dropped) == ["node 1 ('figshare')"] and "NaN" in dropped["node 1 ('figshare')"]
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(server.federated_dir(cfg) / "final.pt")["model_state"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in load_checkpoint(server.federated_dir(cfg) / "final.pt")["model_state"].values()
+        if v.is_floating_point()
+    )
 
 
 def test_a_run_refused_by_every_site_stops_at_once_and_says_so(cfg):

@@ -8,11 +8,11 @@ from torch import nn
 
 from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig, load_config
 from fedbt.data.transforms import to_device_batch
+from fedbt.fl.local import DriftCorrection, drift_hook
 from fedbt.fl.protocol import CONTROL, EVALUATE, TRAIN, Reply
 from fedbt.fl.server import FederatedRun, screen_train_replies, update_global_model
 from fedbt.fl.strategies import Scaffold, SiteUpdate
 from fedbt.fl.task import LocalState, control_update
-from fedbt.fl.local import DriftCorrection, drift_hook
 from fedbt.train.engine import train_one_epoch
 from fedbt.train.losses import coarse_label_loss
 

@@ -42,14 +42,21 @@ class Hospitals:
         folder.mkdir(parents=True, exist_ok=True)
         self.cache = folder / "site-cache"
         self.nodes = {
-            node: {NODE_SITE: site_file(folder, name, policy), NODE_DATA_ROOT: str(data), NODE_CACHE_DIR: str(self.cache)}
+            node: {
+                NODE_SITE: site_file(folder, name, policy),
+                NODE_DATA_ROOT: str(data),
+                NODE_CACHE_DIR: str(self.cache),
+            }
             for node, name in enumerate(SITES, start=1)
         }
         self.runs = 0
 
     def run(self, cfg: ExperimentConfig) -> dict:
         self.runs += 1
-        sites = {node: functools.partial(answer, context=SiteContext(config, self.runs)) for node, config in self.nodes.items()}
+        sites = {
+            node: functools.partial(answer, context=SiteContext(config, self.runs))
+            for node, config in self.nodes.items()
+        }
         transport = InMemoryTransport(sites)
         return server.run_federated(transport, cfg, server_has_data=False, clock=transport.clock)
 
@@ -72,9 +79,7 @@ def experiment(tmp_path: Path, epsilon: float = 2.0, enabled: bool = True) -> Ex
     )
 
 
-def test_private_runs_add_to_one_ledger_and_a_run_past_the_lifetime_cap_is_refused_before_training(
-    tmp_path, site_data
-):
+def test_private_runs_add_to_one_ledger_and_a_run_past_the_lifetime_cap_is_refused_before_training(tmp_path, site_data):
     hospitals = Hospitals(tmp_path / "h", site_data, {"require_privacy": True, "max_epsilon_total": 5.0})
     hospitals.run(experiment(tmp_path, epsilon=2.0))
     first = hospitals.ledger("figshare").total()
@@ -122,7 +127,9 @@ def test_a_second_runs_test_scoring_is_refused_once_the_quota_is_used(tmp_path, 
 def test_a_finished_run_leaves_only_the_ledger_and_the_quota_at_the_site(tmp_path, site_data):
     hospitals = Hospitals(tmp_path / "h", site_data, {})
     hospitals.run(experiment(tmp_path, epsilon=2.0))
-    left = sorted(path.name.split("-")[0] + "-" + path.name.split("-")[1] for path in hospitals.folder("sartaj").iterdir())
+    left = sorted(
+        path.name.split("-")[0] + "-" + path.name.split("-")[1] for path in hospitals.folder("sartaj").iterdir()
+    )
     assert left == ["privacy-ledger", "test-quota"]
 
 

@@ -12,7 +12,7 @@ import torch
 
 from fedbt.config import ClientPrivacyConfig, FederatedConfig, StrategyName
 from fedbt.fl.server import choose_sites, evaluation_due
-from fedbt.fl.strategies import ClientLevelDP, FedAdam, FedAvgM, FedYogi, SiteUpdate, make_strategy
+from fedbt.fl.strategies import ClientLevelDP, FedAdam, FedYogi, SiteUpdate, make_strategy
 from fedbt.fl.task import transport_state
 from fedbt.model.architectures import build_resnet18
 
@@ -52,7 +52,10 @@ def test_sites_score_the_global_model_every_k_rounds_and_after_the_last():
 
 def test_fedavg_weights_sites_by_their_examples_and_keeps_the_global_dtypes():
     global_state = {"w": torch.zeros(2), "count": torch.tensor(4)}
-    sites = [{"w": torch.tensor([1.0, 1.0]), "count": torch.tensor(5)}, {"w": torch.tensor([4.0, 0.0]), "count": torch.tensor(5)}]
+    sites = [
+        {"w": torch.tensor([1.0, 1.0]), "count": torch.tensor(5)},
+        {"w": torch.tensor([4.0, 0.0]), "count": torch.tensor(5)},
+    ]
     new = aggregate(FederatedConfig(), sites, [30, 10], global_state)
     assert torch.allclose(new["w"], torch.tensor([1.75, 0.75]))
     assert new["count"].dtype == torch.int64 and new["w"].dtype == torch.float32
@@ -191,7 +194,9 @@ def test_fedmedian_and_trimmed_mean_ignore_one_outlying_site():
     median = aggregate(FederatedConfig(strategy="fedmedian"), sites, [1, 1, 1, 100], {"w": torch.zeros(2)})
     # Even count: the mean of the two middle values, unweighted.
     assert torch.allclose(median["w"], torch.tensor([2.5, 15.0]))
-    trimmed = aggregate(FederatedConfig(strategy="fedtrimmedavg", trim_fraction=0.25), sites, [1] * 4, {"w": torch.zeros(2)})
+    trimmed = aggregate(
+        FederatedConfig(strategy="fedtrimmedavg", trim_fraction=0.25), sites, [1] * 4, {"w": torch.zeros(2)}
+    )
     # int(0.25 * 4) = 1 cut at each end of each coordinate: the mean of the middle two.
     assert torch.allclose(trimmed["w"], torch.tensor([2.5, 15.0]))
 
@@ -226,7 +231,9 @@ def test_client_level_dp_clips_each_update_averages_equally_and_adds_calibrated_
     assert torch.allclose(new["w"], torch.tensor([0.3, 0.65]))
     assert torch.equal(new["bn.running_mean"], torch.tensor([2.0]))
     noisy = ClientLevelDP({"w"}, replace(settings, noise_multiplier=2.0))
-    draws = torch.stack([noisy.aggregate(1, {"w": torch.zeros(4000)}, [SiteUpdate({"w": torch.zeros(4000)}, 1)] * 2)["w"]])
+    draws = torch.stack(
+        [noisy.aggregate(1, {"w": torch.zeros(4000)}, [SiteUpdate({"w": torch.zeros(4000)}, 1)] * 2)["w"]]
+    )
     # sigma = noise_multiplier x clipping_norm / n = 2 x 1 / 2 = 1.
     assert 0.95 < float(draws.std()) < 1.05
 

@@ -36,8 +36,8 @@ from fedbt.data.synthetic import generate_demo_data
 from fedbt.eval.timing import measure_latency
 from fedbt.fileio import write_json, write_text
 from fedbt.model.device import select_device
-from fedbt.reports.comparison import test_results
 from fedbt.progress import log
+from fedbt.reports.comparison import test_results
 from fedbt.train.setup import training_setup
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

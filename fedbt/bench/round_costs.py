@@ -32,6 +32,7 @@ from fedbt.config import ExperimentConfig
 from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.loader import make_loader
 from fedbt.eval.inference import evaluate
+
 # Flower's records as the federated layer's packing uses them (Flower is imported only under federated/).
 from fedbt.federated.packing import ArrayRecord, RecordDict, pack_content, unpack_content
 from fedbt.fl.task import transport_state

@@ -100,7 +100,8 @@ def privacy_refusal(cfg, policy: SitePolicy, ledger: PrivacyLedger | None, run: 
     if not privacy.enabled:
         return None
     if policy.max_epsilon_per_run is not None and privacy.target_epsilon > policy.max_epsilon_per_run:
-        return f"privacy.target_epsilon={privacy.target_epsilon:g} is above this site's {policy.max_epsilon_per_run:g} a run"
+        cap = policy.max_epsilon_per_run
+        return f"privacy.target_epsilon={privacy.target_epsilon:g} is above this site's {cap:g} a run"
     if privacy.delta > policy.max_delta:
         return f"privacy.delta={privacy.delta:g} is above this site's {policy.max_delta:g}"
     if policy.max_epsilon_total is not None and ledger is not None:

@@ -243,7 +243,9 @@ def play_round(transport: Transport, run: FederatedRun, server_round: int) -> No
     if score_first:
         # Sites that do not train this round score the previous model all the same: every
         # connected site's score, not only the chosen ones'.
-        requests += [run.request(node, EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes if node not in chosen]
+        requests += [
+            run.request(node, EVALUATE, server_round, **{SPLIT_KEY: "val"}) for node in nodes if node not in chosen
+        ]
     replies = collect(transport, run, requests)
     if score_first:
         record_site_scores(run, previous, site_contents(replies, run, read_validation_metrics, "a score"))
@@ -337,9 +339,13 @@ def client_privacy_spent(run: FederatedRun, server_round: int) -> dict[str, floa
 def update_global_model(run: FederatedRun, server_round: int, replies: list[Reply]) -> None:
     """Aggregate with the strategy. A non-finite aggregate is never kept, saved or sent: the run
     stops there, its last checkpoint (model and strategy state of the previous round) intact."""
-    updates = [SiteUpdate(r.tensors[MODEL], int(r.metrics[EXAMPLES_KEY]), r.tensors.get(CONTROL_DELTA)) for r in replies]
+    updates = [
+        SiteUpdate(r.tensors[MODEL], int(r.metrics[EXAMPLES_KEY]), r.tensors.get(CONTROL_DELTA)) for r in replies
+    ]
     new_state = run.strategy.aggregate(server_round, run.global_state, updates)
-    if bad := [key for key, value in new_state.items() if value.is_floating_point() and not torch.isfinite(value).all()]:
+    if bad := [
+        key for key, value in new_state.items() if value.is_floating_point() and not torch.isfinite(value).all()
+    ]:
         raise AggregationError(
             f"round {server_round}: aggregation gave non-finite weights ({bad[0]} and {len(bad) - 1} more); "
             f"stopping the run (last.pt holds round {run.last_round})"

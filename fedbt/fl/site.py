@@ -270,7 +270,9 @@ def train(request: Request, context: SiteContext) -> Reply:
     kept = trained
     if server_control is not None:
         # The new c_i waits until the server says it counted this reply (`LocalState.settled`).
-        kept = dataclasses.replace(trained, control=local.control, pending_control=trained.control, pending_round=server_round)
+        kept = dataclasses.replace(
+            trained, control=local.control, pending_control=trained.control, pending_round=server_round
+        )
     context.store(cfg).write("local", kept.as_tensors())
     if files is not None and "dp_epsilon" in metrics:
         files.ledger.record(str(context.run_id), float(metrics["dp_epsilon"]), cfg.privacy.delta)

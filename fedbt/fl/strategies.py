@@ -96,7 +96,9 @@ class FedAvg(Strategy):
     def weights(self, updates: list[SiteUpdate]) -> list[float]:
         return [float(u.examples) for u in updates]
 
-    def average(self, global_state: TensorGroup, updates: list[SiteUpdate], keys: list[str] | None = None) -> TensorGroup:
+    def average(
+        self, global_state: TensorGroup, updates: list[SiteUpdate], keys: list[str] | None = None
+    ) -> TensorGroup:
         return weighted_mean([u.state for u in updates], self.weights(updates), keys or list(global_state))
 
     def aggregate(self, server_round: int, global_state: TensorGroup, updates: list[SiteUpdate]) -> TensorGroup:
@@ -418,4 +420,3 @@ def make_strategy(
             raise ValueError("SCAFFOLD needs the server's starting control variate")
         return Scaffold(parameter_keys, control, fc.num_clients)
     raise ValueError(f"unknown strategy {name!r}")
-
