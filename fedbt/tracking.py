@@ -9,6 +9,7 @@ or `FEDBT_TRACKING=off` logs nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -172,6 +173,10 @@ def client_for(uri: str) -> Any:
     # tracking off never need it. No usage reports leave the machine.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
+
+    # MLflow's INFO lines (creating and upgrading its database tables) would interleave with the
+    # run's progress; its warnings and errors still show.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

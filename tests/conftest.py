@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,21 +164,27 @@ class FinishedRun:
     out: Path  # the simulation's results folder (report.html, federated/, central/)
     evaluation: Path  # `fedbt evaluate` of its central model
     store: str  # the MLflow store both were tracked in (experiment "finished")
+    terminal: str  # what run_simulation.py printed (stdout and stderr)
 
 
 @pytest.fixture(scope="session")
 def finished_run(demo_root, tmp_path_factory) -> FinishedRun:
-    """A 2-round simulation on generated data (federated and central, no local-only), then an
-    evaluation of its central model, both tracked in a store of their own."""
+    """A 2-round simulation on generated data (federated and central, no local-only), run as a user
+    runs it (`python run_simulation.py`, in its own process), then an evaluation of its central
+    model, both tracked in a store of their own."""
     work = tmp_path_factory.mktemp("finished")
-    run = FinishedRun(work / "results", work / "evaluation", f"sqlite:///{work / 'mlflow.db'}")
+    run = FinishedRun(work / "results", work / "evaluation", f"sqlite:///{work / 'mlflow.db'}", "")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", run.store)  # evaluate has no --set: it tracks where this machine does
         env.setenv("FEDBT_CACHE", str(work / "cache"))  # the checkpoint's cache, where evaluate decodes
         settings = ["--set", "data.image_size=32", "--set", f"data.cache_dir={work / 'cache'}"]
-        simulate = ["simulate", "--config", "configs/demo.yaml", "--data-root", str(demo_root), *settings]
-        simulate += ["--set", "name=finished"]
-        assert main([*simulate, "--rounds", "2", "--skip-local", "--out", str(run.out)]) == 0
+        simulate = ["--config", "configs/demo.yaml", "--data-root", str(demo_root), *settings, "--set", "name=finished"]
+        simulate += ["--rounds", "2", "--skip-local", "--out", str(run.out)]
+        done = subprocess.run(
+            [sys.executable, "run_simulation.py", *simulate], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
+        )
+        run.terminal = done.stdout + done.stderr
+        assert done.returncode == 0, run.terminal[-3000:]
         evaluate = ["evaluate", "--checkpoint", str(run.out / "central" / "final.pt"), "--bootstrap", "20"]
         assert main([*evaluate, "--device", "cpu", "--out", str(run.evaluation)]) == 0
     return run

@@ -53,3 +53,15 @@ def test_simulate_keeps_the_library_output_on_the_terminal_only_when_asked(monke
         with pytest.raises(ValueError, match="checked"):  # raised here, not by fedbt: it keeps its traceback
             cli.main(argv)
     assert redirected == [False, True]
+
+
+# What a newcomer's run must not show: libraries' debug lines, warnings and notices.
+LIBRARY_NOISE = ("DEBUG", " INFO ", "Warning", "DEPRECATED", "deprecated", "alembic")
+
+
+def test_a_simulation_prints_only_fedbt_lines_and_its_log_file_holds_flowers_and_rays(finished_run):
+    noisy = [line for line in finished_run.terminal.splitlines() if any(word in line for word in LIBRARY_NOISE)]
+    assert not noisy, noisy
+    assert "[federated]" in finished_run.terminal and "flower.log" in finished_run.terminal
+    library_log = (finished_run.out / "flower.log").read_text()
+    assert "backend_config" in library_log and "RayBackend" in library_log  # Flower's simulation engine, on Ray

@@ -222,7 +222,7 @@ def run_federated(
         run = FederatedRun(cfg, server_has_data, tracker, clock)
         if run.last_round == 0 and scores_on_server(run):
             run.initial = headline(score_on_server(run))
-            log(f"[federated] initial global model: pooled val {run.initial}")
+            log(f"[federated] initial global model: pooled val acc {100 * run.initial['accuracy']:.1f}%")
         for server_round in range(run.last_round + 1, cfg.federated.rounds + 1):
             play_round(transport, run, server_round)
         return finish(transport, run)
