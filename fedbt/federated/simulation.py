@@ -223,12 +223,8 @@ def personalised_models(
     state = load_checkpoint(global_checkpoint)["model_state"]
     results = {}
     for p in partitions:
-        data = SiteData(
-            train=catalog.subset(p.indices["train"], augment=augmentation_for(cfg.train)),
-            val=catalog.subset(p.indices["val"]),
-            test=catalog.subset(p.indices["test"]),
-        )
         target = out / "personalised" / p.name
+        data = SiteData.of(catalog, p, cfg.train)
         results[p.name] = personalise_site(cfg, state, data, target, f"personalise {p.name}")
         write_json(target / "metrics.json", results[p.name])
     return results
