@@ -124,9 +124,10 @@ def result_settings(settings: dict) -> dict:
     """What decides a simulation's results, from its config (to_dict or a file's): everything but its name,
     folder and tracking, the runtime settings, and whether the federated run was resumed."""
     kept = without_runtime({k: v for k, v in settings.items() if k not in ("name", "output_dir", "tracking")})
-    if kept["data"]["data_root"]:  # as given or resolved, the same folder
-        kept["data"]["data_root"] = str(Path(kept["data"]["data_root"]).resolve())
-    kept["federated"].pop("resume")
+    data = kept.get("data", {})
+    if data.get("data_root"):  # as given or resolved, the same folder
+        data["data_root"] = str(Path(data["data_root"]).resolve())
+    kept.get("federated", {}).pop("resume", None)
     return json.loads(to_json(kept))
 
 
