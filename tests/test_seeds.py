@@ -27,7 +27,16 @@ from fedbt.fileio import read_json, write_json, write_text
 from fedbt.fl.server import run_federated
 from fedbt.fl.site import NUM_PARTITIONS, PARTITION_ID, SiteContext, answer
 from fedbt.fl.transport import InMemoryTransport
-from fedbt.reports.seeds import WITH_HELD_OUT, seed_rows, seed_summary, site_gains, summary_rows, t_interval
+from fedbt.reports.seeds import (
+    WITH_HELD_OUT,
+    seed_rows,
+    seed_summary,
+    site_gains,
+    strategy_rows,
+    strategy_tests,
+    summary_rows,
+    t_interval,
+)
 
 
 def test_t_interval_matches_a_hand_computed_one():
@@ -102,6 +111,21 @@ def test_the_pooled_figure_with_the_held_out_images_stands_beside_the_pooled_one
     summary = seed_summary(tests)
     assert list(summary)[:2] == ["pooled 4-class acc", WITH_HELD_OUT]
     assert summary[WITH_HELD_OUT]["gap"]["values"] == pytest.approx([-0.02, -0.03])
+
+
+def test_a_second_strategy_is_paired_with_the_same_seeds_central_model_with_and_without_the_held_out_images():
+    def test(pooled: float, with_held_out: float) -> dict:
+        return {"pooled": {"accuracy": pooled}, "pooled_with_held_out": {"accuracy": with_held_out}, "sites": {}}
+
+    runs = {
+        0: {"central": {"test": test(0.92, 0.95)}, "strategies": {"fedexp": {"test": test(0.90, 0.93)}}},
+        1: {"central": {"test": test(0.94, 0.96)}, "strategies": {"fedexp": {"test": test(0.91, 0.92)}}},
+    }
+    summary = seed_summary(strategy_tests(runs, "fedexp"))
+    assert summary["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.02, -0.03])
+    assert summary[WITH_HELD_OUT]["gap"]["values"] == pytest.approx([-0.02, -0.04])
+    (row,) = strategy_rows({"fedexp": summary})
+    assert row[:3] == ["fedexp", "90.5% ± 0.7", "-2.5"] and row[4:6] == ["92.5% ± 0.7", "-3.0"]
 
 
 def test_a_personalised_model_is_judged_against_its_own_seeds_local_model():
