@@ -165,12 +165,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ValueError("--seeds compares federated with central at every seed: it cannot skip the central run")
     if args.held_out_site and (args.seeds > 1 or args.skip_central):
         raise ValueError("--held-out-site compares federated with central once: no --seeds, no --skip-central")
+    if args.also_strategy and args.seeds < 2:
+        raise ValueError("--also-strategy runs beside a seed study: give --seeds N (N at least 2)")
     cfg = config_from_args(args, ("federated.resume=true",) if args.resume else ())
+    if cfg.federated.strategy in args.also_strategy:
+        raise ValueError(f"--also-strategy {cfg.federated.strategy} is the study's own strategy (federated.strategy)")
     if args.held_out_site:
         sites = held_out_sites(cfg, args.held_out_site)
         results = run_held_out_study(cfg, sites, reuse=not args.no_reuse)
     elif args.seeds > 1:
-        results = run_seed_study(cfg, args.seeds, skip_local=args.skip_local, reuse=not args.no_reuse)
+        results = run_seed_study(
+            cfg, args.seeds, skip_local=args.skip_local, reuse=not args.no_reuse, also=args.also_strategy
+        )
     else:
         results = run_experiment(
             cfg, skip_central=args.skip_central, skip_local=args.skip_local, reuse=not args.no_reuse
@@ -474,7 +480,17 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="repeat federated and central over this many training seeds (train.seed and the next ones; "
-        "the split stays); each in OUT/seed-<seed>/, with mean, sd and the paired gap in OUT/report.html",
+        "the split stays); each in OUT/seed-<seed>/, with mean, sd and the paired gap in OUT/report.html. "
+        "Run again into the same OUT, it reuses the seeds finished with the same settings and resumes the others",
+    )
+    parser.add_argument(
+        "--also-strategy",
+        action="append",
+        default=[],
+        choices=STRATEGY_NAMES,
+        metavar="STRATEGY",
+        help="with --seeds: also federate under this global strategy at every seed (repeatable), into "
+        "OUT/seed-<seed>/federated-<strategy>/, reported against the same seeds' central model",
     )
     parser.add_argument(
         "--held-out-site",

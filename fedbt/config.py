@@ -42,7 +42,14 @@ PARTIAL = {"partial": True}
 # - RUNTIME: where or how fast a run goes on this machine, never its result: a site's own
 #   too, and left out of what decides whether an earlier baseline can be reused.
 SERVER, SITE, RUNTIME = "server", "site", "runtime"
-SECTION_SCOPES = {"data": SITE, "model": SERVER, "train": SERVER, "federated": SERVER, "privacy": SERVER}
+SECTION_SCOPES = {
+    "data": SITE,
+    "model": SERVER,
+    "train": SERVER,
+    "federated": SERVER,
+    "privacy": SERVER,
+    "personalise": SERVER,  # how each site adapts the final model, when the server asks it to
+}
 
 
 def scoped(scope: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:

@@ -174,13 +174,14 @@ def test_a_full_run_sends_only_aggregates_and_they_give_the_per_image_test_metri
     facts = {name: site_facts(federation, name, cfg, saved, tmp_path / "cache" / name) for name in federation.sites}
 
     # Every reply a site sent: per site, two training rounds (the second also scoring the first round's model),
-    # the final model's validation (its scores and calibration sums), one test scoring.
+    # the final model's validation (its scores and calibration sums), one test scoring (with the site's
+    # personalised model's: personalise.enabled is the default).
     assert not [reply for reply in replies if "error" in reply]
     sent = {}
     for reply in replies:
         name = reply["content"]["site"]["values"]["name"]
         sent.setdefault(name, []).append((reply["type"], sorted(reply["content"])))
-    train, test = ["arrays", "metrics", "site"], ["site", "test-aggregates"]
+    train, test = ["arrays", "metrics", "site"], ["personalised-test-aggregates", "site", "test-aggregates"]
     val = ["metrics", "site", "temperature-losses"]
     expected = [("train", train)] * 2 + [("evaluate", val), ("evaluate", test)]
     assert sent == dict.fromkeys(federation.sites, expected)

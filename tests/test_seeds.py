@@ -1,18 +1,42 @@
 """Seed studies: the t-interval of the paired gap, the summary over seeds, baselines reused only from
-their own seed, and a 2-seed simulation on generated data."""
+their own seed, a study run again over sessions (finished seeds reused, a cut one resumed, a second
+strategy beside), and a 2-seed simulation on generated data."""
 
+import functools
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from fedbt.cli import main
-from fedbt.config import ExperimentConfig
-from fedbt.federated import seeds
+from fedbt.config import (
+    DataConfig,
+    ExperimentConfig,
+    FederatedConfig,
+    ModelConfig,
+    PersonaliseConfig,
+    TrackingConfig,
+    TrainConfig,
+    to_dict,
+)
+from fedbt.federated import seeds, simulation
 from fedbt.federated.seeds import seed_config
-from fedbt.federated.simulation import _fingerprint, _reusable
-from fedbt.fileio import write_json, write_text
-from fedbt.reports.seeds import WITH_HELD_OUT, seed_rows, seed_summary, site_gains, summary_rows, t_interval
+from fedbt.federated.simulation import _fingerprint, _reusable, same_settings, with_absolute_paths
+from fedbt.fileio import read_json, write_json, write_text
+from fedbt.fl.server import run_federated
+from fedbt.fl.site import NUM_PARTITIONS, PARTITION_ID, SiteContext, answer
+from fedbt.fl.transport import InMemoryTransport
+from fedbt.reports.seeds import (
+    WITH_HELD_OUT,
+    seed_rows,
+    seed_summary,
+    site_gains,
+    strategy_rows,
+    strategy_tests,
+    summary_rows,
+    t_interval,
+)
 
 
 def test_t_interval_matches_a_hand_computed_one():
@@ -89,6 +113,21 @@ def test_the_pooled_figure_with_the_held_out_images_stands_beside_the_pooled_one
     assert summary[WITH_HELD_OUT]["gap"]["values"] == pytest.approx([-0.02, -0.03])
 
 
+def test_a_second_strategy_is_paired_with_the_same_seeds_central_model_with_and_without_the_held_out_images():
+    def test(pooled: float, with_held_out: float) -> dict:
+        return {"pooled": {"accuracy": pooled}, "pooled_with_held_out": {"accuracy": with_held_out}, "sites": {}}
+
+    runs = {
+        0: {"central": {"test": test(0.92, 0.95)}, "strategies": {"fedexp": {"test": test(0.90, 0.93)}}},
+        1: {"central": {"test": test(0.94, 0.96)}, "strategies": {"fedexp": {"test": test(0.91, 0.92)}}},
+    }
+    summary = seed_summary(strategy_tests(runs, "fedexp"))
+    assert summary["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.02, -0.03])
+    assert summary[WITH_HELD_OUT]["gap"]["values"] == pytest.approx([-0.02, -0.04])
+    (row,) = strategy_rows({"fedexp": summary})
+    assert row[:3] == ["fedexp", "90.5% ± 0.7", "-2.5"] and row[4:6] == ["92.5% ± 0.7", "-3.0"]
+
+
 def test_a_personalised_model_is_judged_against_its_own_seeds_local_model():
     tests = {seed: {"federated": scores(0.9, 0.80)} for seed in (0, 1)}
 
@@ -130,12 +169,22 @@ def test_a_baseline_is_never_reused_from_another_training_seed(tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--seeds", "0"], "--seeds must be at least 1"), (["--seeds", "2", "--skip-central"], "cannot skip the central")],
+    [
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--seeds", "2", "--skip-central"], "cannot skip the central"),
+        (["--also-strategy", "fedexp"], "--also-strategy runs beside a seed study"),
+    ],
 )
 def test_impossible_seed_studies_are_one_line_errors(flags, message, capsys):
     assert main(["simulate", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedbt: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_second_strategy_that_is_the_studys_own_is_a_one_line_error(demo_args, capsys):
+    assert main(["simulate", *demo_args, "--seeds", "2", "--strategy", "fedexp", "--also-strategy", "fedexp"]) == 2
+    err = capsys.readouterr().err
+    assert err == "fedbt: error: --also-strategy fedexp is the study's own strategy (federated.strategy)\n"
 
 
 @pytest.mark.e2e
@@ -206,3 +255,75 @@ def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path
     assert result["seeds"] == [0, 2]
     summary = json.loads((out / "seeds.json").read_text())["summary"]
     assert summary["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.04, -0.05])
+
+
+def test_only_settings_that_change_results_decide_whether_an_earlier_seed_is_reused(tmp_path):
+    cfg = seed_config(ExperimentConfig(output_dir=str(tmp_path), data=DataConfig(data_root=".")), 0)
+    # As experiment.json holds it: absolute paths, tracked under another parent run, resumed, other threads.
+    written = to_dict(with_absolute_paths(cfg, tmp_path / "moved"))
+    written["tracking"]["parent_run_id"] = "another"
+    written["federated"]["resume"] = True
+    written["train"]["threads"] = 7
+    assert same_settings(written, cfg)
+    written["federated"]["rounds"] += 1
+    assert not same_settings(written, cfg)
+
+
+def federated_in_memory(cfg: ExperimentConfig, out: Path, calls: list, study: Path) -> dict:
+    """The Flower simulation's part played in memory (fedbt.fl.server over InMemoryTransport): no Ray.
+    It writes experiment.json as the simulation does; `calls` gets where it ran, its strategy and resume."""
+    cfg = with_absolute_paths(cfg, Path(out))
+    write_json(Path(out) / "experiment.json", to_dict(cfg))
+    calls.append((Path(out).relative_to(study).as_posix(), cfg.federated.strategy, cfg.federated.resume))
+    count = cfg.federated.num_clients
+    sites = {
+        node: functools.partial(answer, context=SiteContext({PARTITION_ID: node - 1, NUM_PARTITIONS: count}, 1))
+        for node in range(1, count + 1)
+    }
+    transport = InMemoryTransport(sites)
+    return run_federated(transport, cfg, clock=transport.clock)
+
+
+def test_a_seed_study_run_again_reuses_finished_seeds_resumes_a_cut_one_and_adds_a_strategy(
+    data_config, tmp_path, monkeypatch
+):
+    study = tmp_path / "study"
+    cfg = ExperimentConfig(
+        output_dir=str(study),
+        data=data_config,
+        model=ModelConfig(name="cnn"),
+        train=TrainConfig(batch_size=16, log_every=0),
+        federated=FederatedConfig(rounds=2, round_timeout=60, poll_interval=1),
+        personalise=PersonaliseConfig(enabled=False),
+        tracking=TrackingConfig(enabled=False),
+    )
+    calls = []
+    federate = functools.partial(federated_in_memory, calls=calls, study=study)
+    monkeypatch.setattr(simulation, "run_flower_simulation", federate)
+    monkeypatch.setattr(seeds, "run_flower_simulation", federate)
+
+    seeds.run_seed_study(cfg, 2, skip_local=True)
+    assert calls == [("seed-0", "fedavg", False), ("seed-1", "fedavg", False)]
+    cut = read_json(study / "seed-1" / "federated" / "metrics.json")
+    (study / "seed-1" / "comparison.json").unlink()  # seed 1 was cut short after its federated run
+
+    calls.clear()
+    seeds.run_seed_study(cfg, 2, skip_local=True, also=["fedexp"])
+    assert calls == [
+        ("seed-0/federated-fedexp", "fedexp", False),  # seed 0 finished: only the new strategy runs
+        ("seed-1", "fedavg", True),  # from its checkpoint
+        ("seed-1/federated-fedexp", "fedexp", False),
+    ]
+    resumed = read_json(study / "seed-1" / "federated" / "metrics.json")
+    assert [r["elapsed_seconds"] for r in resumed["history"]] == [r["elapsed_seconds"] for r in cut["history"]]
+
+    calls.clear()
+    seeds.run_seed_study(cfg, 2, skip_local=True, also=["fedexp"])
+    assert calls == []  # every seed and strategy finished with these settings
+    study_numbers = read_json(study / "seeds.json")
+    pooled = study_numbers["other_strategies"]["fedexp"]["pooled 4-class acc"]
+    fedexp = [read_json(study / f"seed-{seed}" / "federated-fedexp" / "federated" / "metrics.json") for seed in (0, 1)]
+    central = [read_json(study / f"seed-{seed}" / "comparison.json")["results"]["central"] for seed in (0, 1)]
+    gaps = [f["test"]["pooled"]["accuracy"] - c["test"]["pooled"]["accuracy"] for f, c in zip(fedexp, central)]
+    assert pooled["gap"]["values"] == pytest.approx(gaps)
+    assert "Global strategies against central" in (study / "report.md").read_text()

@@ -1,8 +1,9 @@
-"""A hospital's privacy budget and test quota are its own, across runs: whole deployments played
-in memory, each site a hospital's node (its site file, data and state folder), the server
-without data. No Flower, no process."""
+"""A hospital's privacy budget and test quota are its own, across runs, and so is its personalised
+model: whole deployments played in memory, each site a hospital's node (its site file, data and
+state folder), the server without data. No Flower, no process."""
 
 import functools
+import json
 import os
 import time
 from dataclasses import replace
@@ -14,10 +15,15 @@ import yaml
 from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig, PrivacyConfig, TrainConfig
 from fedbt.data.sites import load_site
 from fedbt.data.synthetic import generate_demo_data
+from fedbt.eval.aggregates import SCORE_BINS
+from fedbt.eval.calibration import CONFIDENCE_BINS
 from fedbt.fl import server
 from fedbt.fl.ledger import PrivacyLedger, TestQuota, format_ledger
 from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, SITE_STATE_FOLDER, SiteContext, answer
+from fedbt.fl.protocol import PERSONALISED_AGGREGATES, PERSONALISED_KEY, SPLIT_KEY, Reply, Request
 from fedbt.fl.transport import InMemoryTransport, RunRefusedError
+from fedbt.model.checkpoint import load_checkpoint
+from fedbt.train import personalise
 
 SITES = ("figshare", "sartaj")
 
@@ -51,10 +57,11 @@ class Hospitals:
         }
         self.runs = 0
 
-    def run(self, cfg: ExperimentConfig) -> dict:
+    def run(self, cfg: ExperimentConfig, heard: list[tuple[Request, Reply]] | None = None) -> dict:
+        """Play a run; `heard` gets every request and the site's reply to it, as the server receives them."""
         self.runs += 1
         sites = {
-            node: functools.partial(answer, context=SiteContext(config, self.runs))
+            node: functools.partial(listened, context=SiteContext(config, self.runs), heard=heard)
             for node, config in self.nodes.items()
         }
         transport = InMemoryTransport(sites)
@@ -66,6 +73,13 @@ class Hospitals:
     def ledger(self, name: str) -> PrivacyLedger:
         (path,) = self.folder(name).glob("privacy-ledger-*.json")
         return PrivacyLedger(path)
+
+
+def listened(request: Request, context: SiteContext, heard: list | None) -> Reply:
+    reply = answer(request, context)
+    if heard is not None:
+        heard.append((request, reply))
+    return reply
 
 
 def experiment(tmp_path: Path, epsilon: float = 2.0, enabled: bool = True) -> ExperimentConfig:
@@ -130,7 +144,7 @@ def test_a_finished_run_leaves_only_the_ledger_and_the_quota_at_the_site(tmp_pat
     left = sorted(
         path.name.split("-")[0] + "-" + path.name.split("-")[1] for path in hospitals.folder("sartaj").iterdir()
     )
-    assert left == ["privacy-ledger", "test-quota"]
+    assert left == ["personalised-run", "privacy-ledger", "test-quota"]  # the site's own model stays too
 
 
 def test_an_abandoned_runs_state_is_swept_after_its_days_and_a_live_ones_is_kept(tmp_path, site_data):
@@ -153,3 +167,59 @@ def test_an_unreadable_ledger_fails_closed(tmp_path, site_data):
     hospitals.ledger("sartaj").path.write_text("{ truncated")
     with pytest.raises(RunRefusedError):
         hospitals.run(experiment(tmp_path / "again", epsilon=2.0))
+
+
+def final_replies(heard: list[tuple[Request, Reply]]) -> list[Reply]:
+    return [reply for request, reply in heard if request.config.get(SPLIT_KEY) == "test"]
+
+
+def test_a_site_keeps_the_global_model_when_adaptation_does_not_help_and_keeps_it_to_itself(
+    tmp_path, site_data, monkeypatch
+):
+    def useless(candidate, cfg, state, data, work, kind, device):
+        # An adaptation that forgets everything: every image gets the same scores.
+        model = personalise.global_model(cfg, state, device)
+        for parameter in model.parameters():
+            parameter.data.zero_()
+        return model
+
+    monkeypatch.setattr(personalise, "adapted_model", useless)
+    hospitals = Hospitals(tmp_path / "h", site_data, {})
+    heard = []
+    result = hospitals.run(experiment(tmp_path, enabled=False), heard)
+    assert set(result["personalised"]) == set(SITES)
+    for reply in final_replies(heard):
+        mine = json.loads(reply.site[PERSONALISED_KEY])
+        validation = {name: c["val"]["set_accuracy"] for name, c in mine["candidates"].items()}
+        assert mine["chosen"] == "global" and validation["all"] <= validation["global"]
+    for site in SITES:
+        # The kept model is the global model: on the site's own test split it scores as the global model does.
+        kept, own = result["personalised"][site]["test"], result["test"]["sites"][site]
+        assert kept["n"] == own["n"] and kept["set_accuracy"] == own["set_accuracy"]
+        # It stays at the site, owner-only, after the run's own state is gone.
+        final = hospitals.folder(site) / "personalised-run-1" / "final.pt"
+        assert final.stat().st_mode & 0o777 == 0o600
+        assert load_checkpoint(final)["progress"] == {"personalised": "global"}
+    assert result["test"]["pooled"]["n"] == sum(result["test"]["sites"][site]["n"] for site in SITES)
+
+
+def scalars_only(value) -> bool:
+    """Whether a JSON value holds numbers and strings in objects, and no list (a value per image would be one)."""
+    if isinstance(value, dict):
+        return all(scalars_only(v) for v in value.values())
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+def test_no_value_of_one_image_leaves_a_personalising_site_in_its_final_reply(tmp_path, site_data):
+    hospitals = Hospitals(tmp_path / "h", site_data, {})
+    heard = []
+    result = hospitals.run(experiment(tmp_path, enabled=False), heard)
+    replies = final_replies(heard)
+    assert len(replies) == len(SITES) and set(result["personalised"]) == set(SITES)
+    classes = 4
+    # Every array's shape is fixed by the task, whatever the number of test images (as the global model's scoring).
+    fixed = {(), (classes, classes), (classes, 2, SCORE_BINS), (2, 2), (2, SCORE_BINS), (3, CONFIDENCE_BINS)}
+    for reply in replies:
+        assert PERSONALISED_AGGREGATES in reply.tensors and reply.metrics == {}
+        assert {tensor.shape for group in reply.tensors.values() for tensor in group.values()} <= fixed
+        assert scalars_only(json.loads(reply.site[PERSONALISED_KEY]))

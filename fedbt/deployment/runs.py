@@ -90,13 +90,16 @@ def submit_and_follow(request: RunRequest, control: FlowerControl | None = None)
 
 
 def report(request: RunRequest, outcome: RunOutcome) -> Path | None:
-    """The simulation's report (federated rows only: no pooled data exists for baselines)."""
+    """The simulation's report (federated rows and each site's personalised model: no pooled data exists
+    for baselines)."""
     from fedbt.reports.comparison import write_report
 
     if outcome.metrics is None:
         return None
     cfg = request.experiment()
     results = {"federated": outcome.metrics, "wall_seconds_total": outcome.wall_seconds}
+    if "personalised" in outcome.metrics:  # each site's own model, personalised and scored at the site
+        results["personalised"] = outcome.metrics["personalised"]
     return write_report(results, cfg, list(get_task(cfg.data.task).classes), request.out)
 
 

@@ -4,6 +4,7 @@ at the same budget, then the comparison report."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -99,6 +100,42 @@ def without_the_run_simulation_notice() -> Iterator[None]:
         flower_logger.removeFilter(not_the_notice)
 
 
+def with_absolute_paths(cfg: ExperimentConfig, out: Path) -> ExperimentConfig:
+    """cfg writing to `out`, every path absolute: Ray workers (of a joined cluster, too) need not share
+    our working directory. What the run's experiment.json holds."""
+    data = replace(
+        cfg.data,
+        data_root=str(Path(cfg.data.data_root).resolve()),
+        cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()),
+    )
+    return replace(cfg, output_dir=str(out.resolve()), data=data)
+
+
+def without_runtime(settings: dict) -> dict:
+    """Settings (a config's to_dict, or some of its sections) less where or how fast a run goes (never its result)."""
+    settings = copy.deepcopy(settings)
+    for key in keys_in_scope(RUNTIME):
+        section, name = key.split(".")
+        settings.get(section, {}).pop(name, None)
+    return settings
+
+
+def result_settings(settings: dict) -> dict:
+    """What decides a simulation's results, from its config (to_dict or a file's): everything but its name,
+    folder and tracking, the runtime settings, and whether the federated run was resumed."""
+    kept = without_runtime({k: v for k, v in settings.items() if k not in ("name", "output_dir", "tracking")})
+    data = kept.get("data", {})
+    if data.get("data_root"):  # as given or resolved, the same folder
+        data["data_root"] = str(Path(data["data_root"]).resolve())
+    kept.get("federated", {}).pop("resume", None)
+    return json.loads(to_json(kept))
+
+
+def same_settings(written: object, cfg: ExperimentConfig) -> bool:
+    """Whether a config an earlier run wrote (experiment.json, comparison.json's) is cfg's, as far as results go."""
+    return isinstance(written, dict) and result_settings(written) == result_settings(to_dict(cfg))
+
+
 def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> dict:
     """Run the ServerApp and N ClientApps on Flower's Ray-backed simulation engine.
 
@@ -111,15 +148,11 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
 
     client_app = client_app or sites_app
 
-    # Absolute paths: Ray workers (of a joined cluster, too) need not share our working directory.
-    cfg = replace(cfg, output_dir=str(out.resolve()))
-    cfg.data = replace(
-        cfg.data,
-        data_root=str(Path(cfg.data.data_root).resolve()),
-        cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()),
-    )
+    cfg = with_absolute_paths(cfg, out)
     experiment_file = out / "experiment.json"
     write_json(experiment_file, to_dict(cfg))
+    # The results read back below are this run's, never an earlier run's left in the folder.
+    (out / "federated" / "metrics.json").unlink(missing_ok=True)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # Ray would report usage statistics from the driver and every worker it starts.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -151,10 +184,8 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path, client_app=None) -> 
 def _fingerprint(cfg: ExperimentConfig, partition_name: str | None = None) -> str:
     """What decides a baseline's result: data, model, training and record-level privacy settings
     and, for a local-only model, which client of which partitioning it trained on."""
-    settings = {section: to_dict(getattr(cfg, section)) for section in ("data", "model", "train", "privacy")}
-    for key in keys_in_scope(RUNTIME):  # where or how fast a run goes, never its result
-        section, name = key.split(".")
-        del settings[section][name]
+    sections = ("data", "model", "train", "privacy")
+    settings = without_runtime({section: to_dict(getattr(cfg, section)) for section in sections})
     del settings["privacy"]["client_level"]  # the federation's, not a baseline's
     if partition_name is not None:
         fc = cfg.federated
@@ -223,12 +254,8 @@ def personalised_models(
     state = load_checkpoint(global_checkpoint)["model_state"]
     results = {}
     for p in partitions:
-        data = SiteData(
-            train=catalog.subset(p.indices["train"], augment=augmentation_for(cfg.train)),
-            val=catalog.subset(p.indices["val"]),
-            test=catalog.subset(p.indices["test"]),
-        )
         target = out / "personalised" / p.name
+        data = SiteData.of(catalog, p, cfg.train)
         results[p.name] = personalise_site(cfg, state, data, target, f"personalise {p.name}")
         write_json(target / "metrics.json", results[p.name])
     return results

@@ -91,6 +91,8 @@ def limit_problems(cfg: ExperimentConfig, policy: SitePolicy) -> list[str]:
         ("data.image_size", cfg.data.image_size, policy.max_image_size),
         ("train.batch_size", cfg.train.batch_size, policy.max_batch_size),
         ("federated.local_epochs", cfg.federated.local_epochs, policy.max_local_epochs),
+        # Personalisation trains at the site too: no more passes over its data than a round may take.
+        ("personalise.epochs", cfg.personalise.epochs, policy.max_local_epochs),
     )
     return [f"{key}={value} is above this site's limit of {limit}" for key, value, limit in limits if value > limit]
 

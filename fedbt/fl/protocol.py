@@ -21,8 +21,11 @@ TRAIN, EVALUATE = "train", "evaluate"
 # variate c (CONTROL). A reply: the site's model (MODEL), its change of its own c_i
 # (CONTROL_DELTA), its validation losses at every calibration temperature (TEMPERATURE_LOSSES),
 # its test scoring's counts and histograms (TEST_AGGREGATES): never a value of one image.
+# Under personalisation, a final reply also holds the personalised model's test scoring, in the
+# same aggregates (PERSONALISED_AGGREGATES).
 MODEL, CONTROL, CONTROL_DELTA = "arrays", "control", "control-delta"
 TEMPERATURE_LOSSES, TEST_AGGREGATES = "temperature-losses", "test-aggregates"
+PERSONALISED_AGGREGATES = "personalised-test-aggregates"
 
 # Request config keys. The server sends the experiment inside every request, so sites need no
 # shared file: Ray workers or a hospital's SuperNode learn the run's settings from the server.
@@ -37,6 +40,9 @@ SPLIT_KEY = "split"
 SCORE_FIRST_KEY = "score-first"
 # The temperature a test scoring divides the logits by; 1 when not sent.
 TEMPERATURE_KEY = "temperature"
+# A final test request that asks the site to personalise the final model too (fedbt.train.personalise):
+# the site keeps that model and answers with its scores only.
+PERSONALISE_KEY = "personalise"
 # SCAFFOLD: the last round whose reply from this site the server counted into c (0: none yet).
 ACCEPTED_ROUND_KEY = "accepted-round"
 # Client-level DP clipped at the sites: the norm each site clips its update to.
@@ -46,6 +52,9 @@ CLIPPING_NORM_KEY = "fedbt-clipping-norm"
 # validation metrics as JSON (they hold nested dicts).
 EXAMPLES_KEY = "num-examples"
 SITE_NAME_KEY, SITE_METRICS_KEY = "name", "metrics-json"
+# The personalisation a site made, as JSON: which candidate it kept, each one's validation scores,
+# its training images and time (numbers only; its test scores are in PERSONALISED_AGGREGATES).
+PERSONALISED_KEY = "personalised-json"
 
 # What the server learns when a site will not or cannot do what it asked: no exception text,
 # which carries local paths and file names (the detail goes to the site's log).

@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 
 from fedbt.config import ExperimentConfig, FederatedConfig, to_dict
-from fedbt.data.labels import get_task
+from fedbt.data.labels import Task, get_task
 from fedbt.data.loader import make_loader
 from fedbt.data.partition import Partition, make_partitions
 from fedbt.eval.aggregates import ScoreAggregates, aggregate_metrics
@@ -38,6 +38,9 @@ from fedbt.fl.protocol import (
     EXAMPLES_KEY,
     EXPERIMENT_KEY,
     MODEL,
+    PERSONALISE_KEY,
+    PERSONALISED_AGGREGATES,
+    PERSONALISED_KEY,
     ROUND_KEY,
     SCORE_FIRST_KEY,
     SITE_METRICS_KEY,
@@ -449,7 +452,10 @@ def finish(transport: Transport, run: FederatedRun) -> dict:
         catalog = load_catalog(run.cfg)
         result["test"] = evaluate_everywhere(model, catalog, device, run.cfg.train.batch_size, temperature)
     else:
-        result["test"] = site_test_results(transport, run, temperature)
+        result["test"], personalised = site_test_results(transport, run, temperature)
+        if personalised:
+            # Each site's own model, on its own test split: beside the global model's row, never pooled into it.
+            result["personalised"] = personalised
     fitted_on = f"the validation splits of {', '.join(sorted(site_losses)) or 'no site'}, as per-temperature sums"
     result["calibration"] = calibration_summary(losses, fitted_on, result["test"]["pooled"])
     result["wall_seconds"] = time.perf_counter() - run.started
@@ -459,9 +465,10 @@ def finish(transport: Transport, run: FederatedRun) -> dict:
     return result
 
 
-def site_test_results(transport: Transport, run: FederatedRun, temperature: float) -> dict:
+def site_test_results(transport: Transport, run: FederatedRun, temperature: float) -> tuple[dict, dict]:
     """Test metrics of the final model at the temperature, from the sites' own test splits (a server
-    without data, or FedBN).
+    without data, or FedBN), and, under personalise.enabled without data here, each site's personalised
+    model on its own test split.
 
     Each site returns the aggregates of its scoring (fedbt.eval.aggregates), nothing per image;
     their sum gives the pooled metrics, each site's its own.
@@ -469,19 +476,50 @@ def site_test_results(transport: Transport, run: FederatedRun, temperature: floa
     fc = run.cfg.federated
     nodes = wait_for_sites(transport, run.min_sites, fc.round_timeout, fc.poll_interval, run.clock)
     request = {SPLIT_KEY: "test", TEMPERATURE_KEY: temperature}
+    if run.cfg.personalise.enabled and not run.server_has_data:
+        # A server with the data personalises every site itself (fedbt.federated.simulation).
+        request[PERSONALISE_KEY] = True
     replies = collect(transport, run, [run.request(node, EVALUATE, fc.rounds, **request) for node in nodes])
-    read = functools.partial(read_test_aggregates, num_classes=run.task.num_classes)
+    read = functools.partial(read_final_scores, task=run.task)
     scored = site_contents(replies, run, read, "the test results")
     if not scored:
         raise RuntimeError("no site returned test results for the final model")
     log(f"[federated] test results from sites: {', '.join(sorted(scored))}")
-    pooled = functools.reduce(operator.add, scored.values())
-    return {
+    pooled = functools.reduce(operator.add, (aggregates for aggregates, _ in scored.values()))
+    test = {
         "pooled": aggregate_metrics(pooled, run.task),
-        "sites": {name: aggregate_metrics(agg, run.task) for name, agg in sorted(scored.items())},
+        "sites": {name: aggregate_metrics(agg, run.task) for name, (agg, _) in sorted(scored.items())},
     }
+    return test, {name: mine for name, (_, mine) in sorted(scored.items()) if mine is not None}
 
 
-def read_test_aggregates(reply: Reply, num_classes: int) -> ScoreAggregates:
-    arrays = {k: v.numpy() for k, v in reply.tensors[TEST_AGGREGATES].items()}
+def read_test_aggregates(reply: Reply, num_classes: int, group: str = TEST_AGGREGATES) -> ScoreAggregates:
+    arrays = {k: v.numpy() for k, v in reply.tensors[group].items()}
     return ScoreAggregates.from_arrays(arrays, num_classes)
+
+
+def read_final_scores(reply: Reply, task: Task) -> tuple[ScoreAggregates, dict | None]:
+    """A final reply's test aggregates and, when the site personalised, what it sent of that: the kept
+    candidate, each candidate's validation scores, and the kept model's test metrics (from its aggregates)."""
+    aggregates = read_test_aggregates(reply, task.num_classes)
+    if PERSONALISED_KEY not in reply.site:
+        return aggregates, None
+    personalised = json.loads(str(reply.site[PERSONALISED_KEY]))
+    if not well_formed_personalisation(personalised):
+        raise ValueError("the personalisation is not the candidate kept, their validation scores and the time")
+    mine = read_test_aggregates(reply, task.num_classes, PERSONALISED_AGGREGATES)
+    return aggregates, {**personalised, "test": aggregate_metrics(mine, task)}
+
+
+def well_formed_personalisation(personalised: object) -> bool:
+    """Whether a site's personalisation JSON holds what the report reads: the kept candidate's name, each
+    candidate's validation scores and the time it took."""
+    if not isinstance(personalised, dict):
+        return False
+    candidates = personalised.get("candidates")
+    return (
+        isinstance(personalised.get("chosen"), str)
+        and isinstance(personalised.get("wall_seconds"), int | float)
+        and isinstance(candidates, dict)
+        and all(isinstance(c, dict) and isinstance(c.get("val"), dict) for c in candidates.values())
+    )

@@ -5,7 +5,9 @@ checks it against its own policy, fedbt.fl.policy), trains or scores the global 
 own partition (fedbt.fl.task), and answers with its model and numbers: nothing of one image,
 and no exception text (which carries local paths), only a generic reason; the detail goes to
 the site's log. What a site keeps between requests (its optimiser, its FedBN layers, its privacy
-account, its SCAFFOLD c_i, its count of test scorings) is in a SiteStore.
+account, its SCAFFOLD c_i, its count of test scorings) is in a SiteStore. Asked to personalise in
+the final request, the site adapts the final model on its own data and keeps the result: only its
+scores leave the site.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fedbt.data.partition import Partition
 from fedbt.data.sites import SitePolicy, load_site
 from fedbt.eval.aggregates import aggregate_scores
 from fedbt.eval.calibration import tempered_probabilities
-from fedbt.fileio import atomic_write
+from fedbt.fileio import atomic_write, make_private_folders
 from fedbt.fl.ledger import DAY_SECONDS, PrivacyLedger, TestQuota, data_key, privacy_refusal
 from fedbt.fl.policy import PolicyRefusal, SiteSetup, site_experiment
 from fedbt.fl.privacy import clipped_at_site
@@ -42,6 +44,9 @@ from fedbt.fl.protocol import (
     FAILED_CODE,
     FAILED_REASON,
     MODEL,
+    PERSONALISE_KEY,
+    PERSONALISED_AGGREGATES,
+    PERSONALISED_KEY,
     REFUSED_CODE,
     REFUSED_REASON,
     ROUND_KEY,
@@ -55,6 +60,7 @@ from fedbt.fl.protocol import (
     TRAIN,
     Reply,
     Request,
+    TensorGroup,
 )
 from fedbt.fl.task import (
     LocalState,
@@ -63,10 +69,13 @@ from fedbt.fl.task import (
     evaluate_partition,
     load_catalog,
     partition_log_probabilities,
+    starting_state,
     train_partition,
     transport_state,
 )
+from fedbt.model.checkpoint import load_checkpoint, temperature_of
 from fedbt.progress import log
+from fedbt.train.personalise import SiteData, personalise_site
 from fedbt.train.setup import new_model
 
 # A hospital node's config names its own site file, data root and decode cache (`fedbt site`);
@@ -138,6 +147,11 @@ class SiteFiles:
     def quota(self) -> TestQuota:
         return TestQuota(self.folder / f"test-quota-{self.key}.json")
 
+    @property
+    def personalised(self) -> Path:
+        """Where the run's personalised model stays: beside the ledger, not a run's state that end_run removes."""
+        return self.folder / f"personalised-run-{self.run_id}"
+
     def run_files(self) -> list[Path]:
         return sorted(self.folder.glob("run-*-*.pt"))
 
@@ -174,6 +188,12 @@ class SiteContext:
     def store(self, cfg: ExperimentConfig) -> SiteStore:
         files = self.files(cfg)
         return self.memory if files is None else files.store
+
+    def personalised(self, cfg: ExperimentConfig, partition: Partition) -> Path:
+        """Where the site keeps its personalised model: a hospital in its own state folder; a simulated
+        site in the run's folder, where the simulation keeps every site's (personalised/<site>/)."""
+        files = self.files(cfg)
+        return Path(cfg.output_dir) / "personalised" / partition.name if files is None else files.personalised
 
 
 def site_setup(node_config: Mapping[str, Any]) -> SiteSetup | None:
@@ -303,6 +323,12 @@ def evaluate(request: Request, context: SiteContext) -> Reply:
     site = {SITE_NAME_KEY: partition.name}
     if split == "test":
         reply = test_aggregates(request, cfg, catalog, partition, global_state, local, site)
+        if request.config.get(PERSONALISE_KEY):
+            # Within this request, so within the test scoring the site has counted: one final scoring, of two models.
+            state, folder = starting_state(cfg, global_state, local), context.personalised(cfg, partition)
+            summary, aggregates = personalised_scores(cfg, catalog, partition, state, folder)
+            reply.site[PERSONALISED_KEY] = summary
+            reply.tensors[PERSONALISED_AGGREGATES] = aggregates
         if files is not None:
             files.end_run()  # the final scoring is a run's last request
         return reply
@@ -337,7 +363,34 @@ def test_aggregates(request: Request, cfg, catalog, partition, global_state, loc
     temperature = float(request.config.get(TEMPERATURE_KEY, 1.0))
     if not 0 < temperature < math.inf:
         raise ValueError(f"the server sent the temperature {temperature}, not a positive number")
-    log_probs, masks = partition_log_probabilities(cfg, catalog, partition, global_state, local, "test")
+    aggregates = scoring_aggregates(cfg, catalog, partition, global_state, local, temperature)
+    return Reply(request.node, {TEST_AGGREGATES: aggregates}, {}, site)
+
+
+def scoring_aggregates(cfg, catalog, partition, state, local, temperature: float) -> TensorGroup:
+    """A model's test scoring at the temperature, as aggregates (counts and histograms)."""
+    log_probs, masks = partition_log_probabilities(cfg, catalog, partition, state, local, "test")
     probs = tempered_probabilities(log_probs, temperature)
     arrays = aggregate_scores(probs, masks, catalog.task, untempered=np.exp(log_probs)).arrays()
-    return Reply(request.node, {TEST_AGGREGATES: {k: torch.from_numpy(v) for k, v in arrays.items()}}, {}, site)
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def personalised_scores(cfg, catalog, partition, state, folder: Path) -> tuple[str, TensorGroup]:
+    """Personalise `state` on this site's splits (fedbt.train.personalise), keeping the model in `folder`,
+    owner-only and never sent. What leaves the site: as JSON, the candidate kept, each candidate's
+    validation scores, the training images and the time; and the kept model's test scoring at its own
+    temperature (fitted on the site's validation split), aggregates as the global model's."""
+    make_private_folders(folder)
+    data = SiteData.of(catalog, partition, cfg.train)
+    result = personalise_site(cfg, state, data, folder, f"personalise {partition.name}")
+    kept = load_checkpoint(folder / "final.pt")
+    aggregates = scoring_aggregates(cfg, catalog, partition, kept["model_state"], LocalState(), temperature_of(kept))
+    summary = {
+        "chosen": result["chosen"],
+        # Not each candidate's test score: the site reports on its test split the model it keeps.
+        "candidates": {name: {"val": c["val"]} for name, c in result["candidates"].items()},
+        "train_images": result["train_images"],
+        "temperature": result["temperature"],
+        "wall_seconds": result["wall_seconds"],
+    }
+    return json.dumps(summary), aggregates

@@ -1,7 +1,7 @@
 """Several training seeds over one split: each model's mean and spread per score, the paired gap
 federated - central (seed by seed) with its 95% t-interval, each seed's per-image McNemar test and
-calibration, and per site the local-only, global and personalised models, as seeds.json, a report
-and tables."""
+calibration, per site the local-only, global and personalised models, and each further global strategy
+against central, as seeds.json, a report and tables."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ GAP_NOTE = (
     "tests below carry the evidence then."
 )
 WITH_HELD_OUT = "pooled 4-class acc, with held out"
+STRATEGY_NOTE = (
+    "Each global strategy trained once per seed on the same split and budget; its gap is to the same seed's "
+    "central model, paired by seed as above. The first row is the study's own strategy."
+)
 # Below this the seeds' gaps are taken as equal: far under one image's share of any test split.
 NO_SPREAD = 1e-9
 
@@ -80,6 +84,15 @@ def seed_summary(tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
             "gap": paired_gap(values["federated"], values["central"]),
         }
     return summary
+
+
+def strategy_tests(runs: dict[int, dict], strategy: str) -> dict[int, dict[str, dict]]:
+    """A further global strategy's test metrics in the federated model's place, beside the same seed's central."""
+    return {
+        seed: {"federated": run["strategies"][strategy]["test"], "central": run["central"]["test"]}
+        for seed, run in runs.items()
+        if strategy in run.get("strategies", {})
+    }
 
 
 def site_gains(
@@ -138,6 +151,34 @@ def summary_rows(summary: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         for name, s in summary.items()
     ]
     return header, rows
+
+
+STRATEGY_SCORES = ("pooled 4-class acc", WITH_HELD_OUT)
+STRATEGY_HEADER = [
+    "global model's strategy",
+    "pooled 4-class mean ± sd",
+    "gap (points)",
+    "gap 95% interval",
+    "with held out mean ± sd",
+    "gap (points)",
+    "gap 95% interval",
+]
+
+
+def strategy_rows(summaries: dict[str, dict]) -> list[list[str]]:
+    """One row per global strategy: pooled accuracy without and with the held-out images, each with its gap."""
+    rows = []
+    for strategy, summary in summaries.items():
+        row = [strategy]
+        for score in STRATEGY_SCORES:
+            s = summary.get(score)
+            row += [mean_sd(s["federated"]), points(s["gap"]["mean"]), interval_text(s["gap"])] if s else ["-"] * 3
+        rows.append(row)
+    return rows
+
+
+def strategy_blocks(rows: list[list[str]]) -> list[Block]:
+    return [("h2", "Global strategies against central"), ("table", (STRATEGY_HEADER, rows)), ("p", STRATEGY_NOTE)]
 
 
 def worse_off(count: int, of: int) -> str:
@@ -233,6 +274,9 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
     }
     personalised = {seed: run["personalised"] for seed, run in runs.items() if "personalised" in run}
     summary = seed_summary(tests)
+    others = sorted({strategy for run in runs.values() for strategy in run.get("strategies", {})})
+    other_summaries = {strategy: seed_summary(strategy_tests(runs, strategy)) for strategy in others}
+    strategies = strategy_rows({cfg.federated.strategy: summary, **other_summaries})
     gains = site_gains(tests, local_tests, personalised)
     seeds = list(runs)
     per_seed = seed_rows(runs)
@@ -245,6 +289,7 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
             "personalised_seeds": list(personalised),
             "selection_rule": SELECTION_RULE,
             "summary": summary,
+            "other_strategies": other_summaries,
             "site_gains": gains,
             "paired": {seed: run.get("paired") for seed, run in runs.items()},
             "calibration": {seed: {m: run[m].get("calibration") for m in COMPARED} for seed, run in runs.items()},
@@ -262,6 +307,7 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
         ("p", GAP_NOTE),
         ("p", SITE_NOTE),
         ("p", SELECTION_RULE),
+        *(strategy_blocks(strategies) if others else []),
         ("h2", "Each seed: federated against central, image by image, and calibration"),
         ("table", (PER_SEED_HEADER, per_seed)),
         ("p", PAIRED_NOTE),
@@ -278,6 +324,8 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
     print(format_table(*table))
     print(GAP_NOTE)
     print(SELECTION_RULE)
+    if others:
+        print(format_table(STRATEGY_HEADER, strategies))
     print(format_table(PER_SEED_HEADER, per_seed))
     if gains:
         print(format_table(*gain_table))

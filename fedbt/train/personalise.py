@@ -13,7 +13,8 @@ The training runs through `train_model`, the loop every model here trains with (
 loss, class weights and augmentation). Selection: the highest validation set accuracy, and the
 global model unless a candidate beats it strictly, so personalisation never lowers the site's
 validation score. Flower-free: the simulation runs it for every site after the federated run
-(`fedbt personalise --run` for a finished one); a deployment would run it at each site.
+(`fedbt personalise --run` for a finished one); in a deployment each site runs it in its answer
+to the final request (fedbt.fl.site).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from fedbt.config import ExperimentConfig
-from fedbt.data.catalog import MRIDataset
+from fedbt.config import ExperimentConfig, TrainConfig
+from fedbt.data.catalog import Catalog, MRIDataset
 from fedbt.data.labels import get_task
 from fedbt.data.loader import make_loader
-from fedbt.data.transforms import to_device_batch
+from fedbt.data.partition import Partition
+from fedbt.data.transforms import augmentation_for, to_device_batch
 from fedbt.eval.inference import evaluate, validation_temperature_losses
 from fedbt.model.checkpoint import save_checkpoint, store_temperature
 from fedbt.model.device import prepare_model, select_device
@@ -48,6 +50,15 @@ class SiteData:
     train: MRIDataset  # augmented as the run's training is
     val: MRIDataset
     test: MRIDataset
+
+    @classmethod
+    def of(cls, catalog: Catalog, partition: Partition, train: TrainConfig) -> SiteData:
+        """A site's three splits, its training split augmented as `train` says."""
+        return cls(
+            train=catalog.subset(partition.indices["train"], augment=augmentation_for(train)),
+            val=catalog.subset(partition.indices["val"]),
+            test=catalog.subset(partition.indices["test"]),
+        )
 
 
 def global_model(cfg: ExperimentConfig, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
