@@ -301,12 +301,13 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from fedbt.deployment.nodes import ServerSettings
-    from fedbt.deployment.operators import current_account, server_ruleset, start_server
+    from fedbt.deployment.operators import admitted_accounts, control_port_ruleset, current_account, start_server
 
     if args.print_firewall:
         if not args.operators:
-            raise ValueError("--print-firewall needs --operators GROUP: the group whose members may use the control port")
-        print(server_ruleset(args.control_port, args.user or current_account(), args.operators), end="")
+            raise ValueError("--print-firewall needs --operators GROUP, whose members may use the control port")
+        admitted = admitted_accounts(args.user or current_account(), args.operators)
+        print(control_port_ruleset(args.control_port, admitted), end="")
         return 0
     settings = ServerSettings(
         certs=Path(args.certs),

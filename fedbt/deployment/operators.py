@@ -53,21 +53,22 @@ def plan_server_start(
     if euid != 0 and user not in (None, me):
         raise DeploymentError(f"--user {user}: only root can start fedbt server as another account (this is {me})")
     control = f"the control port {LOOPBACK}:{control_port} (submit, list and stop runs; register sites)"
+    open_to_all = f"{control} is open to every account on this machine"
     if euid != 0:
         command = (f"fedbt server --print-firewall --user {me} --operators {operators or 'GROUP'} "
                    f"--control-port {control_port} | sudo nft -f -")  # fmt: skip
-        note = f"fedbt: note: {control} is open to every account on this machine unless root installed its rule: {command}"
+        note = f"fedbt: note: {open_to_all} unless root installed its rule: {command}"
     elif operators is None:
-        note = f"fedbt: warning: {control} is open to every account on this machine: name its operators with --operators"
+        note = f"fedbt: warning: {open_to_all}: name its operators with --operators"
     else:
         note = None
     run_as = user if euid == 0 and not as_root else None
     return ServerStart(run_as=run_as, install_rule=euid == 0 and operators is not None, note=note)
 
 
-def account_uid(name: str) -> int:
+def account(name: str) -> pwd.struct_passwd:
     try:
-        return pwd.getpwnam(name).pw_uid
+        return pwd.getpwnam(name)
     except KeyError:
         raise DeploymentError(f"no account {name!r} on this machine: create it (useradd --system {name})") from None
 
@@ -79,7 +80,7 @@ def operator_accounts(group: str) -> list[str]:
         entry = grp.getgrnam(group)
     except KeyError:
         raise DeploymentError(
-            f"no group {group!r} on this machine: create it (groupadd {group}) and add operators (usermod -aG {group} NAME)"
+            f"no group {group!r} on this machine: create it (groupadd {group}); add operators: usermod -aG {group} NAME"
         ) from None
     primary = {account.pw_name for account in pwd.getpwall() if account.pw_gid == entry.gr_gid}
     return sorted(set(entry.gr_mem) | primary)
@@ -112,11 +113,10 @@ table inet {table} {{
 """
 
 
-def server_ruleset(control_port: int, service_account: str, operators: str) -> str:
-    """The rule that admits the service account and the operators' group, as they are now: a change to
-    the group takes effect at the next start, as it does at an operator's next login."""
-    accounts = [service_account, *operator_accounts(operators)]
-    return control_port_ruleset(control_port, {name: account_uid(name) for name in accounts})
+def admitted_accounts(service_account: str, operators: str) -> dict[str, int]:
+    """The service account and the operators' group as they are now (name: uid): a change to the group
+    takes effect at the server's next start, as it does at an operator's next login."""
+    return {name: account(name).pw_uid for name in [service_account, *operator_accounts(operators)]}
 
 
 def nft(*args: str, ruleset: str | None = None) -> None:
@@ -131,10 +131,10 @@ def nft(*args: str, ruleset: str | None = None) -> None:
 @contextmanager
 def control_port_guarded(control_port: int, service_account: str, operators: str) -> Iterator[None]:
     """The control port's rule installed for the duration; a rule left by a killed server is replaced."""
-    admitted = server_ruleset(control_port, service_account, operators)
-    nft("-f", "-", ruleset=admitted)
-    print(f"fedbt: {admitted.splitlines()[0].removeprefix('# fedbt server: ')} (nft table inet "
-          f"{control_table(control_port)}, removed when the server stops)", flush=True)  # fmt: skip
+    admitted = admitted_accounts(service_account, operators)
+    nft("-f", "-", ruleset=control_port_ruleset(control_port, admitted))
+    print(f"fedbt: only {', '.join(sorted(admitted))} may connect to the control port {control_port} "
+          f"(nft table inet {control_table(control_port)}, removed when the server stops)", flush=True)  # fmt: skip
     try:
         yield
     finally:
@@ -154,28 +154,28 @@ def server_arguments(settings: ServerSettings, operators: str | None) -> list[st
     return arguments
 
 
-def state_dir_for(account: str, state_dir: Path) -> None:
+def state_dir_for(name: str, state_dir: Path) -> None:
     """The server's state folder, made for the account if new: root writes nothing in it (the account
     could swap a file for a link to one of root's)."""
-    entry = pwd.getpwnam(account)
+    entry = account(name)
     if not state_dir.exists():
         state_dir.mkdir(parents=True, mode=0o700)
         os.chown(state_dir, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     elif state_dir.stat().st_uid != entry.pw_uid:
-        raise DeploymentError(f"{state_dir} does not belong to {account}, which writes there: chown -R {account} {state_dir}")
+        raise DeploymentError(f"{state_dir} does not belong to {name}, which writes there: chown -R {name} {state_dir}")
 
 
-def serve_as(account: str, arguments: list[str]) -> int:
+def serve_as(name: str, arguments: list[str]) -> int:
     """`fedbt server ARGUMENTS` as the account, with its groups and home: the SuperLink, the ServerApps
     it starts and the front are its children and run as that account; this process only waits. The
     server has its own session, so a stop (Ctrl-C, SIGTERM) reaches it once: passed on from here."""
-    entry = pwd.getpwnam(account)
-    env = {**os.environ, "HOME": entry.pw_dir, "USER": account, "LOGNAME": account}
+    entry = account(name)
+    env = {**os.environ, "HOME": entry.pw_dir, "USER": name, "LOGNAME": name}
     server = subprocess.Popen(
         [sys.executable, "-m", "fedbt.cli", "server", *arguments],
         user=entry.pw_uid,
         group=entry.pw_gid,
-        extra_groups=os.getgrouplist(account, entry.pw_gid),
+        extra_groups=os.getgrouplist(name, entry.pw_gid),
         env=env,
         start_new_session=True,
     )
