@@ -99,10 +99,11 @@ class Machine:
             self.accounts.append(name)
 
     def remove(self) -> None:
-        for name in self.accounts:
-            subprocess.run(["userdel", name], capture_output=True)
+        """All that create() made; an account it could not remove (a process of it left running) fails the test."""
+        kept = [name for name in self.accounts if subprocess.run(["userdel", name], capture_output=True).returncode]
         subprocess.run(["groupdel", self.operators], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
+        assert not kept, f"accounts left on this machine: {kept}"
 
     def as_account(self, name: str, command: list[str]) -> list[str]:
         """`command` in the namespace, as the account with its groups, as a login gives them."""
@@ -136,8 +137,8 @@ def machine():
         machine.create()
         yield machine
     finally:
-        machine.remove()
         shutil.rmtree(work, ignore_errors=True)
+        machine.remove()
 
 
 def start_server(machine: Machine) -> ManagedProcess:
