@@ -64,10 +64,10 @@ def test_root_with_a_service_account_switches_to_it_and_guards_the_port_when_the
 def test_an_unprivileged_start_runs_as_itself_and_says_the_port_is_open_unless_root_installed_the_rule():
     start = plan(euid=1000, me="fedbt", user="fedbt", operators="ops")
     assert (start.run_as, start.install_rule) == (None, False)
-    assert start.note.startswith("fedbt: note: the control port 127.0.0.1:9093 (submit, list and stop runs; register")
-    assert "is open to every account on this machine unless root installed its rule" in start.note
+    assert start.note.startswith("fedbt: note: as fedbt, this server can neither install nor check its control port's")
+    assert "unless root installed it, the control port 127.0.0.1:9093 (submit, list and stop runs;" in start.note
     command = "fedbt server --print-firewall --user fedbt --operators ops --control-port 9093 | sudo nft -f -"
-    assert start.note.endswith(f"unless root installed its rule: {command}")
+    assert start.note.endswith(f"is open to every account on this machine ({command})")
     with pytest.raises(DeploymentError, match="only root can start fedbt server as another account"):
         plan(euid=1000, me="alice", user="fedbt")
 

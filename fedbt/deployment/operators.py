@@ -57,7 +57,10 @@ def plan_server_start(
     if euid != 0:
         command = (f"fedbt server --print-firewall --user {me} --operators {operators or 'GROUP'} "
                    f"--control-port {control_port} | sudo nft -f -")  # fmt: skip
-        note = f"fedbt: note: {open_to_all} unless root installed its rule: {command}"
+        # Also the line of the server root started as the service account: true there too, and root's line
+        # before it says the rule is in place.
+        note = f"fedbt: note: as {me}, this server can neither install nor check its control port's rule: "
+        note += f"unless root installed it, {open_to_all} ({command})"
     elif operators is None:
         note = f"fedbt: warning: {open_to_all}: name its operators with --operators"
     else:
