@@ -25,12 +25,15 @@ from test_netns_deploy import netns_available
 from fedbt.config import PROJECT_ROOT
 from fedbt.deployment.certs import CertLayout, make_deployment_certs, make_site_keys
 from fedbt.deployment.control import CONNECTION, FlowerControl
-from fedbt.deployment.nodes import LOOPBACK, SERVER_READY, STARTUP_TIMEOUT
+from fedbt.deployment.nodes import LOOPBACK, SERVER_READY, SITE_READY, STARTUP_TIMEOUT
 from fedbt.deployment.operators import NFT_DIRS, SERVER_STOP_GRACE, control_table
-from fedbt.deployment.processes import ManagedProcess
+from fedbt.deployment.processes import ManagedProcess, flower_env
 
 CONTROL_PORT = 9093  # the default: the namespace has its own ports
 CALL_TIMEOUT = 120
+RUN_TIMEOUT = 400
+# A one-round run of the small CNN, tracked nowhere: the service account cannot write the operator's store.
+RUN_SETTINGS = ["data.image_size=32", "model.name=cnn", "train.threads=1", "tracking.enabled=false"]
 # Two interpreters import fedbt before the SuperLink starts (root's, then the service account's).
 SERVER_STARTUP_TIMEOUT = 3 * STARTUP_TIMEOUT
 # Root's half of the server waits this long for the service account's half to stop: wait longer.
@@ -110,24 +113,28 @@ class Machine:
         return ["ip", "netns", "exec", self.namespace, "setpriv", "--reuid", name, "--regid", name, "--init-groups",
                 *command]  # fmt: skip
 
-    def flwr(self, account: str, *args: str) -> dict:
-        """`flwr ARGS --format json` as the account, against the control port, with its own copy of ca.pem."""
-        home = self.work / f"flwr-{account}"
+    def flwr_home(self, account: str) -> Path:
+        """The account's own folder: Flower's home with a connection to the control port, and a copy of ca.pem."""
+        home = self.work / f"home-{account}"
         home.mkdir(exist_ok=True)
         shutil.copy(self.work / "certs" / "ca.pem", home / "ca.pem")
-        control = FlowerControl(f"{LOOPBACK}:{CONTROL_PORT}", home / "ca.pem", home)
-        shutil.chown(home, account)
-        for path in home.iterdir():
+        FlowerControl(f"{LOOPBACK}:{CONTROL_PORT}", home / "ca.pem", home)
+        for path in [home, *home.iterdir()]:
             shutil.chown(path, account)
+        return home
+
+    def flwr(self, account: str, *args: str) -> dict:
+        """`flwr ARGS --format json` as the account, against the control port."""
+        home = self.flwr_home(account)
         flwr = self.work / "python" / "bin" / "flwr"
-        env = {**control.env, "HOME": str(home)}
+        env = {**flower_env(home), "HOME": str(home)}
         command = self.as_account(account, [str(flwr), *args, "--format", "json"])
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CALL_TIMEOUT)
         assert "{" in done.stdout, done.stdout + done.stderr
         return json.loads(done.stdout[done.stdout.index("{") :])
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def machine():
     # Not tmp_path: pytest makes its folders root-only, and the test's accounts need to reach theirs.
     work = Path(tempfile.mkdtemp(prefix="fedbt-operators-"))
@@ -141,8 +148,15 @@ def machine():
         machine.remove()
 
 
-def start_server(machine: Machine) -> ManagedProcess:
-    """`fedbt server` started as root in the namespace, told to run as the service account and admit the operators."""
+def nft_tables(machine: Machine) -> str:
+    return subprocess.run(["ip", "netns", "exec", machine.namespace, "nft", "list", "tables"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(machine):
+    """`fedbt server` started as root in the namespace, told to run as the service account and admit the
+    operators; stopped at the end, when its rule must go with it."""
     work = machine.work
     certs = make_deployment_certs(work / "certs", [LOOPBACK], ["figshare"]).root
     # The server's certificate, key and site keys belong to its service account, which reads them.
@@ -160,42 +174,64 @@ def start_server(machine: Machine) -> ManagedProcess:
     server = ManagedProcess("server", command, dict(os.environ), work / "server.out")
     try:
         server.wait_for(SERVER_READY, SERVER_STARTUP_TIMEOUT)
-    except BaseException:
+        assert control_table(CONTROL_PORT) in nft_tables(machine)
+        yield server
+    finally:
         server.stop(grace=STOP_GRACE)
-        raise
-    return server
+    assert control_table(CONTROL_PORT) not in nft_tables(machine), "the server left its rule behind"
 
 
-def nft_tables(machine: Machine) -> str:
-    return subprocess.run(["ip", "netns", "exec", machine.namespace, "nft", "list", "tables"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-
-
-def test_an_account_outside_the_operators_group_can_neither_list_submit_stop_nor_register(machine):
+def test_an_account_outside_the_operators_group_can_neither_list_submit_stop_nor_register(machine, server):
     intruder = CertLayout(machine.work / "intruder")
     make_site_keys(intruder, "intruder")
     public_key = machine.work / "intruder.pub"
     shutil.copy(intruder.site_public_key("intruder"), public_key)
-    server = start_server(machine)
+    attempts = {
+        "list runs": ["ls", CONNECTION],
+        "submit a run": ["run", str(PROJECT_ROOT), CONNECTION],
+        "stop a run": ["stop", "1", CONNECTION],
+        "register a site": ["supernode", "register", str(public_key), CONNECTION, "--name", "intruder"],
+    }
+    for attempt, args in attempts.items():
+        answer = machine.flwr(machine.outsider, *args)
+        assert not answer["success"] and UNREACHABLE in answer["error-message"], f"outsider could {attempt}"
+    # A member of the operators' group reaches the SuperLink with the same tools: no intruder registered.
+    assert machine.flwr(machine.operator, "ls", CONNECTION)["success"]
+    nodes = machine.flwr(machine.operator, "supernode", "ls", CONNECTION)["nodes"]
+    assert "intruder" not in json.dumps(nodes)
+    # The SuperLink and the front run as the service account: its database and nginx's pid file are its own.
+    service_uid = pwd.getpwnam(machine.service).pw_uid
+    for path in ("server/superlink.db", "server/front/front.pid"):
+        assert (machine.work / path).stat().st_uid == service_uid, path
+
+
+def test_an_operators_fedbt_run_completes_and_writes_its_report_beside_what_the_service_account_wrote(
+    machine, server, demo_root, site_files
+):
+    work = machine.work
+    # Results go where the service account may write and the operators' group may read and add.
+    runs = work / "runs"
+    runs.mkdir(mode=0o770)
+    shutil.chown(runs, machine.service, machine.operators)
+    # One site, as root: the sites' machines are not what this test is about.
+    site_command = ["ip", "netns", "exec", machine.namespace, sys.executable, "-m", "fedbt.cli", "site",
+                    "--site", site_files[0], "--server", f"{LOOPBACK}:9092", "--certs", str(work / "certs"),
+                    "--data-root", str(demo_root), "--cache-dir", str(work / "cache"),
+                    "--state-dir", str(work / "site"), "--connect-timeout", "60"]  # fmt: skip
+    site = ManagedProcess("site", site_command, dict(os.environ), work / "site.out")
     try:
-        attempts = {
-            "list runs": ["ls", CONNECTION],
-            "submit a run": ["run", str(PROJECT_ROOT), CONNECTION],
-            "stop a run": ["stop", "1", CONNECTION],
-            "register a site": ["supernode", "register", str(public_key), CONNECTION, "--name", "intruder"],
-        }
-        for attempt, args in attempts.items():
-            answer = machine.flwr(machine.outsider, *args)
-            assert not answer["success"] and UNREACHABLE in answer["error-message"], f"outsider could {attempt}"
-        # A member of the operators' group reaches the SuperLink with the same tools: no run, no intruder.
-        assert machine.flwr(machine.operator, "ls", CONNECTION) == {"success": True, "runs": []}
-        nodes = machine.flwr(machine.operator, "supernode", "ls", CONNECTION)["nodes"]
-        assert "intruder" not in json.dumps(nodes)
-        # The SuperLink and the front run as the service account: its database and nginx's pid file are its own.
-        service_uid = pwd.getpwnam(machine.service).pw_uid
-        for path in ("server/superlink.db", "server/front/front.pid"):
-            assert (machine.work / path).stat().st_uid == service_uid, path
-        assert control_table(CONTROL_PORT) in nft_tables(machine)
+        site.wait_for(SITE_READY, SERVER_STARTUP_TIMEOUT)
+        home = machine.flwr_home(machine.operator)
+        fedbt_run = [str(work / "python" / "bin" / "python"), "-m", "fedbt.cli", "run", "--ca", str(home / "ca.pem"),
+                     "--out", str(runs / "results"), "--sites", "1", "--rounds", "1",
+                     *[arg for setting in RUN_SETTINGS for arg in ("--set", setting)]]  # fmt: skip
+        done = subprocess.run(machine.as_account(machine.operator, fedbt_run), env={**os.environ, "HOME": str(home)},
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "completed" in done.stdout
     finally:
-        server.stop(grace=STOP_GRACE)
-    assert control_table(CONTROL_PORT) not in nft_tables(machine), "the server left its rule behind"
+        site.stop()
+    results = runs / "results"
+    assert results.stat().st_uid == pwd.getpwnam(machine.service).pw_uid  # written by the ServerApp
+    assert (results / "report.md").stat().st_uid == pwd.getpwnam(machine.operator).pw_uid  # by `fedbt run`
+    assert (results / "federated" / "final.pt").stat().st_mode & 0o077 == 0  # the weights stay the service's

@@ -28,6 +28,8 @@ from fedbt.deployment.processes import DeploymentError, install_stop_handlers
 NFT_DIRS = ("/usr/sbin", "/sbin")
 # Seconds the server started as the service account gets to stop its SuperLink and front.
 SERVER_STOP_GRACE = 30
+# What the server started as the service account writes: its own and the operators' group's, no one else's.
+OPERATORS_UMASK = 0o007
 
 
 @dataclass(frozen=True)
@@ -168,17 +170,23 @@ def state_dir_for(name: str, state_dir: Path) -> None:
         raise DeploymentError(f"{state_dir} does not belong to {name}, which writes there: chown -R {name} {state_dir}")
 
 
-def serve_as(name: str, arguments: list[str]) -> int:
+def serve_as(name: str, operators: str | None, arguments: list[str]) -> int:
     """`fedbt server ARGUMENTS` as the account, with its groups and home: the SuperLink, the ServerApps
     it starts and the front are its children and run as that account; this process only waits. The
-    server has its own session, so a stop (Ctrl-C, SIGTERM) reaches it once: passed on from here."""
+    server has its own session, so a stop (Ctrl-C, SIGTERM) reaches it once: passed on from here.
+
+    What it writes belongs to the operators' group, and to nobody else (umask 007): an operator reads
+    a run's results, and `fedbt run` writes its report beside them. That gives the operators nothing
+    new: whoever submits runs already runs code as this account. Private files (weights) stay 0600.
+    """
     entry = account(name)
     env = {**os.environ, "HOME": entry.pw_dir, "USER": name, "LOGNAME": name}
     server = subprocess.Popen(
         [sys.executable, "-m", "fedbt.cli", "server", *arguments],
         user=entry.pw_uid,
-        group=entry.pw_gid,
+        group=grp.getgrnam(operators).gr_gid if operators else entry.pw_gid,
         extra_groups=os.getgrouplist(name, entry.pw_gid),
+        umask=OPERATORS_UMASK if operators else -1,
         env=env,
         start_new_session=True,
     )
@@ -209,4 +217,4 @@ def start_server(settings: ServerSettings, user: str | None, operators: str | No
         if start.run_as is None:
             return run_server(settings)
         state_dir_for(start.run_as, settings.state_dir)
-        return serve_as(start.run_as, server_arguments(settings, operators))
+        return serve_as(start.run_as, operators, server_arguments(settings, operators))
