@@ -306,8 +306,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedbt.deployment.nodes import ServerSettings, run_server
+    from fedbt.deployment.nodes import ServerSettings
+    from fedbt.deployment.operators import admitted_accounts, control_port_ruleset, current_account, start_server
 
+    if args.print_firewall:
+        if not args.operators:
+            raise ValueError("--print-firewall needs --operators GROUP, whose members may use the control port")
+        admitted = admitted_accounts(args.user or current_account(), args.operators)
+        print(control_port_ruleset(args.control_port, admitted), end="")
+        return 0
     settings = ServerSettings(
         certs=Path(args.certs),
         state_dir=Path(args.state_dir),
@@ -316,7 +323,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         control_port=args.control_port,
         site_keys=Path(args.site_keys) if args.site_keys else None,
     )
-    return run_server(settings)
+    return start_server(settings, args.user, args.operators, args.allow_root)
 
 
 def show_ledger(args: argparse.Namespace) -> int:
@@ -412,6 +419,18 @@ def add_deployment_parsers(sub) -> None:
     )
     server.add_argument("--site-keys", help="folder of <site>.pub to register (default: CERTS/sites)")
     server.add_argument("--state-dir", default="deploy-state/server", help="database (runs, sites) and logs")
+    server.add_argument(
+        "--user", help="service account the SuperLink, its ServerApps and the front run as (started as root)"
+    )
+    server.add_argument(
+        "--operators", metavar="GROUP", help="Unix group whose members alone (and --user) may use the control port"
+    )
+    server.add_argument(
+        "--allow-root", action="store_true", help="run as root without --user (tests, throw-away containers)"
+    )
+    server.add_argument(
+        "--print-firewall", action="store_true", help="print the control port's nftables rule (for nft -f) and exit"
+    )
     server.set_defaults(func=cmd_server)
 
     site = sub.add_parser("site", help="start a hospital's SuperNode on its own data")

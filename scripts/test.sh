@@ -7,14 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the whole suite needs (the fast tier needs none): headless Chromium checks the
-# report pages (tests/test_report_browser.py); nginx is `fedbt server`'s public front
-# (docs/deployment.md). Installed when missing on a Debian or Ubuntu machine where we are root;
-# anywhere else a missing one stops the run here, in one line, rather than failing tests later.
+# report pages (tests/test_report_browser.py); nginx is `fedbt server`'s public front, and nftables
+# guards its control port (docs/deployment.md). Installed when missing on a Debian or Ubuntu
+# machine where we are root; anywhere else a missing one stops the run here, in one line, rather
+# than failing tests later.
 require_system_packages() {
   local missing=()
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null ||
     missing+=(chromium)
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  command -v nft >/dev/null || [ -x /usr/sbin/nft ] || missing+=(nftables)
   [ ${#missing[@]} -eq 0 ] && return
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "scripts/test.sh: installing ${missing[*]} (apt-get)" >&2

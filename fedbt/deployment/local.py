@@ -49,8 +49,10 @@ class LocalFederation:
         return ManagedProcess(name, [sys.executable, "-m", "fedbt.cli", *args], self.env, self.work / log)
 
     def start_server(self) -> None:
+        # --allow-root: a throw-away federation runs as whoever runs it, root in CI, with no service account.
         args = ["server", "--certs", str(self.certs), "--port", str(self.port),
-                "--control-port", str(self.control_port), "--state-dir", str(self.work / "server")]  # fmt: skip
+                "--control-port", str(self.control_port), "--state-dir", str(self.work / "server"),
+                "--allow-root"]  # fmt: skip
         self.server = self._fedbt("server", args, "server.out")
         self.server.wait_for(SERVER_READY, STARTUP_TIMEOUT)
 
