@@ -176,6 +176,41 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def command_lines() -> list[list[str]]:
+    """Every process's command line, as /proc shows it to every local account."""
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(path.read_bytes().decode(errors="replace").split("\0"))
+        except OSError:  # the process ended meanwhile
+            pass
+    return lines
+
+
+def serverapp_processes(superlink: str) -> list[list[str]]:
+    """The command lines of the ServerApps of the SuperLink at `superlink` (other deployments may run here too)."""
+    return [line for line in command_lines()
+            if any(Path(arg).name == "flwr-serverapp" for arg in line[:2]) and superlink in line]  # fmt: skip
+
+
+def test_no_command_line_on_the_server_carries_the_runs_token(federation, tmp_path):
+    args = run_args(federation, tmp_path / "results", "--rounds", "1")
+    with (tmp_path / "run.out").open("w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: serverapp_processes(federation.control_address), 120, "the run's ServerApp to start")
+        [serverapp] = serverapp_processes(federation.control_address)
+        assert "--token" not in serverapp, serverapp  # Flower's own executor passes it so
+        token = Path(serverapp[serverapp.index("--token-file") + 1]).read_text()
+        assert len(token) >= 32
+        assert not [line for line in command_lines() if any(token in arg for arg in line)]
+        assert run.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.out").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+
+
 def test_a_killed_site_leaves_a_run_that_finishes_and_it_rejoins_once_restarted(federation, tmp_path):
     out = tmp_path / "results"
     # A round timeout long enough for a site's first task to start on a loaded machine (55 s seen with other jobs

@@ -130,7 +130,10 @@ def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]
     if settings.flower_defaults:
         superlink = [flower_command("flower-superlink")]
     else:
-        superlink = [sys.executable, "-m", FLOWER_INTERNALS, "superlink"]
+        # It leaves its ServerApps to fedbt's executor (serverapp_executor_command), which keeps their
+        # tokens off every command line; it hands them out only with the secret.
+        superlink = [sys.executable, "-m", FLOWER_INTERNALS, "superlink", "--isolation", "process",
+                     "--superexec-auth-secret-file", str(superexec_secret_file(settings))]  # fmt: skip
     return [
         *superlink,
         "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
@@ -163,6 +166,7 @@ def run_server(settings: ServerSettings) -> int:
     layout = CertLayout(settings.certs)
     settings = flower_defaults_if_internals_differ(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    write_superexec_secret(settings)
     command = superlink_command(settings, layout)
     front = public_front(settings, layout)
     install_stop_handlers()
@@ -176,6 +180,10 @@ def run_server(settings: ServerSettings) -> int:
         front_log = settings.state_dir / "front.log"
         processes.append(ManagedProcess("front", front.command(), env, front_log, own_group=False))
         wait_for_port(settings.host, settings.port, processes[1])
+        if not settings.flower_defaults:
+            executor = serverapp_executor_command(settings, layout, processes[0].process.pid)
+            log = settings.state_dir / "executor.log"
+            processes.append(ManagedProcess("serverapp executor", executor, env, log, own_group=False))
         sites = ", ".join(f"{name} ({state})" for name, state in registered.items())
         print(
             f"fedbt: {SERVER_READY} on {settings.host}:{settings.port} (sites only); "
@@ -239,12 +247,12 @@ def node_config(settings: SiteSettings) -> str:
     return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
-def superexec_secret_file(settings: SiteSettings) -> Path:
+def superexec_secret_file(settings: ServerSettings | SiteSettings) -> Path:
     return settings.state_dir / SUPEREXEC_SECRET_FILE
 
 
-def write_superexec_secret(settings: SiteSettings) -> Path:
-    """A new secret for this start of the site, readable by its owner alone."""
+def write_superexec_secret(settings: ServerSettings | SiteSettings) -> Path:
+    """A new secret for this start of the site or server, readable by its owner alone."""
     return atomic_write(
         superexec_secret_file(settings), lambda fh: fh.write(secrets.token_bytes(SUPEREXEC_SECRET_BYTES)), private=True
     )
@@ -269,11 +277,22 @@ def supernode_command(settings: SiteSettings) -> list[str]:
     return [*tuned, *flower_args]
 
 
+def serverapp_executor_command(settings: ServerSettings, layout: CertLayout, superlink_pid: int) -> list[str]:
+    """fedbt's executor of the SuperLink's ServerApp tasks, through its Runtime API (TLS, on loopback)."""
+    return [
+        sys.executable, "-m", FLOWER_INTERNALS, "executor", "--task", "serverapp",
+        "--runtime-api-address", f"{LOOPBACK}:{settings.control_port}",
+        "--root-certificates", str(layout.ca_cert.resolve()),
+        "--parent-pid", str(superlink_pid),
+        "--superexec-auth-secret-file", str(superexec_secret_file(settings)),
+    ]  # fmt: skip
+
+
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     command = [
         sys.executable, "-m", FLOWER_INTERNALS, "executor",
         "--runtime-api-address", f"{LOOPBACK}:{settings.runtime_port}",
-        "--supernode-pid", str(supernode_pid),
+        "--parent-pid", str(supernode_pid),
         "--superexec-auth-secret-file", str(superexec_secret_file(settings)),
     ]  # fmt: skip
     return [*command, "--no-preload"] if settings.flower_defaults else command
