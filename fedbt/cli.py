@@ -326,6 +326,19 @@ def cmd_server(args: argparse.Namespace) -> int:
     return start_server(settings, args.user, args.operators, args.allow_root)
 
 
+def cmd_remove_site(args: argparse.Namespace) -> int:
+    from fedbt.deployment.certs import CertLayout
+    from fedbt.deployment.control import FlowerControl
+    from fedbt.deployment.registry import remove_site
+
+    layout = CertLayout(Path(args.certs))
+    control = FlowerControl(args.server, layout.ca_cert)
+    site_keys = Path(args.site_keys) if args.site_keys else layout.sites_dir
+    removed = remove_site(control, args.name, site_keys, layout.removed_dir, Path(args.state_dir))
+    print(f"site {args.name} removed: the server refuses its key from now on; the key moved to {removed}")
+    return 0
+
+
 def show_ledger(args: argparse.Namespace) -> int:
     """The site's privacy ledger and test quota, as its operator reads them (nothing is started)."""
     from fedbt.data.sites import load_site
@@ -432,6 +445,16 @@ def add_deployment_parsers(sub) -> None:
         "--print-firewall", action="store_true", help="print the control port's nftables rule (for nft -f) and exit"
     )
     server.set_defaults(func=cmd_server)
+
+    remove = sub.add_parser("remove-site", help="on the server: refuse a site's key from now on, and after restarts")
+    remove.add_argument("name", help="the site, as its key is named (CERTS/sites/NAME.pub)")
+    remove.add_argument(
+        "--server", default="127.0.0.1:9093", metavar="HOST:PORT", help="the running server's control port"
+    )
+    remove.add_argument("--certs", default="certs", help="the `fedbt certs` folder: ca.pem, sites/, removed/")
+    remove.add_argument("--site-keys", help="folder the server registers <site>.pub from (default: CERTS/sites)")
+    remove.add_argument("--state-dir", default="deploy-state/server", help="the server's state folder")
+    remove.set_defaults(func=cmd_remove_site)
 
     site = sub.add_parser("site", help="start a hospital's SuperNode on its own data")
     site.add_argument("--site", required=True, help="the site's YAML (e.g. sites/figshare.yaml)")

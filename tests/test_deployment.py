@@ -69,6 +69,8 @@ def test_private_keys_are_owner_only_from_the_start_and_never_silently_replaced(
          "not signed by the given CA"),
         (["WARNING : Giving up reconnection after 3.00 seconds", "ERROR : Exit Code: 305",
           "[Errno 111] Connection refused"], "unreachable"),
+        (["INFO : SuperNode ID: 1", "INFO : SuperNode terminated gracefully.", "INFO:     Finished server process [7]"],
+         "no longer accepts this site's key (was the site removed?) (INFO : SuperNode terminated gracefully.)"),
     ],
 )  # fmt: skip
 def test_flower_failures_become_one_line_with_their_meaning(lines, expected):

@@ -115,8 +115,9 @@ def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_li
     stranger = CertLayout(tmp_path / "stranger")
     make_site_keys(stranger, "figshare")  # a key pair the server never registered
     common = ["site", "--site", federation.names["figshare"], "--data-root", str(federation.data_root),
-              "--state-dir", str(tmp_path / "stranger-state"), "--connect-timeout", "3"]  # fmt: skip
+              "--state-dir", str(tmp_path / "stranger-state")]  # fmt: skip
     cases = {
+        # With the default --connect-timeout (300 s): the server's refusal of the key ends the site, not the timeout.
         "not registered with the server": [
             "--server", federation.address, "--ca", str(federation.certs / "ca.pem"),
             "--key", str(stranger.site_private_key("figshare")), "--runtime-port", str(free_port()),
@@ -124,17 +125,47 @@ def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_li
         "not signed by the given CA": [
             "--server", federation.address, "--ca", str(federation.certs / "server" / "server.pem"),
             "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+            "--connect-timeout", "3",
         ],
         "unreachable": [
             "--server", f"127.0.0.1:{free_port()}", "--ca", str(federation.certs / "ca.pem"),
             "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+            "--connect-timeout", "3",
         ],
     }  # fmt: skip
     for expected, args in cases.items():
+        # Well below the 300 s a refused key was retried for: start-up (torch, the data scan) and one refusal.
         done = fedbt([*common, *args], timeout=90)
         assert done.returncode == 2, (expected, done.stderr[-2000:])
         assert expected in last_line(done.stderr) and last_line(done.stderr).startswith("fedbt: error:")
-        assert "Traceback" not in done.stderr
+        assert "Traceback" not in done.stderr and "refused to activate this site yet" not in done.stderr
+
+
+def remove_site_args(federation: LocalFederation, name: str) -> list[str]:
+    return ["remove-site", name, "--server", federation.control_address, "--certs", str(federation.certs),
+            "--state-dir", str(federation.work / "server")]  # fmt: skip
+
+
+def test_a_removed_site_is_refused_from_then_on_and_the_others_keep_working(federation, tmp_path):
+    done = fedbt(remove_site_args(federation, "figshare"), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (federation.certs / "sites" / "figshare.pub").exists()  # a restarted server registers it no more
+    assert [path.name.split("-")[0] for path in (federation.certs / "removed").iterdir()] == ["figshare"]
+    # The connected SuperNode's next request is refused, and its key cannot join again.
+    wait_for(lambda: federation.sites["figshare"].process.poll() is not None, 60, "the removed site to stop")
+    assert federation.sites["figshare"].saw("no longer accepts this site's key")
+    again = ["site", "--site", federation.names["figshare"], "--data-root", str(federation.data_root),
+             "--state-dir", str(tmp_path / "again"), "--server", federation.address, "--certs", str(federation.certs),
+             "--runtime-port", str(free_port())]  # fmt: skip
+    done = fedbt(again, timeout=90)
+    assert done.returncode == 2 and "not registered with the server" in last_line(done.stderr), done.stderr[-2000:]
+    done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--sites", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # A site that is not there: one line, nothing changed.
+    done = fedbt(remove_site_args(federation, "figshare"), timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"fedbt: error: no site 'figshare' in {federation.certs / 'sites'} (its sites: br35h, sartaj)"
+    ]
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -143,6 +174,41 @@ def wait_for(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def command_lines() -> list[list[str]]:
+    """Every process's command line, as /proc shows it to every local account."""
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(path.read_bytes().decode(errors="replace").split("\0"))
+        except OSError:  # the process ended meanwhile
+            pass
+    return lines
+
+
+def serverapp_processes(superlink: str) -> list[list[str]]:
+    """The command lines of the ServerApps of the SuperLink at `superlink` (other deployments may run here too)."""
+    return [line for line in command_lines()
+            if any(Path(arg).name == "flwr-serverapp" for arg in line[:2]) and superlink in line]  # fmt: skip
+
+
+def test_no_command_line_on_the_server_carries_the_runs_token(federation, tmp_path):
+    args = run_args(federation, tmp_path / "results", "--rounds", "1")
+    with (tmp_path / "run.out").open("w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: serverapp_processes(federation.control_address), 120, "the run's ServerApp to start")
+        [serverapp] = serverapp_processes(federation.control_address)
+        assert "--token" not in serverapp, serverapp  # Flower's own executor passes it so
+        token = Path(serverapp[serverapp.index("--token-file") + 1]).read_text()
+        assert len(token) >= 32
+        assert not [line for line in command_lines() if any(token in arg for arg in line)]
+        assert run.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.out").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
 
 
 def test_a_killed_site_leaves_a_run_that_finishes_and_it_rejoins_once_restarted(federation, tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import flwr.common.args
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
@@ -25,6 +26,7 @@ from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.inflatable.inflatable_object import get_object_tree
 from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor import types as executor_types
+from flwr.superlink.cli.flwr_serverapp import _parse_args_run_flwr_serverapp
 from flwr.supernode.nodestate import in_memory_nodestate
 
 from fedbt.deployment.certs import CertLayout
@@ -34,6 +36,7 @@ from fedbt.deployment.nodes import (
     executor_command,
     flower_defaults_if_internals_differ,
     require_site_guard,
+    serverapp_executor_command,
     superlink_command,
     supernode_command,
     write_superexec_secret,
@@ -198,6 +201,62 @@ def test_every_site_command_leaves_clientapps_to_the_guarded_executor_and_shares
     assert ("--no-preload" in executor) is flower_defaults
 
 
+def test_the_tuned_server_leaves_serverapps_to_fedbts_executor_and_shares_a_secret_with_it(server_certs, tmp_path):
+    """`--isolation process`: the SuperLink never starts `flwr-serverapp --token ...` itself."""
+    settings = ServerSettings(server_certs.root, tmp_path / "server")
+    link = superlink_command(settings, server_certs)
+    executor = serverapp_executor_command(settings, server_certs, superlink_pid=1)
+    assert link[link.index("--isolation") + 1] == "process"
+    assert executor[1:4] == ["-m", "fedbt.federated.flower_internals", "executor"]
+    assert executor[executor.index("--task") + 1] == "serverapp"
+    secret = str(settings.state_dir / "superexec.secret")
+    assert link[link.index("--superexec-auth-secret-file") + 1] == secret
+    assert executor[executor.index("--superexec-auth-secret-file") + 1] == secret
+
+
+def serverapp_spec(**changes):
+    fields = dict(
+        task_type=TaskType.SERVER_APP, runtime_api_address="127.0.0.1:9093", token="the-task-token", insecure=False,
+        root_certificates_path="/certs/ca.pem", runtime_dependency_install=False, parent_pid=7, suppress_output=False,
+        task_id=1,
+    )  # fmt: skip
+    return flower_internals.EXECUTION_SPEC.get()(**{**fields, **changes})
+
+
+def test_a_serverapp_task_reads_its_token_from_an_owner_only_file_never_from_its_command_line(monkeypatch):
+    seen = {}
+
+    def run(command):
+        token_file = Path(command[command.index("--token-file") + 1])
+        seen.update(command=command, file=token_file, token=token_file.read_text(), mode=token_file.stat().st_mode)
+        return SimpleNamespace(returncode=3)
+
+    monkeypatch.setattr(flower_internals.subprocess, "run", run)
+    with pytest.raises(SystemExit) as ended:
+        flower_internals.run_serverapp_task(serverapp_spec())
+    assert ended.value.code == 3  # the ServerApp's exit code is the task's
+    assert Path(seen["command"][0]).name == "flwr-serverapp"
+    assert "--token" not in seen["command"] and "the-task-token" not in seen["command"]
+    assert seen["token"] == "the-task-token" and stat.S_IMODE(seen["mode"]) == 0o600
+    assert not seen["file"].exists()  # gone with its task
+
+
+@pytest.mark.parametrize(("task", "task_type"), [
+    ("clientapp", TaskType.CLIENT_APP),
+    ("serverapp", TaskType.SERVER_APP),
+])
+def test_an_executor_asks_only_for_its_own_kind_of_task(task, task_type):
+    offered = {TaskType.CLIENT_APP, TaskType.SERVER_APP, TaskType.SIMULATION}
+    assert ForkserverExecutor([], task).get_eligible_capacity(offered) == ({task_type}, set())
+
+
+def test_stock_flwr_serverapp_reads_its_token_from_a_file(tmp_path):
+    """What run_serverapp_task relies on: `flwr-serverapp --token-file` (Flower's public command line)."""
+    (tmp_path / "token").write_text("the-task-token")
+    args = _parse_args_run_flwr_serverapp().parse_args(["--token-file", str(tmp_path / "token")])
+    assert flwr.common.args.try_obtain_flwr_app_token(args) == "the-task-token"
+
+
 def test_a_sites_superexec_secret_is_new_at_each_start_and_its_owners_alone(site_settings):
     first = write_superexec_secret(site_settings).read_bytes()
     path = write_superexec_secret(site_settings)
@@ -340,20 +399,20 @@ def test_stock_superlink_keeps_message_arrays_in_its_database_file(tmp_path):
     assert objects.database == str(database) != flower_internals.IN_MEMORY_DATABASE.get()
 
 
-def test_stock_superexec_starts_each_task_as_a_fresh_flwr_clientapp_with_its_token_on_the_command_line(monkeypatch):
-    """GET_EXECUTOR, replaced by ForkserverExecutor (EXECUTOR, EXECUTION_SPEC, LAUNCH_RESULT, RUN_CLIENTAPP):
-    a task is a forkserver child that imported torch and fedbt once, and gets its token through a pipe."""
+@pytest.mark.parametrize(("task_type", "process"), [(TaskType.CLIENT_APP, "flwr-clientapp"),
+                                                     (TaskType.SERVER_APP, "flwr-serverapp")])  # fmt: skip
+def test_stock_superexec_starts_each_task_as_a_fresh_process_with_its_token_on_the_command_line(
+    monkeypatch, task_type, process
+):
+    """GET_EXECUTOR, replaced by ForkserverExecutor (EXECUTOR, EXECUTION_SPEC, LAUNCH_RESULT, TASK_TYPE,
+    RUN_CLIENTAPP): a task is a forkserver child (for a ClientApp, one that imported torch and fedbt once)
+    that gets its token through a pipe."""
     started = []
     monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **kwargs: started.append(args))
     executor = flower_internals.GET_EXECUTOR.get()(ExecutorType.SUBPROCESS)
-    spec = flower_internals.EXECUTION_SPEC.get()(
-        task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="the-task-token", insecure=True,
-        root_certificates_path=None, runtime_dependency_install=False, parent_pid=None, suppress_output=True,
-        task_id=1,
-    )  # fmt: skip
-    executor.launch(spec)
+    executor.launch(serverapp_spec(task_type=task_type))
     [command] = started
-    assert command[0] == "flwr-clientapp" and "the-task-token" in command
+    assert command[0] == process and "the-task-token" in command
 
 
 def flower_app_folder(folder: Path, clientapp: str) -> Path:

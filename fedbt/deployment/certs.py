@@ -6,6 +6,7 @@ One folder holds everything; each machine gets only its part (README, "Run acros
     ca.key                    its private key: kept offline, needed only to sign a server certificate
     server/server.pem, .key   the SuperLink's TLS certificate for the names and addresses given
     sites/<name>.key, .pub    a site's authentication key pair (OpenSSH format, as Flower reads it)
+    removed/<name>-<node>.pub the public keys of removed sites (`fedbt remove-site`, on the server)
 
 TLS proves the server to the sites; the key pairs prove each site to the server, which
 accepts only the public keys registered with it (`fedbt server --site-keys certs/sites`).
@@ -67,6 +68,11 @@ class CertLayout:
     @property
     def sites_dir(self) -> Path:
         return self.root / "sites"
+
+    @property
+    def removed_dir(self) -> Path:
+        """Public keys of removed sites (`fedbt remove-site`), out of the folder the server registers."""
+        return self.root / "removed"
 
     def site_private_key(self, site: str) -> Path:
         return self.sites_dir / f"{site}.key"

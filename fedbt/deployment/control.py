@@ -46,15 +46,19 @@ class FlowerControl:
             raise DeploymentError(f"flwr {args[0]} failed: {' '.join(message.split())}")
         return answer
 
-    def register_site(self, name: str, public_key: Path) -> str:
-        """Register a site's public key; 'registered' or 'already registered'."""
+    def register_site(self, name: str, public_key: Path) -> int | None:
+        """Register a site's public key; the node id the server gave it, None if the key was registered before."""
         try:
-            self.call_json("supernode", "register", str(public_key), CONNECTION, "--name", name)
+            answer = self.call_json("supernode", "register", str(public_key), CONNECTION, "--name", name)
         except DeploymentError as err:
             if "already in use" in str(err):
-                return "already registered"
+                return None
             raise
-        return "registered"
+        return int(answer["node-id"])
+
+    def unregister_site(self, node_id: int) -> None:
+        """From now on the server refuses the node's key (Flower keeps it, unregistered: never registered again)."""
+        self.call_json("supernode", "unregister", str(node_id), CONNECTION)
 
     def submit(self, app_dir: Path, run_config: str) -> int:
         answer = self.call_json("run", str(app_dir), CONNECTION, "--run-config", run_config)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fedbt.deployment.certs import CertLayout, registered_keys
+from fedbt.deployment.certs import CertLayout
 from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.front import Front
 from fedbt.deployment.processes import (
@@ -24,6 +24,7 @@ from fedbt.deployment.processes import (
     install_stop_handlers,
     wait_forever,
 )
+from fedbt.deployment.registry import register_sites
 from fedbt.federated.flower_internals import (
     FLOWER_VERSION,
     SUPEREXEC_POLL_ENV,
@@ -40,6 +41,11 @@ SUPERNODE_JOINED = "SuperNode ID:"
 STARTUP_TIMEOUT = 60.0
 LOOPBACK = "127.0.0.1"
 ACTIVATION_RETRY_SECONDS = 2.0
+# The longest a site killed while connected stays online at the server, which refuses its key
+# meanwhile: two heartbeat intervals (Flower's default 30 s; a tuned site beats every 10 s), and a margin.
+STALE_CONNECTION_SECONDS = 65.0
+# Present while a site is connected; left behind by a start that did not end cleanly.
+CONNECTED_MARKER = "connected"
 # `python -m FLOWER_INTERNALS supernode|superlink|executor` runs that Flower process tuned.
 FLOWER_INTERNALS = "fedbt.federated.flower_internals"
 # The secret a site's SuperNode and its executor authenticate the executor's task requests with.
@@ -124,7 +130,10 @@ def superlink_command(settings: ServerSettings, layout: CertLayout) -> list[str]
     if settings.flower_defaults:
         superlink = [flower_command("flower-superlink")]
     else:
-        superlink = [sys.executable, "-m", FLOWER_INTERNALS, "superlink"]
+        # It leaves its ServerApps to fedbt's executor (serverapp_executor_command), which keeps their
+        # tokens off every command line; it hands them out only with the secret.
+        superlink = [sys.executable, "-m", FLOWER_INTERNALS, "superlink", "--isolation", "process",
+                     "--superexec-auth-secret-file", str(superexec_secret_file(settings))]  # fmt: skip
     return [
         *superlink,
         "--ssl-certfile", str(_require_file(layout.server_cert, "server certificate")),
@@ -152,18 +161,12 @@ def public_front(settings: ServerSettings, layout: CertLayout) -> Front:
     )
 
 
-def register_sites(control: FlowerControl, site_keys: Path) -> dict[str, str]:
-    keys = registered_keys(site_keys)
-    if not keys:
-        raise DeploymentError(f"no site public keys (<site>.pub) in {site_keys}: make them with `fedbt certs`")
-    return {name: control.register_site(name, key) for name, key in keys.items()}
-
-
 def run_server(settings: ServerSettings) -> int:
     """Start the SuperLink on loopback, register the sites' keys, open the public front, serve until stopped."""
     layout = CertLayout(settings.certs)
     settings = flower_defaults_if_internals_differ(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    write_superexec_secret(settings)
     command = superlink_command(settings, layout)
     front = public_front(settings, layout)
     install_stop_handlers()
@@ -173,10 +176,14 @@ def run_server(settings: ServerSettings) -> int:
         wait_for_port(LOOPBACK, settings.control_port, processes[0])
         control_address = f"{LOOPBACK}:{settings.control_port}"
         control = FlowerControl(control_address, layout.ca_cert, settings.state_dir / "flwr-cli")
-        registered = register_sites(control, settings.site_keys or layout.sites_dir)
+        registered = register_sites(control, settings.site_keys or layout.sites_dir, settings.state_dir)
         front_log = settings.state_dir / "front.log"
         processes.append(ManagedProcess("front", front.command(), env, front_log, own_group=False))
         wait_for_port(settings.host, settings.port, processes[1])
+        if not settings.flower_defaults:
+            executor = serverapp_executor_command(settings, layout, processes[0].process.pid)
+            log = settings.state_dir / "executor.log"
+            processes.append(ManagedProcess("serverapp executor", executor, env, log, own_group=False))
         sites = ", ".join(f"{name} ({state})" for name, state in registered.items())
         print(
             f"fedbt: {SERVER_READY} on {settings.host}:{settings.port} (sites only); "
@@ -240,12 +247,12 @@ def node_config(settings: SiteSettings) -> str:
     return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
-def superexec_secret_file(settings: SiteSettings) -> Path:
+def superexec_secret_file(settings: ServerSettings | SiteSettings) -> Path:
     return settings.state_dir / SUPEREXEC_SECRET_FILE
 
 
-def write_superexec_secret(settings: SiteSettings) -> Path:
-    """A new secret for this start of the site, readable by its owner alone."""
+def write_superexec_secret(settings: ServerSettings | SiteSettings) -> Path:
+    """A new secret for this start of the site or server, readable by its owner alone."""
     return atomic_write(
         superexec_secret_file(settings), lambda fh: fh.write(secrets.token_bytes(SUPEREXEC_SECRET_BYTES)), private=True
     )
@@ -270,11 +277,22 @@ def supernode_command(settings: SiteSettings) -> list[str]:
     return [*tuned, *flower_args]
 
 
+def serverapp_executor_command(settings: ServerSettings, layout: CertLayout, superlink_pid: int) -> list[str]:
+    """fedbt's executor of the SuperLink's ServerApp tasks, through its Runtime API (TLS, on loopback)."""
+    return [
+        sys.executable, "-m", FLOWER_INTERNALS, "executor", "--task", "serverapp",
+        "--runtime-api-address", f"{LOOPBACK}:{settings.control_port}",
+        "--root-certificates", str(layout.ca_cert.resolve()),
+        "--parent-pid", str(superlink_pid),
+        "--superexec-auth-secret-file", str(superexec_secret_file(settings)),
+    ]  # fmt: skip
+
+
 def executor_command(settings: SiteSettings, supernode_pid: int) -> list[str]:
     command = [
         sys.executable, "-m", FLOWER_INTERNALS, "executor",
         "--runtime-api-address", f"{LOOPBACK}:{settings.runtime_port}",
-        "--supernode-pid", str(supernode_pid),
+        "--parent-pid", str(supernode_pid),
         "--superexec-auth-secret-file", str(superexec_secret_file(settings)),
     ]  # fmt: skip
     return [*command, "--no-preload"] if settings.flower_defaults else command
@@ -284,10 +302,13 @@ def join_server(settings: SiteSettings, name: str, env: dict[str, str]) -> Manag
     """A SuperNode that has joined the server.
 
     A site that died is still online for the server until its heartbeats are overdue, and
-    the server refuses a second activation meanwhile: a restarted site retries until then.
+    the server refuses a second activation meanwhile, with the same answer it gives an
+    unregistered key: a site whose last start did not end cleanly retries until then; any
+    other site stops at the first refusal, its key not registered.
     """
     write_superexec_secret(settings)
-    deadline = time.monotonic() + settings.connect_timeout
+    retry_window = STALE_CONNECTION_SECONDS if (settings.state_dir / CONNECTED_MARKER).exists() else 0.0
+    deadline = time.monotonic() + retry_window
     while True:
         log_file = settings.state_dir / "supernode.log"
         node = ManagedProcess(f"site {name}", supernode_command(settings), env, log_file, own_group=False)
@@ -320,6 +341,7 @@ def run_site(settings: SiteSettings) -> int:
     try:
         node = join_server(settings, name, env)
         processes.append(node)
+        (settings.state_dir / CONNECTED_MARKER).touch()
         processes.append(
             ManagedProcess(
                 f"site {name} executor",
@@ -338,3 +360,4 @@ def run_site(settings: SiteSettings) -> int:
     finally:
         for managed in reversed(processes):
             managed.stop()
+        (settings.state_dir / CONNECTED_MARKER).unlink(missing_ok=True)

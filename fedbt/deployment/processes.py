@@ -26,6 +26,8 @@ FAILURE_HINTS = (
     ("Name or service not known", "the server's host name does not resolve"),
     ("Unable to parse the private key", "the site key file is not an OpenSSH EC private key"),
     ("address already in use", "the port is already in use"),
+    # What a connected SuperNode does when the server answers its heartbeat 401: it stops itself, saying no more.
+    ("SuperNode terminated gracefully", "the server no longer accepts this site's key (was the site removed?)"),
 )
 
 
@@ -147,9 +149,10 @@ def stop_process(pid: int, grace: float, group: bool) -> None:
 
 
 def describe_failure(name: str, lines: list[str], returncode: int | None) -> str:
-    reason = _flower_exit_reason(lines) or (lines[-1] if lines else "no output")
-    hint = next((meaning for marker, meaning in FAILURE_HINTS if any(marker in line for line in lines)), None)
-    detail = f"{hint} ({reason})" if hint else reason
+    hinted = [(line, meaning) for marker, meaning in FAILURE_HINTS for line in lines if marker in line]
+    # Flower's exit message, else the line that gave the hint, else the last line.
+    reason = _flower_exit_reason(lines) or (hinted[0][0] if hinted else lines[-1] if lines else "no output")
+    detail = f"{hinted[0][1]} ({reason})" if hinted else reason
     return f"{name} stopped (exit code {returncode}): {detail}"
 
 

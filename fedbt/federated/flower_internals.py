@@ -37,6 +37,14 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   which Flower would send in place of the run's next reply, shifting every later one
   (`RepliedTasks`); a reply still uploading when its task's token expires, which Flower would
   store after the crash reply with the same effect, is not stored (`storing_open_replies_only`).
+- `python -m fedbt.federated.flower_internals executor --task serverapp ...`, beside the SuperLink,
+  which `fedbt server` starts with `--isolation process` and the SuperExec secret: the same loop and
+  executor for the server's ServerApp tasks. Flower's own executor starts each as
+  `flwr-serverapp ... --token TOKEN`, readable in `ps` by every local account; here a forkserver
+  child receives the token through its pipe and starts Flower's `flwr-serverapp` with it in an
+  owner-only file (`--token-file`), removed when the task ends. The ServerApp still runs in a fresh
+  interpreter, as Flower's does: it is the submitted bundle's code, and a child of the forkserver
+  would already hold fedbt's installed modules in place of the bundle's.
 - `python -m fedbt.federated.flower_internals superlink ...`: `flower-superlink` whose run state
   (registered sites, runs, messages) stays in its SQLite `--database`, so a restarted server
   knows its sites, while the arrays of the messages live in memory. Flower would write every
@@ -55,13 +63,16 @@ import inspect
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from fedbt.fileio import atomic_write
 from fedbt.fl.protocol import RUN_REFUSED
 
 # The flwr whose source the declarations below were read from: `fedbt site` refuses any other
@@ -336,7 +347,10 @@ GET_EXECUTOR = declare(
 RUN_SUPEREXEC = declare(
     "flwr.supercore.superexec.run_superexec",
     "run_superexec",
-    Function(("runtime_api_address", "insecure", "superexec_auth_secret", "parent_pid", "runtime_dependency_install")),
+    Function(
+        ("runtime_api_address", "insecure", "root_certificates_path", "superexec_auth_secret", "parent_pid",
+         "runtime_dependency_install")
+    ),  # fmt: skip
     "called: Flower's SuperExec loop",
 )
 SUPEREXEC_POLL_ENV = declare(
@@ -350,6 +364,12 @@ EXECUTOR = declare(
     "Executor",
     Class(methods=("get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close")),
     "implemented by ForkserverExecutor: what the loop calls on its executor",
+)
+TASK_TYPE = declare(
+    "flwr.supercore.constant",
+    "TaskType",
+    Class(),
+    "read: CLIENT_APP and SERVER_APP, the one kind of task each ForkserverExecutor asks for",
 )
 EXECUTION_SPEC = declare(
     "flwr.supercore.superexec.executor.types",
@@ -542,17 +562,40 @@ def run_clientapp_task(spec) -> None:
     )
 
 
+def run_serverapp_task(spec) -> None:
+    """One ServerApp task, in a forkserver child: Flower's `flwr-serverapp`, its token in an owner-only file."""
+    with tempfile.TemporaryDirectory(prefix="fedbt-serverapp-") as folder:  # made 0700
+        token_file = atomic_write(Path(folder) / "token", lambda fh: fh.write(spec.token.encode()), private=True)
+        command = [
+            str(Path(sys.executable).with_name("flwr-serverapp")),
+            "--runtime-api-address", spec.runtime_api_address,
+            "--token-file", str(token_file),
+            "--parent-pid", str(spec.parent_pid),
+        ]  # fmt: skip
+        command += ["--insecure"] if spec.insecure else ["--root-certificates", spec.root_certificates_path]
+        returncode = subprocess.run(command).returncode
+    sys.exit(returncode)
+
+
+# What an executor runs for each kind of task (`executor --task`): the task's function, its TaskType member.
+TASKS = {"clientapp": (run_clientapp_task, "CLIENT_APP"), "serverapp": (run_serverapp_task, "SERVER_APP")}
+
+
 class ForkserverExecutor:
-    """A SuperExec executor that starts each ClientApp task as a forkserver child, not as `flwr-clientapp`.
+    """A SuperExec executor that starts each task of one kind as a forkserver child, its token sent
+    through the child's pipe, never on a command line (Flower's executor starts `flwr-clientapp` or
+    `flwr-serverapp` with `--token TOKEN`).
 
     A plain fork of the SuperExec process would copy its threads and its open connection to the
     SuperNode into every task; the forkserver holds neither. `preload`: what the forkserver
-    imports once for every task (TASK_PRELOAD; nothing: each task imports afresh).
+    imports once for every task (TASK_PRELOAD; nothing: each task imports afresh). `task`: a key of TASKS.
     """
 
-    def __init__(self, preload: list[str]):
+    def __init__(self, preload: list[str], task: str = "clientapp"):
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(preload)
+        self._run_task, task_type = TASKS[task]
+        self._task_type = getattr(TASK_TYPE.get(), task_type)
         self._tasks: set[multiprocessing.process.BaseProcess] = set()
 
     def start(self) -> None:
@@ -560,13 +603,13 @@ class ForkserverExecutor:
         multiprocessing.forkserver.ensure_running()
 
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
-        return supported_task_types, set()
+        return supported_task_types & {self._task_type}, set()
 
     def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
         return None
 
     def launch(self, spec):
-        task = self._context.Process(target=run_clientapp_task, args=(spec,), name=f"ClientApp task {spec.task_id}")
+        task = self._context.Process(target=self._run_task, args=(spec,), name=f"task {spec.task_id}")
         task.start()
         self._tasks.add(task)
         return LAUNCH_RESULT.get().accepted()
@@ -590,19 +633,24 @@ def superexec_secret(secret_file: Path) -> bytes:
     return secret
 
 
-def run_executor(runtime_api_address: str, supernode_pid: int, secret_file: Path, preload: bool) -> None:
+def run_executor(args: argparse.Namespace) -> None:
     problems = check_flower_internals()
-    if problems:  # `fedbt site` checked already; this process is the one that loads ClientApps
-        raise SystemExit(f"fedbt: error: the site's code guard cannot be checked on this Flower ({problems[0]})")
-    executor = ForkserverExecutor(TASK_PRELOAD if preload else [])
+    if problems:  # `fedbt site` and `fedbt server` checked already; this process is the one that starts tasks
+        raise SystemExit(f"fedbt: error: the executor's Flower internals cannot be checked ({problems[0]})")
+    # A site's tasks preload its installed ClientApp; a ServerApp is the run's bundle, imported by its own process.
+    preload = TASK_PRELOAD if args.task == "clientapp" and not args.no_preload else []
+    executor = ForkserverExecutor(preload, args.task)
     executor.start()
     # Flower's loop picks its executor by type; hand it this one instead of a subprocess launcher.
-    GET_EXECUTOR.replace(lambda *args, **kwargs: executor)
+    GET_EXECUTOR.replace(lambda *_, **__: executor)
+    certificates = args.root_certificates
     RUN_SUPEREXEC.get()(
-        runtime_api_address=runtime_api_address,
-        insecure=True,  # the SuperNode's Runtime API listens on this machine's loopback only
-        superexec_auth_secret=superexec_secret(secret_file),
-        parent_pid=supernode_pid,
+        runtime_api_address=args.runtime_api_address,
+        # A site's SuperNode serves its Runtime API on loopback in plain HTTP; the SuperLink's is TLS.
+        insecure=certificates is None,
+        root_certificates_path=None if certificates is None else str(certificates),
+        superexec_auth_secret=superexec_secret(args.superexec_auth_secret_file),
+        parent_pid=args.parent_pid,
         runtime_dependency_install=False,
     )
 
@@ -613,18 +661,20 @@ def main(argv: list[str] | None = None) -> None:
     node = sub.add_parser("supernode", help="flower-supernode with shorter idle waits")
     node.add_argument("--poll-interval", type=float, required=True)
     sub.add_parser("superlink", help="flower-superlink with model weights kept in memory")
-    executor = sub.add_parser("executor", help="SuperExec starting ClientApp tasks from a warm forkserver")
+    executor = sub.add_parser("executor", help="SuperExec starting tasks as forkserver children")
+    executor.add_argument("--task", choices=sorted(TASKS), default="clientapp")
     executor.add_argument("--runtime-api-address", required=True)
-    executor.add_argument("--supernode-pid", type=int, required=True)
+    executor.add_argument("--root-certificates", type=Path, help="the Runtime API's CA (none: plain HTTP)")
+    executor.add_argument("--parent-pid", type=int, required=True, help="the SuperNode or SuperLink; ends with it")
     executor.add_argument("--superexec-auth-secret-file", type=Path, required=True)
-    executor.add_argument("--no-preload", action="store_true", help="each task imports torch and fedbt afresh")
+    executor.add_argument("--no-preload", action="store_true", help="each ClientApp imports torch and fedbt afresh")
     args, rest = parser.parse_known_args(argv)
     if args.role == "supernode":
         run_supernode(args.poll_interval, rest)
     elif args.role == "superlink":
         run_superlink(rest)
     else:
-        run_executor(args.runtime_api_address, args.supernode_pid, args.superexec_auth_secret_file, not args.no_preload)
+        run_executor(args)
 
 
 if __name__ == "__main__":
