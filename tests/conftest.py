@@ -180,9 +180,8 @@ def finished_run(demo_root, tmp_path_factory) -> FinishedRun:
         settings = ["--set", "data.image_size=32", "--set", f"data.cache_dir={work / 'cache'}"]
         simulate = ["--config", "configs/demo.yaml", "--data-root", str(demo_root), *settings, "--set", "name=finished"]
         simulate += ["--rounds", "2", "--skip-local", "--out", str(run.out)]
-        done = subprocess.run(
-            [sys.executable, "run_simulation.py", *simulate], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
-        )
+        command = [sys.executable, "run_simulation.py", *simulate]
+        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
         run.terminal = done.stdout + done.stderr
         assert done.returncode == 0, run.terminal[-3000:]
         evaluate = ["evaluate", "--checkpoint", str(run.out / "central" / "final.pt"), "--bootstrap", "20"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
+import time
 
 import pytest
 from cryptography import x509
@@ -17,7 +19,7 @@ from flwr.common.config import parse_config_args
 from fedbt.deployment import front
 from fedbt.deployment.certs import CertLayout, make_deployment_certs, registered_keys
 from fedbt.deployment.nodes import LOOPBACK, ServerSettings, SiteSettings, public_front, with_runtime_port
-from fedbt.deployment.processes import DeploymentError, describe_failure
+from fedbt.deployment.processes import DeploymentError, ManagedProcess, describe_failure
 from fedbt.deployment.runs import RunRequest, run_config_arg
 from fedbt.federated.packing import reply_of
 from fedbt.fl.protocol import REFUSED_CODE, REFUSED_REASON, RUN_REFUSED, TRAIN, Reply, Request
@@ -180,3 +182,13 @@ def test_a_site_without_a_runtime_port_gets_a_free_one_and_keeps_one_it_was_give
     assert chosen is not None
     with socket.socket() as probe:  # free: another site on this machine could listen there now
         probe.bind((LOOPBACK, chosen))
+
+
+def test_a_process_that_ends_at_sigterm_is_not_waited_on_for_the_rest_of_the_grace(monkeypatch):
+    slept: list[float] = []
+    sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (slept.append(seconds), sleep(seconds)))
+    sleeper = ManagedProcess("sleeper", ["sleep", "600"], env=dict(os.environ))
+    sleeper.stop(grace=30)
+    assert sleeper.process.returncode == -signal.SIGTERM
+    assert sum(slept) < 30  # it returned when the child ended, not when the grace ran out

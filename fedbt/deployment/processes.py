@@ -121,29 +121,31 @@ class ManagedProcess:
 
     def stop(self, grace: float = 5.0) -> None:
         if self.process.poll() is None:
-            stop_process(self.process.pid, grace, self.own_group)
+            stop_process(self.process, grace, self.own_group)
             self.process.wait(timeout=grace + 5)
         self._reader.join(timeout=2)
         if self._log:
             self._log.close()
 
 
-def stop_process(pid: int, grace: float, group: bool) -> None:
+def stop_process(process: subprocess.Popen, grace: float, group: bool) -> None:
     """SIGTERM the process (group), SIGKILL what is left after `grace` seconds."""
     send = os.killpg if group else os.kill
     try:
-        send(pid, signal.SIGTERM)
+        send(process.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        # Reaped, the child no longer answers signal 0: unreaped, it would for the whole grace.
+        process.poll()
         try:
-            send(pid, 0)
+            send(process.pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
     try:
-        send(pid, signal.SIGKILL)
+        send(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fedbt.config import ExperimentConfig, load_config
 from fedbt.data.synthetic import is_generated_data
-from fedbt.fileio import read_json
 from fedbt.federated.simulation import complete_run, run_experiment, run_flower_simulation, same_settings
+from fedbt.fileio import read_json
 from fedbt.fl.server import federated_dir
 from fedbt.progress import log
 from fedbt.reports.seeds import write_seed_report
