@@ -76,10 +76,19 @@ def python_for_every_account(folder: Path) -> Path:
     (Path(its_packages.decode().strip()) / "fedbt-test.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     for script in Path(sys.executable).parent.iterdir():
         lines = script.read_text(errors="replace").splitlines(keepends=True) if script.is_file() else []
-        if lines and lines[0].strip() == f"#!{sys.executable}":
+        if lines and runs_with_this_environment(lines[0]):
             (folder / "bin" / script.name).write_text(f"#!{python}\n" + "".join(lines[1:]))
             (folder / "bin" / script.name).chmod(0o755)
     return python
+
+
+def runs_with_this_environment(first_line: str) -> bool:
+    """Whether a console script's shebang names this environment's interpreter: pip writes `python`
+    or `python3.X`, whichever created the environment."""
+    interpreter = Path(first_line.removeprefix("#!").strip())
+    return first_line.startswith("#!") and interpreter.parent == Path(sys.executable).parent and (
+        interpreter.name.startswith("python")
+    )
 
 
 class Machine:
