@@ -125,3 +125,17 @@ def outsized_updates(norms: list[float], ratio: float) -> list[int]:
         if len(others) >= 2 and norm > ratio * statistics.median(others):
             outsized.append(i)
     return outsized
+
+
+def well_formed_personalisation(personalised: object) -> bool:
+    """Whether a site's personalisation JSON holds what the report reads: the kept candidate's name, each
+    candidate's validation scores and the time it took."""
+    if not isinstance(personalised, dict):
+        return False
+    candidates = personalised.get("candidates")
+    return (
+        isinstance(personalised.get("chosen"), str)
+        and isinstance(personalised.get("wall_seconds"), int | float)
+        and isinstance(candidates, dict)
+        and all(isinstance(c, dict) and isinstance(c.get("val"), dict) for c in candidates.values())
+    )

@@ -60,6 +60,7 @@ from fedbt.fl.replies import (
     site_name,
     train_reply_problem,
     update_norm,
+    well_formed_personalisation,
 )
 from fedbt.fl.strategies import Scaffold, SiteUpdate, make_strategy
 from fedbt.fl.task import load_catalog, round_steps, transport_state, zero_control
@@ -509,17 +510,3 @@ def read_final_scores(reply: Reply, task: Task) -> tuple[ScoreAggregates, dict |
         raise ValueError("the personalisation is not the candidate kept, their validation scores and the time")
     mine = read_test_aggregates(reply, task.num_classes, PERSONALISED_AGGREGATES)
     return aggregates, {**personalised, "test": aggregate_metrics(mine, task)}
-
-
-def well_formed_personalisation(personalised: object) -> bool:
-    """Whether a site's personalisation JSON holds what the report reads: the kept candidate's name, each
-    candidate's validation scores and the time it took."""
-    if not isinstance(personalised, dict):
-        return False
-    candidates = personalised.get("candidates")
-    return (
-        isinstance(personalised.get("chosen"), str)
-        and isinstance(personalised.get("wall_seconds"), int | float)
-        and isinstance(candidates, dict)
-        and all(isinstance(c, dict) and isinstance(c.get("val"), dict) for c in candidates.values())
-    )
