@@ -296,9 +296,10 @@ class PersonaliseConfig:
     # On by default in simulation: the report then shows, per site, local-only, global and personalised.
     enabled: bool = True
     # What is tried, each from the global model: 'batchnorm' re-estimates the BatchNorm statistics on the
-    # site's images, 'head' trains the last layer (ResNet's fc), 'all' trains every layer at a lower LR.
-    candidates: Annotated[list[Literal["batchnorm", "head", "all"]], Field(min_length=1)] = field(
-        default_factory=lambda: ["batchnorm", "head", "all"]
+    # site's images, 'head' trains the last layer (ResNet's fc), 'all' trains every layer at a lower LR;
+    # and 'local', the site's own local-only model where it has one (in simulation, unless --skip-local).
+    candidates: Annotated[list[Literal["batchnorm", "head", "all", "local"]], Field(min_length=1)] = field(
+        default_factory=lambda: ["batchnorm", "head", "all", "local"]
     )
     # Passes over the site's training split for 'head' and for 'all' (each), against the run's rounds x local epochs.
     epochs: PositiveInt = 1

@@ -14,7 +14,7 @@ from fedbt.data.transforms import augmentation_for
 from fedbt.model.checkpoint import load_checkpoint
 from fedbt.model.device import select_device
 from fedbt.train import personalise
-from fedbt.train.personalise import GLOBAL, SiteData, global_model, personalise_site, reestimated_batchnorm, select
+from fedbt.train.personalise import GLOBAL, LOCAL, SiteData, global_model, personalise_site, reestimated_batchnorm, select
 from fedbt.train.setup import new_model
 
 
@@ -87,11 +87,34 @@ def test_personalisation_never_lowers_the_sites_validation_score(cfg, tmp_path, 
     assert all(torch.equal(kept[k], state[k]) for k in state)
 
 
+def constant_state(cfg: ExperimentConfig, predicted: int) -> dict[str, torch.Tensor]:
+    """A ResNet18 state whose head ignores the image and always predicts one class."""
+    state = untrained_state(cfg)
+    state["fc.weight"].zero_()
+    state["fc.bias"].zero_()
+    state["fc.bias"][predicted] = 10.0
+    return state
+
+
+def test_the_sites_own_local_only_model_is_kept_when_it_scores_higher_on_validation(cfg, tmp_path, monkeypatch):
+    # figshare's images are all tumours: a global model that says 'no tumour' to every one scores 0, as do
+    # the adaptations; the site's own model, saying 'meningioma', scores the share of meningiomas, and is kept.
+    monkeypatch.setattr(personalise, "adapted_model", lambda *args: ConstantPrediction(NO_TUMOUR))
+    local = constant_state(cfg, CANONICAL_CLASSES.index("meningioma"))
+    data = site_data(cfg, "figshare")
+    result = personalise_site(cfg, constant_state(cfg, NO_TUMOUR), data, tmp_path / "figshare", "p figshare", local)
+    assert result["candidates"][GLOBAL]["val"]["set_accuracy"] == 0.0
+    assert result["candidates"][LOCAL]["val"]["set_accuracy"] > 0.0
+    assert result["chosen"] == LOCAL
+    kept = load_checkpoint(tmp_path / "figshare" / "final.pt")["model_state"]
+    assert all(torch.equal(kept[k], local[k]) for k in local)
+
+
 def test_every_candidate_is_tried_and_only_the_kept_model_is_stored(cfg, tmp_path):
     out = tmp_path / "sartaj"
     result = personalise_site(cfg, untrained_state(cfg), site_data(cfg, "sartaj"), out, "personalise sartaj")
     validation = {name: c["val"]["set_accuracy"] for name, c in result["candidates"].items()}
-    assert set(validation) == {GLOBAL, "batchnorm", "head", "all"}
+    assert set(validation) == {GLOBAL, "batchnorm", "head", "all"}  # no local-only model given: no 'local'
     assert validation[result["chosen"]] >= validation[GLOBAL]
     assert result["test"]["n"] == len(site_data(cfg, "sartaj").test)
     assert sorted(p.name for p in out.iterdir()) == ["final.pt"]  # the candidates' checkpoints are gone

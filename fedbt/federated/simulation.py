@@ -247,16 +247,19 @@ def local_only(cfg: ExperimentConfig, catalog: Catalog, partition: Partition, ou
 
 
 def personalised_models(
-    cfg: ExperimentConfig, catalog: Catalog, partitions: list[Partition], global_checkpoint: Path, out: Path
+    cfg: ExperimentConfig, catalog: Catalog, partitions: list[Partition], run: Path, out: Path
 ) -> dict:
-    """Every site's personalised model (fedbt.train.personalise) from the federation's final model, scored
-    on the site's own test split only: out/personalised/<site>/ (final.pt, metrics.json)."""
-    state = load_checkpoint(global_checkpoint)["model_state"]
+    """Every site's personalised model (fedbt.train.personalise) from the federation's final model in
+    `run`, its local-only model there the 'local' candidate, scored on the site's own test split only:
+    out/personalised/<site>/ (final.pt, metrics.json)."""
+    state = load_checkpoint(run / "federated" / "final.pt")["model_state"]
     results = {}
     for p in partitions:
         target = out / "personalised" / p.name
         data = SiteData.of(catalog, p, cfg.train)
-        results[p.name] = personalise_site(cfg, state, data, target, f"personalise {p.name}")
+        local = run / "local" / p.name / "final.pt"
+        local_state = load_checkpoint(local)["model_state"] if local.is_file() else None
+        results[p.name] = personalise_site(cfg, state, data, target, f"personalise {p.name}", local_state)
         write_json(target / "metrics.json", results[p.name])
     return results
 
@@ -343,7 +346,7 @@ def after_the_federation(
     per-image paired test against it. `run` holds the models, `out` gets the results."""
     results: dict = {}
     if cfg.personalise.enabled:
-        results["personalised"] = personalised_models(cfg, catalog, partitions, run / "federated" / "final.pt", out)
+        results["personalised"] = personalised_models(cfg, catalog, partitions, run, out)
     if (run / "central" / "final.pt").is_file():
         results["paired"] = paired_tests(cfg, catalog, run, out)
     return results

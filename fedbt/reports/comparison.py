@@ -151,8 +151,9 @@ def held_out_effect(models: dict[str, dict]) -> str:
 
 PERSONALISED_NOTE = (
     "Each site's own test split, three models: its local-only model, the federation's global model, and the "
-    "global model personalised at the site (adapted on its training split; the adaptation kept only when it "
-    "scores higher on the site's validation split, else the global model itself). A personalised model serves "
+    "model the site would use: the global model, an adaptation of it on the site's training split, or the site's "
+    "own local-only model, whichever scores highest on the site's validation split (the global model unless one "
+    "beats it strictly). A personalised model serves "
     "its own site alone: its scores are never pooled into the global model's row above."
 )
 PERSONALISED_HEADER = ["site (own test split)", "local-only", "global", "personalised", "kept", "validation: tried"]

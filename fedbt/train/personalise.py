@@ -7,7 +7,10 @@ federation publishes, is judged on every site's. Each candidate starts from the 
 - ``batchnorm``: the BatchNorm statistics re-estimated on the site's training images (one pass,
   no gradient step): the global model's averaged statistics describe no site's scanner;
 - ``head``: the last layer (ResNet's ``fc``) trained for ``personalise.epochs``, the rest frozen;
-- ``all``: every layer trained for ``personalise.epochs`` at ``train.lr x personalise.lr_factor``.
+- ``all``: every layer trained for ``personalise.epochs`` at ``train.lr x personalise.lr_factor``;
+- ``local``: not an adaptation but the site's own local-only model, where the site has one (the
+  simulation trains it at the run's budget and seed): a hospital whose own model scores higher on
+  its validation split than anything the federation gave it would use its own.
 
 The training runs through `train_model`, the loop every model here trains with (its schedule,
 loss, class weights and augmentation). Selection: the highest validation set accuracy, and the
@@ -42,6 +45,7 @@ from fedbt.train.central import TrainData, train_model
 from fedbt.train.setup import new_model
 
 GLOBAL = "global"
+LOCAL = "local"
 HEAD_PREFIX = "fc."
 
 
@@ -144,11 +148,17 @@ def select(validation: dict[str, dict]) -> str:
 
 
 def personalise_site(
-    cfg: ExperimentConfig, state: dict[str, torch.Tensor], data: SiteData, out_dir: Path, kind: str
+    cfg: ExperimentConfig,
+    state: dict[str, torch.Tensor],
+    data: SiteData,
+    out_dir: Path,
+    kind: str,
+    local_state: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Try every candidate of cfg.personalise on the site's data, keep the selected model as
     out_dir/final.pt (its temperature fitted on the site's validation split) and return its test
-    metrics on the site's test split, with each candidate's validation and test scores."""
+    metrics on the site's test split, with each candidate's validation and test scores.
+    `local_state`: the site's local-only model, the 'local' candidate (not tried without one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.train.device)
     task = get_task(cfg.data.task)
@@ -160,7 +170,10 @@ def personalise_site(
     work = out_dir / "candidates"
     models = {GLOBAL: global_model(cfg, state, device)}
     for candidate in cfg.personalise.candidates:
-        if adapts(candidate, models[GLOBAL]):
+        if candidate == LOCAL:
+            if local_state is not None:
+                models[LOCAL] = global_model(cfg, local_state, device)
+        elif adapts(candidate, models[GLOBAL]):
             models[candidate] = adapted_model(candidate, cfg, state, data, work, kind, device)
     validation = {name: score(model, data.val) for name, model in models.items()}
     chosen = select(validation)
