@@ -37,7 +37,19 @@ TINY = ["data.image_size=32", "model.name=cnn", "train.threads=1"]
 
 @pytest.fixture()
 def federation(tmp_path, demo_root, site_files):
+    """A federation of the test's own: for a test that removes, kills or restarts a part of it."""
     federation = LocalFederation(tmp_path, demo_root, site_files, connect_timeout=30)
+    try:
+        yield federation.start()
+    finally:
+        federation.close()
+
+
+@pytest.fixture(scope="module")
+def shared_federation(tmp_path_factory, demo_root, site_files):
+    """One federation for the tests that leave it as they found it (a run, refusals): each start of a
+    server and three sites costs half a minute."""
+    federation = LocalFederation(tmp_path_factory.mktemp("shared"), demo_root, site_files, connect_timeout=30)
     try:
         yield federation.start()
     finally:
@@ -73,11 +85,11 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
-def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(federation, tmp_path):
+def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(shared_federation, tmp_path):
     out = tmp_path / "results"
     # `fedbt run` sees another store than the server's processes do: the run must take it along.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = fedbt(run_args(federation, out, "--rounds", "2"), MLFLOW_TRACKING_URI=store)
+    done = fedbt(run_args(shared_federation, out, "--rounds", "2"), MLFLOW_TRACKING_URI=store)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "federated" / "metrics.json").read_text())
     assert [h["round"] for h in metrics["history"]] == [1, 2]
@@ -111,25 +123,25 @@ def assert_tracked_on_the_server(store: str) -> None:
     assert "report.html" in {artifact.path for artifact in client.list_artifacts(runs["deployment"].info.run_id)}
 
 
-def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_line(federation, tmp_path):
+def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_line(shared_federation, tmp_path):
     stranger = CertLayout(tmp_path / "stranger")
     make_site_keys(stranger, "figshare")  # a key pair the server never registered
-    common = ["site", "--site", federation.names["figshare"], "--data-root", str(federation.data_root),
+    common = ["site", "--site", shared_federation.names["figshare"], "--data-root", str(shared_federation.data_root),
               "--state-dir", str(tmp_path / "stranger-state")]  # fmt: skip
     cases = {
         # With the default --connect-timeout (300 s): the server's refusal of the key ends the site, not the timeout.
         "not registered with the server": [
-            "--server", federation.address, "--ca", str(federation.certs / "ca.pem"),
+            "--server", shared_federation.address, "--ca", str(shared_federation.certs / "ca.pem"),
             "--key", str(stranger.site_private_key("figshare")), "--runtime-port", str(free_port()),
         ],
         "not signed by the given CA": [
-            "--server", federation.address, "--ca", str(federation.certs / "server" / "server.pem"),
-            "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+            "--server", shared_federation.address, "--ca", str(shared_federation.certs / "server" / "server.pem"),
+            "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
             "--connect-timeout", "3",
         ],
         "unreachable": [
-            "--server", f"127.0.0.1:{free_port()}", "--ca", str(federation.certs / "ca.pem"),
-            "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+            "--server", f"127.0.0.1:{free_port()}", "--ca", str(shared_federation.certs / "ca.pem"),
+            "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
             "--connect-timeout", "3",
         ],
     }  # fmt: skip
@@ -193,14 +205,14 @@ def serverapp_processes(superlink: str) -> list[list[str]]:
             if any(Path(arg).name == "flwr-serverapp" for arg in line[:2]) and superlink in line]  # fmt: skip
 
 
-def test_no_command_line_on_the_server_carries_the_runs_token(federation, tmp_path):
-    args = run_args(federation, tmp_path / "results", "--rounds", "1")
+def test_no_command_line_on_the_server_carries_the_runs_token(shared_federation, tmp_path):
+    args = run_args(shared_federation, tmp_path / "results", "--rounds", "1")
     with (tmp_path / "run.out").open("w") as out:
         run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
     try:
-        wait_for(lambda: serverapp_processes(federation.control_address), 120, "the run's ServerApp to start")
-        [serverapp] = serverapp_processes(federation.control_address)
+        wait_for(lambda: serverapp_processes(shared_federation.control_address), 120, "the run's ServerApp to start")
+        [serverapp] = serverapp_processes(shared_federation.control_address)
         assert "--token" not in serverapp, serverapp  # Flower's own executor passes it so
         token = Path(serverapp[serverapp.index("--token-file") + 1]).read_text()
         assert len(token) >= 32
@@ -291,11 +303,15 @@ def test_run_against_an_unreachable_server_fails_in_one_line(tmp_path):
     assert last_line(done.stderr).startswith("fedbt: error: flwr run failed") and "unavailable" in done.stderr
 
 
-def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_through_the_public_port(federation, tmp_path):
+def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_through_the_public_port(
+    shared_federation, tmp_path
+):
     intruder = CertLayout(tmp_path / "intruder")
     make_site_keys(intruder, "intruder")
-    outsider = FlowerControl(federation.address, federation.certs / "ca.pem", tmp_path / "outsider")
-    request = RunRequest(federation.address, federation.certs / "ca.pem", tmp_path / "results", overrides=TINY)
+    outsider = FlowerControl(shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "outsider")
+    request = RunRequest(
+        shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "results", overrides=TINY
+    )
     attempts = {
         "register a node": lambda: outsider.register_site("intruder", intruder.sites_dir / "intruder.pub"),
         "submit a run": lambda: outsider.submit(PROJECT_ROOT, run_config_arg(request)),
@@ -307,10 +323,12 @@ def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_throug
             call()
             pytest.fail(f"an outsider could {attempt}")
     # On the server machine the same calls reach the SuperLink: the intruder was never registered.
-    operator = FlowerControl(federation.control_address, federation.certs / "ca.pem", tmp_path / "operator")
+    operator = FlowerControl(
+        shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
+    )
     assert operator.call_json("ls", CONNECTION)["runs"] == []
     nodes = operator.call_json("supernode", "ls", CONNECTION)["nodes"]
-    assert len(nodes) == len(federation.sites) and "intruder" not in json.dumps(nodes)
+    assert len(nodes) == len(shared_federation.sites) and "intruder" not in json.dumps(nodes)
 
 
 def app_bundle(folder: Path, pyproject_changes: dict[str, str], *extra: Path) -> Path:
@@ -333,9 +351,11 @@ def another_app(folder: Path) -> Path:
     return app_bundle(folder, {'\nname = "fedbt"\n': '\nname = "not-fedbt"\n'})
 
 
-def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(federation, tmp_path):
-    operator = FlowerControl(federation.control_address, federation.certs / "ca.pem", tmp_path / "operator")
-    request = RunRequest(federation.control_address, federation.certs / "ca.pem", tmp_path / "results",
+def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(shared_federation, tmp_path):
+    operator = FlowerControl(
+        shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
+    )
+    request = RunRequest(shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "results",
                          overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
     run_id = operator.submit(another_app(tmp_path / "app"), run_config_arg(request))
     wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
@@ -343,5 +363,5 @@ def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reaso
     assert status == "finished:failed" and RUN_REFUSED in details, (status, details)
     # Each site says why in its own log; the server learnt only that the site refused.
     assert "fedbt/not-fedbt" not in details
-    logs = [(federation.work / f"site-{name}.out").read_text() for name in federation.sites]
+    logs = [(shared_federation.work / f"site-{name}.out").read_text() for name in shared_federation.sites]
     assert any(f"{RUN_REFUSED}: the run's app 'fedbt/not-fedbt 0.1.0'" in log for log in logs)

@@ -14,7 +14,15 @@ from fedbt.data.transforms import augmentation_for
 from fedbt.model.checkpoint import load_checkpoint
 from fedbt.model.device import select_device
 from fedbt.train import personalise
-from fedbt.train.personalise import GLOBAL, LOCAL, SiteData, global_model, personalise_site, reestimated_batchnorm, select
+from fedbt.train.personalise import (
+    GLOBAL,
+    LOCAL,
+    SiteData,
+    global_model,
+    personalise_site,
+    reestimated_batchnorm,
+    select,
+)
 from fedbt.train.setup import new_model
 
 
