@@ -44,6 +44,6 @@ export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # end-to-end test's time is spent waiting on processes it started, so more workers than cores pay;
 # conftest.py keeps each file's tests on one worker. The slowest tests are listed so that each tier
 # stays fast.
-parallel=(-n "${FEDBT_TEST_WORKERS:-2}" --dist loadgroup)
+parallel=(-n "${FEDBT_TEST_WORKERS:-4}" --dist loadgroup)
 $fast && parallel=()
 exec "$VENV/bin/python" -m pytest -q --durations=10 "${parallel[@]}" "$@"

@@ -53,8 +53,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_SECONDS))
         slower = any(item.get_closest_marker(mark) for mark in NOT_IN_FAST_TIER)
         (left_out if slower and config.getoption("--fast") else kept).append(item)
-        if config.pluginmanager.hasplugin("xdist"):
-            item.add_marker(pytest.mark.xdist_group(worker_group(item)))
+        item.add_marker(pytest.mark.xdist_group(worker_group(item)))
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept
