@@ -40,10 +40,5 @@ fi
 "$VENV/bin/pip" install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 "$VENV/bin/python" -c "import fedbt, torch, torchvision, flwr" # fails loudly if the install did not work
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-# --fast is conftest.py's option: one process. The whole suite runs in parallel workers: most of an
-# end-to-end test's time is spent waiting on processes it started, so more workers than cores pay;
-# conftest.py keeps each file's tests on one worker. The slowest tests are listed so that each tier
-# stays fast.
-parallel=(-n "${FEDBT_TEST_WORKERS:-4}" --dist loadgroup)
-$fast && parallel=()
-exec "$VENV/bin/python" -m pytest -q --durations=10 "${parallel[@]}" "$@"
+# --fast is conftest.py's option; the slowest tests are listed so that the fast tier stays fast.
+exec "$VENV/bin/python" -m pytest -q --durations=5 "$@"

@@ -53,20 +53,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_SECONDS))
         slower = any(item.get_closest_marker(mark) for mark in NOT_IN_FAST_TIER)
         (left_out if slower and config.getoption("--fast") else kept).append(item)
-        item.add_marker(pytest.mark.xdist_group(worker_group(item)))
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept
-
-
-def worker_group(item) -> str:
-    """Which tests share a worker when the whole suite runs in parallel (scripts/test.sh's
-    `--dist loadgroup`): a file's tests stay together, so a module fixture that starts a
-    federation starts once, and every user of a session fixture that starts processes joins one
-    worker, so that it runs once."""
-    if PROCESS_FIXTURES & set(item.fixturenames):
-        return "process-fixtures"
-    return item.nodeid.split("::")[0]
 
 
 def heavy_program(args) -> str | None:
