@@ -41,4 +41,4 @@ fi
 "$VENV/bin/python" -c "import fedbt, torch, torchvision, flwr" # fails loudly if the install did not work
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # --fast is conftest.py's option; the slowest tests are listed so that the fast tier stays fast.
-exec "$VENV/bin/python" -m pytest -q --durations=5 "$@"
+exec "$VENV/bin/python" -m pytest -q --durations=15 "$@"
