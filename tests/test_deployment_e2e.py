@@ -312,6 +312,14 @@ def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_throug
     request = RunRequest(
         shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "results", overrides=TINY
     )
+    operator = FlowerControl(
+        shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
+    )
+
+    def run_ids() -> set[str]:
+        return {run["run-id"] for run in operator.call_json("ls", CONNECTION)["runs"]}
+
+    runs_before = run_ids()  # the shared federation's earlier tests'
     attempts = {
         "register a node": lambda: outsider.register_site("intruder", intruder.sites_dir / "intruder.pub"),
         "submit a run": lambda: outsider.submit(PROJECT_ROOT, run_config_arg(request)),
@@ -322,11 +330,8 @@ def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_throug
         with pytest.raises(DeploymentError, match="403 Forbidden"):
             call()
             pytest.fail(f"an outsider could {attempt}")
-    # On the server machine the same calls reach the SuperLink: the intruder was never registered.
-    operator = FlowerControl(
-        shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
-    )
-    assert operator.call_json("ls", CONNECTION)["runs"] == []
+    # On the server machine the same calls reach the SuperLink: no run was added, the intruder was never registered.
+    assert run_ids() == runs_before
     nodes = operator.call_json("supernode", "ls", CONNECTION)["nodes"]
     assert len(nodes) == len(shared_federation.sites) and "intruder" not in json.dumps(nodes)
 
