@@ -45,10 +45,9 @@ def federation(tmp_path, demo_root, site_files):
         federation.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def shared_federation(tmp_path_factory, demo_root, site_files):
-    """One federation for the tests that leave it as they found it (a run, refusals): each start of a
-    server and three sites costs half a minute."""
+    """One federation for TestOnOneFederation's tests."""
     federation = LocalFederation(tmp_path_factory.mktemp("shared"), demo_root, site_files, connect_timeout=30)
     try:
         yield federation.start()
@@ -85,24 +84,127 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
-def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(shared_federation, tmp_path):
-    out = tmp_path / "results"
-    # `fedbt run` sees another store than the server's processes do: the run must take it along.
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = fedbt(run_args(shared_federation, out, "--rounds", "2"), MLFLOW_TRACKING_URI=store)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((out / "federated" / "metrics.json").read_text())
-    assert [h["round"] for h in metrics["history"]] == [1, 2]
-    for entry in metrics["history"]:
-        assert set(entry["train"]) == set(entry["sites"]) == {"figshare", "sartaj", "br35h"}
-    # The server holds no data: the test results come from each site's own test split.
-    assert set(metrics["test"]["sites"]) == {"figshare", "sartaj", "br35h"}
-    pooled_n = metrics["test"]["pooled"]["n"]
-    assert pooled_n == sum(site["n"] for site in metrics["test"]["sites"].values()) > 0
-    for name in ("report.md", "report.html", "curves.png", "confusion.png", "federated/final.pt"):
-        assert (out / name).is_file(), name
-    assert "completed" in done.stdout
-    assert_tracked_on_the_server(store)
+class TestOnOneFederation:
+    """Tests that leave the federation as they found it (a run, refusals) share one, started once for
+    the class and stopped after its last test: each start of a server and three sites costs half a minute."""
+
+    def test_three_sites_train_two_rounds_over_tls_and_the_report_is_written(self, shared_federation, tmp_path):
+        out = tmp_path / "results"
+        # `fedbt run` sees another store than the server's processes do: the run must take it along.
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        done = fedbt(run_args(shared_federation, out, "--rounds", "2"), MLFLOW_TRACKING_URI=store)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = json.loads((out / "federated" / "metrics.json").read_text())
+        assert [h["round"] for h in metrics["history"]] == [1, 2]
+        for entry in metrics["history"]:
+            assert set(entry["train"]) == set(entry["sites"]) == {"figshare", "sartaj", "br35h"}
+        # The server holds no data: the test results come from each site's own test split.
+        assert set(metrics["test"]["sites"]) == {"figshare", "sartaj", "br35h"}
+        pooled_n = metrics["test"]["pooled"]["n"]
+        assert pooled_n == sum(site["n"] for site in metrics["test"]["sites"].values()) > 0
+        for name in ("report.md", "report.html", "curves.png", "confusion.png", "federated/final.pt"):
+            assert (out / name).is_file(), name
+        assert "completed" in done.stdout
+        assert_tracked_on_the_server(store)
+
+    def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_line(
+        self, shared_federation, tmp_path
+    ):
+        stranger = CertLayout(tmp_path / "stranger")
+        make_site_keys(stranger, "figshare")  # a key pair the server never registered
+        common = ["site", "--site", shared_federation.names["figshare"], "--data-root", str(shared_federation.data_root),
+                  "--state-dir", str(tmp_path / "stranger-state")]  # fmt: skip
+        cases = {
+            # With the default --connect-timeout (300 s): the server's refusal of the key ends the site, not the timeout.
+            "not registered with the server": [
+                "--server", shared_federation.address, "--ca", str(shared_federation.certs / "ca.pem"),
+                "--key", str(stranger.site_private_key("figshare")), "--runtime-port", str(free_port()),
+            ],
+            "not signed by the given CA": [
+                "--server", shared_federation.address, "--ca", str(shared_federation.certs / "server" / "server.pem"),
+                "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+                "--connect-timeout", "3",
+            ],
+            "unreachable": [
+                "--server", f"127.0.0.1:{free_port()}", "--ca", str(shared_federation.certs / "ca.pem"),
+                "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+                "--connect-timeout", "3",
+            ],
+        }  # fmt: skip
+        for expected, args in cases.items():
+            # Well below the 300 s a refused key was retried for: start-up (torch, the data scan) and one refusal.
+            done = fedbt([*common, *args], timeout=90)
+            assert done.returncode == 2, (expected, done.stderr[-2000:])
+            assert expected in last_line(done.stderr) and last_line(done.stderr).startswith("fedbt: error:")
+            assert "Traceback" not in done.stderr and "refused to activate this site yet" not in done.stderr
+
+    def test_no_command_line_on_the_server_carries_the_runs_token(self, shared_federation, tmp_path):
+        args = run_args(shared_federation, tmp_path / "results", "--rounds", "1")
+        with (tmp_path / "run.out").open("w") as out:
+            run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            wait_for(
+                lambda: serverapp_processes(shared_federation.control_address), 120, "the run's ServerApp to start"
+            )
+            [serverapp] = serverapp_processes(shared_federation.control_address)
+            assert "--token" not in serverapp, serverapp  # Flower's own executor passes it so
+            token = Path(serverapp[serverapp.index("--token-file") + 1]).read_text()
+            assert len(token) >= 32
+            assert not [line for line in command_lines() if any(token in arg for arg in line)]
+            assert run.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.out").read_text()[-3000:]
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+
+    def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_through_the_public_port(
+        self, shared_federation, tmp_path
+    ):
+        intruder = CertLayout(tmp_path / "intruder")
+        make_site_keys(intruder, "intruder")
+        outsider = FlowerControl(shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "outsider")
+        request = RunRequest(
+            shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "results", overrides=TINY
+        )
+        operator = FlowerControl(
+            shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
+        )
+
+        def run_ids() -> set[str]:
+            return {run["run-id"] for run in operator.call_json("ls", CONNECTION)["runs"]}
+
+        runs_before = run_ids()  # the shared federation's earlier tests'
+        attempts = {
+            "register a node": lambda: outsider.register_site("intruder", intruder.sites_dir / "intruder.pub"),
+            "submit a run": lambda: outsider.submit(PROJECT_ROOT, run_config_arg(request)),
+            "stop a run": lambda: outsider.stop(1),
+            "list runs": lambda: outsider.call_json("ls", CONNECTION),
+        }
+        for attempt, call in attempts.items():
+            with pytest.raises(DeploymentError, match="403 Forbidden"):
+                call()
+                pytest.fail(f"an outsider could {attempt}")
+        # On the server machine the same calls reach the SuperLink: no run was added, the intruder was never registered.
+        assert run_ids() == runs_before
+        nodes = operator.call_json("supernode", "ls", CONNECTION)["nodes"]
+        assert len(nodes) == len(shared_federation.sites) and "intruder" not in json.dumps(nodes)
+
+    def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(
+        self, shared_federation, tmp_path
+    ):
+        operator = FlowerControl(
+            shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
+        )
+        request = RunRequest(shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "results",
+                             overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
+        run_id = operator.submit(another_app(tmp_path / "app"), run_config_arg(request))
+        wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
+        status, details = operator.run_status(run_id)
+        assert status == "finished:failed" and RUN_REFUSED in details, (status, details)
+        # Each site says why in its own log; the server learnt only that the site refused.
+        assert "fedbt/not-fedbt" not in details
+        logs = [(shared_federation.work / f"site-{name}.out").read_text() for name in shared_federation.sites]
+        assert any(f"{RUN_REFUSED}: the run's app 'fedbt/not-fedbt 0.1.0'" in log for log in logs)
 
 
 def assert_tracked_on_the_server(store: str) -> None:
@@ -121,36 +223,6 @@ def assert_tracked_on_the_server(store: str) -> None:
     # Each round was logged when it ended, not all at once after the run.
     assert answered[0].timestamp < answered[1].timestamp < runs["federated"].info.end_time
     assert "report.html" in {artifact.path for artifact in client.list_artifacts(runs["deployment"].info.run_id)}
-
-
-def test_unregistered_site_wrong_ca_and_unreachable_server_are_refused_in_one_line(shared_federation, tmp_path):
-    stranger = CertLayout(tmp_path / "stranger")
-    make_site_keys(stranger, "figshare")  # a key pair the server never registered
-    common = ["site", "--site", shared_federation.names["figshare"], "--data-root", str(shared_federation.data_root),
-              "--state-dir", str(tmp_path / "stranger-state")]  # fmt: skip
-    cases = {
-        # With the default --connect-timeout (300 s): the server's refusal of the key ends the site, not the timeout.
-        "not registered with the server": [
-            "--server", shared_federation.address, "--ca", str(shared_federation.certs / "ca.pem"),
-            "--key", str(stranger.site_private_key("figshare")), "--runtime-port", str(free_port()),
-        ],
-        "not signed by the given CA": [
-            "--server", shared_federation.address, "--ca", str(shared_federation.certs / "server" / "server.pem"),
-            "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
-            "--connect-timeout", "3",
-        ],
-        "unreachable": [
-            "--server", f"127.0.0.1:{free_port()}", "--ca", str(shared_federation.certs / "ca.pem"),
-            "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
-            "--connect-timeout", "3",
-        ],
-    }  # fmt: skip
-    for expected, args in cases.items():
-        # Well below the 300 s a refused key was retried for: start-up (torch, the data scan) and one refusal.
-        done = fedbt([*common, *args], timeout=90)
-        assert done.returncode == 2, (expected, done.stderr[-2000:])
-        assert expected in last_line(done.stderr) and last_line(done.stderr).startswith("fedbt: error:")
-        assert "Traceback" not in done.stderr and "refused to activate this site yet" not in done.stderr
 
 
 def remove_site_args(federation: LocalFederation, name: str) -> list[str]:
@@ -203,24 +275,6 @@ def serverapp_processes(superlink: str) -> list[list[str]]:
     """The command lines of the ServerApps of the SuperLink at `superlink` (other deployments may run here too)."""
     return [line for line in command_lines()
             if any(Path(arg).name == "flwr-serverapp" for arg in line[:2]) and superlink in line]  # fmt: skip
-
-
-def test_no_command_line_on_the_server_carries_the_runs_token(shared_federation, tmp_path):
-    args = run_args(shared_federation, tmp_path / "results", "--rounds", "1")
-    with (tmp_path / "run.out").open("w") as out:
-        run = subprocess.Popen([sys.executable, "-m", "fedbt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
-    try:
-        wait_for(lambda: serverapp_processes(shared_federation.control_address), 120, "the run's ServerApp to start")
-        [serverapp] = serverapp_processes(shared_federation.control_address)
-        assert "--token" not in serverapp, serverapp  # Flower's own executor passes it so
-        token = Path(serverapp[serverapp.index("--token-file") + 1]).read_text()
-        assert len(token) >= 32
-        assert not [line for line in command_lines() if any(token in arg for arg in line)]
-        assert run.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.out").read_text()[-3000:]
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
 
 
 def test_a_killed_site_leaves_a_run_that_finishes_and_it_rejoins_once_restarted(federation, tmp_path):
@@ -303,39 +357,6 @@ def test_run_against_an_unreachable_server_fails_in_one_line(tmp_path):
     assert last_line(done.stderr).startswith("fedbt: error: flwr run failed") and "unavailable" in done.stderr
 
 
-def test_an_outsider_with_only_the_ca_can_neither_register_nor_touch_runs_through_the_public_port(
-    shared_federation, tmp_path
-):
-    intruder = CertLayout(tmp_path / "intruder")
-    make_site_keys(intruder, "intruder")
-    outsider = FlowerControl(shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "outsider")
-    request = RunRequest(
-        shared_federation.address, shared_federation.certs / "ca.pem", tmp_path / "results", overrides=TINY
-    )
-    operator = FlowerControl(
-        shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
-    )
-
-    def run_ids() -> set[str]:
-        return {run["run-id"] for run in operator.call_json("ls", CONNECTION)["runs"]}
-
-    runs_before = run_ids()  # the shared federation's earlier tests'
-    attempts = {
-        "register a node": lambda: outsider.register_site("intruder", intruder.sites_dir / "intruder.pub"),
-        "submit a run": lambda: outsider.submit(PROJECT_ROOT, run_config_arg(request)),
-        "stop a run": lambda: outsider.stop(1),
-        "list runs": lambda: outsider.call_json("ls", CONNECTION),
-    }
-    for attempt, call in attempts.items():
-        with pytest.raises(DeploymentError, match="403 Forbidden"):
-            call()
-            pytest.fail(f"an outsider could {attempt}")
-    # On the server machine the same calls reach the SuperLink: no run was added, the intruder was never registered.
-    assert run_ids() == runs_before
-    nodes = operator.call_json("supernode", "ls", CONNECTION)["nodes"]
-    assert len(nodes) == len(shared_federation.sites) and "intruder" not in json.dumps(nodes)
-
-
 def app_bundle(folder: Path, pyproject_changes: dict[str, str], *extra: Path) -> Path:
     """fedbt's code and profiles in `folder`, with `extra` files beside them and each text of
     `pyproject_changes` replaced in its pyproject.toml (each must be there)."""
@@ -354,19 +375,3 @@ def app_bundle(folder: Path, pyproject_changes: dict[str, str], *extra: Path) ->
 def another_app(folder: Path) -> Path:
     """fedbt's code under another app name: what a run carrying someone else's ClientApp looks like."""
     return app_bundle(folder, {'\nname = "fedbt"\n': '\nname = "not-fedbt"\n'})
-
-
-def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(shared_federation, tmp_path):
-    operator = FlowerControl(
-        shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
-    )
-    request = RunRequest(shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "results",
-                         overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
-    run_id = operator.submit(another_app(tmp_path / "app"), run_config_arg(request))
-    wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
-    status, details = operator.run_status(run_id)
-    assert status == "finished:failed" and RUN_REFUSED in details, (status, details)
-    # Each site says why in its own log; the server learnt only that the site refused.
-    assert "fedbt/not-fedbt" not in details
-    logs = [(shared_federation.work / f"site-{name}.out").read_text() for name in shared_federation.sites]
-    assert any(f"{RUN_REFUSED}: the run's app 'fedbt/not-fedbt 0.1.0'" in log for log in logs)
