@@ -73,7 +73,8 @@ def test_a_site_refuses_to_start_on_a_flower_it_cannot_check(tmp_path, demo_root
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "fedbt: error: this site cannot make sure it runs only its installed ClientApp on the installed Flower "
-        f"(flwr 9.9.9 is installed): install the Flower fedbt supports: pip install 'flwr[simulation]=={FLOWER_VERSION}'"
+        "(flwr 9.9.9 is installed): install the Flower fedbt supports: "
+        f"pip install 'flwr[simulation]=={FLOWER_VERSION}'"
     ]
     assert not state.exists()  # refused before any Flower process or file
 
