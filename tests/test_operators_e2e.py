@@ -14,12 +14,19 @@ import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+from local_accounts import (
+    add_account,
+    as_account,
+    folder_every_account_reaches,
+    missing_account_tools,
+    python_for_every_account,
+    remove_accounts,
+    run_checked,
+)
 from test_netns_deploy import netns_available
 
 from fedbt.config import PROJECT_ROOT
@@ -40,8 +47,6 @@ SERVER_STARTUP_TIMEOUT = 3 * STARTUP_TIMEOUT
 STOP_GRACE = 2 * SERVER_STOP_GRACE
 # Flower's answer when it cannot open a connection to the SuperLink.
 UNREACHABLE = "Connection to the SuperLink is unavailable"
-# This interpreter's version, installed by the system where every account can run it.
-SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
 
 
 def missing_requirement() -> str | None:
@@ -49,46 +54,11 @@ def missing_requirement() -> str | None:
         return "needs root and ip netns"
     if not shutil.which("nft", path=os.pathsep.join(NFT_DIRS)):
         return "needs nft (apt-get install nftables; scripts/test.sh installs it)"
-    if not shutil.which("setpriv"):
-        return "needs setpriv (util-linux) to run commands as the test's accounts"
-    if not SYSTEM_PYTHON.is_file():
-        return f"needs {SYSTEM_PYTHON}, the system's Python {sys.version_info.major}.{sys.version_info.minor}"
-    return None
+    return missing_account_tools()
 
 
 MISSING = missing_requirement()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
-
-
-def run_checked(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True)
-
-
-def python_for_every_account(folder: Path) -> Path:
-    """This environment's Python as other accounts can run it: the system's interpreter of the same
-    version in a venv that adds this environment's packages, with its console scripts (flwr, and the
-    Flower processes the SuperLink starts) pointing at it. This interpreter itself may sit in root's
-    private home, as pyenv puts it."""
-    run_checked(str(SYSTEM_PYTHON), "-m", "venv", "--without-pip", str(folder))
-    python = folder / "bin" / "python"
-    its_packages = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-    ours = sysconfig.get_paths()["purelib"]
-    (Path(its_packages.decode().strip()) / "fedbt-test.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-    for script in Path(sys.executable).parent.iterdir():
-        lines = script.read_text(errors="replace").splitlines(keepends=True) if script.is_file() else []
-        if lines and runs_with_this_environment(lines[0]):
-            (folder / "bin" / script.name).write_text(f"#!{python}\n" + "".join(lines[1:]))
-            (folder / "bin" / script.name).chmod(0o755)
-    return python
-
-
-def runs_with_this_environment(first_line: str) -> bool:
-    """Whether a console script's shebang names this environment's interpreter: pip writes `python`
-    or `python3.X`, whichever created the environment."""
-    interpreter = Path(first_line.removeprefix("#!").strip())
-    return first_line.startswith("#!") and interpreter.parent == Path(sys.executable).parent and (
-        interpreter.name.startswith("python")
-    )
 
 
 class Machine:
@@ -106,21 +76,20 @@ class Machine:
         run_checked("ip", "netns", "add", self.namespace)
         run_checked("ip", "-n", self.namespace, "link", "set", "lo", "up")
         run_checked("groupadd", "--system", self.operators)
-        for name, groups in ((self.service, []), (self.operator, ["-G", self.operators]), (self.outsider, [])):
-            run_checked("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", *groups, name)
+        for name, groups in ((self.service, []), (self.operator, [self.operators]), (self.outsider, [])):
+            add_account(name, *groups)
             self.accounts.append(name)
 
     def remove(self) -> None:
         """All that create() made; an account it could not remove (a process of it left running) fails the test."""
-        kept = [name for name in self.accounts if subprocess.run(["userdel", name], capture_output=True).returncode]
+        kept = remove_accounts(self.accounts)
         subprocess.run(["groupdel", self.operators], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
         assert not kept, f"accounts left on this machine: {kept}"
 
     def as_account(self, name: str, command: list[str]) -> list[str]:
         """`command` in the namespace, as the account with its groups, as a login gives them."""
-        return ["ip", "netns", "exec", self.namespace, "setpriv", "--reuid", name, "--regid", name, "--init-groups",
-                *command]  # fmt: skip
+        return ["ip", "netns", "exec", self.namespace, *as_account(name, command)]
 
     def flwr_home(self, account: str) -> Path:
         """The account's own folder: Flower's home with a connection to the control port, and a copy of ca.pem."""
@@ -145,16 +114,13 @@ class Machine:
 
 @pytest.fixture(scope="module")
 def machine():
-    # Not tmp_path: pytest makes its folders root-only, and the test's accounts need to reach theirs.
-    work = Path(tempfile.mkdtemp(prefix="fedbt-operators-"))
-    work.chmod(0o755)
-    machine = Machine(work)
-    try:
-        machine.create()
-        yield machine
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        machine.remove()
+    with folder_every_account_reaches("fedbt-operators-") as work:
+        machine = Machine(work)
+        try:
+            machine.create()
+            yield machine
+        finally:
+            machine.remove()
 
 
 def nft_tables(machine: Machine) -> str:

@@ -1,4 +1,5 @@
-"""What holds patient-derived data is its owner's alone: decoded pixels and checkpoints, 0600 files in 0700 folders."""
+"""What holds patient-derived data is its owner's alone: decoded pixels and checkpoints, 0600 files in 0700 folders;
+and so are the logs of fedbt's Flower processes, where a site writes the detail of its failures."""
 
 import stat
 from pathlib import Path
@@ -8,6 +9,7 @@ import numpy as np
 from fedbt.config import DataConfig, ExperimentConfig, ModelConfig
 from fedbt.data.cache import ImageCache
 from fedbt.data.images import ImageLimits
+from fedbt.deployment.processes import open_private_log
 from fedbt.model.checkpoint import save_checkpoint
 from fedbt.train.setup import new_model
 
@@ -29,3 +31,12 @@ def test_checkpoints_are_written_private_from_their_first_byte(tmp_path):
     cfg = ExperimentConfig(model=ModelConfig(name="cnn"))
     checkpoint = save_checkpoint(tmp_path / "run" / "final.pt", new_model(cfg, 4), cfg, {}, "central")
     assert permissions(checkpoint) == 0o600 and permissions(tmp_path / "run") == 0o700
+
+
+def test_a_process_log_is_created_owner_only_and_appended_to(tmp_path):
+    log = tmp_path / "executor.log"
+    for line in ("first start\n", "second start\n"):
+        with open_private_log(log) as fh:
+            fh.write(line)
+    assert permissions(log) == 0o600
+    assert log.read_text() == "first start\nsecond start\n"

@@ -31,7 +31,7 @@ from fedbt.federated.flower_internals import (
     check_flower_internals,
     installed_flower_version,
 )
-from fedbt.fileio import atomic_write
+from fedbt.fileio import atomic_write, make_private_folders
 from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
 
 SERVER_READY = "server ready"
@@ -332,7 +332,8 @@ def run_site(settings: SiteSettings) -> int:
     name = check_site_data(settings.site_file, settings.data_root)
     settings = with_runtime_port(settings)
     print(f"fedbt: site {name} runtime API on {LOOPBACK}:{settings.runtime_port} (this machine only)", flush=True)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # Its owner's alone (0700) when created here: the SuperExec secret, the logs and Flower's home of the site.
+    make_private_folders(settings.state_dir)
     # How often the executor asks the SuperNode for a task (Flower's default: every second).
     poll = {} if settings.flower_defaults else {SUPEREXEC_POLL_ENV.get(): str(settings.poll_interval)}
     env = flower_env(settings.state_dir / "flwr-home", poll)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TextIO
 
 # Flower's SuperNode message when the server refuses it: an unknown key, or a node still online.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
@@ -62,6 +63,12 @@ def flower_env_path() -> str:
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
+def open_private_log(path: Path) -> TextIO:
+    """`path` opened for appending; created readable by its owner alone (0600): a site's log holds the
+    detail of its failures, local paths included, and a server's the callers and runs."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8")
+
+
 class ManagedProcess:
     """A child process, its output echoed with a prefix and its last lines kept.
 
@@ -76,7 +83,7 @@ class ManagedProcess:
         self.name = name
         self.own_group = own_group
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        self._log = log_file.open("a", encoding="utf-8") if log_file else None
+        self._log = open_private_log(log_file) if log_file else None
         self.process = subprocess.Popen(
             command,
             env=env,
