@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import inspect
+import logging
 import signal
 import stat
 import sys
@@ -30,6 +31,7 @@ from flwr.supercore.retry import http_retry
 from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor import types as executor_types
 from flwr.superlink.cli.flwr_serverapp import _parse_args_run_flwr_serverapp
+from flwr.superlink.servicer.fleet import fleet_handlers
 from flwr.supernode.nodestate import in_memory_nodestate
 
 from fedbt.deployment.certs import CertLayout
@@ -485,6 +487,14 @@ def test_a_stopped_runs_message_no_task_has_taken_yet_is_answered_too():
     assert state.claim_task(task_id) is None  # no executor will start it
     [answer] = replies_to(state, waiting)
     assert answer.has_error()
+
+
+def test_the_tuned_superlink_leaves_the_sites_run_checks_out_of_its_log():
+    """not_a_run_check: stock Flower logs each Fleet GetRun at INFO, which a training site now calls every 5 s."""
+    logged = "[Fleet.GetRun] Requesting `Run` for run_id=%s"
+    assert f'log(INFO, "{logged}"' in inspect.getsource(fleet_handlers.get_run)
+    records = [logging.LogRecord("flwr", logging.INFO, "", 0, text, (7,), None) for text in (logged, "[Fleet.X] %s")]
+    assert [flower_internals.not_a_run_check(record) for record in records] == [False, True]
 
 
 def test_stock_superlink_keeps_message_arrays_in_its_database_file(tmp_path):

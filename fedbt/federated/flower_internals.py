@@ -593,7 +593,7 @@ class StoppedRunWatcher:
             try:
                 self.end_tasks_of_ended_runs(state, get_run)
             except Exception as err:  # the server out of reach past the connection's retries: ask again later
-                print(f"fedbt: site: could not ask the server whether a run still runs: {err}", file=sys.stderr)
+                print(f"fedbt: site: could not ask the server whether a run runs: {err}", file=sys.stderr, flush=True)
 
     def end_tasks_of_ended_runs(self, state, get_run: Callable) -> list[int]:
         """The runs whose tasks it ended: those with an unanswered task that the SuperLink no longer runs."""
@@ -621,12 +621,19 @@ def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
     FLOWER_SUPERNODE.get()()
 
 
+def not_a_run_check(record: logging.LogRecord) -> bool:
+    """Whether a SuperLink log line is other than the one it logs for each Fleet GetRun: a training
+    site asks every RUN_CHECK_SECONDS (StoppedRunWatcher), which would flood the server's log."""
+    return not str(record.msg).startswith("[Fleet.GetRun]")
+
+
 def run_superlink(flower_args: list[str]) -> None:
     def state_on_disk_objects_in_memory(database: str, federation_manager):
         objects = OBJECT_STORE_FACTORY.get()(IN_MEMORY_DATABASE.get())
         return objects, LINK_STATE_FACTORY.get()(database, federation_manager, objects)
 
     SUPERLINK_FACTORIES.replace(state_on_disk_objects_in_memory)
+    logging.getLogger("flwr").addFilter(not_a_run_check)
     sys.argv = ["flower-superlink", *flower_args]
     FLOWER_SUPERLINK.get()()
 
