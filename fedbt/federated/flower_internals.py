@@ -37,6 +37,8 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   which Flower would send in place of the run's next reply, shifting every later one
   (`RepliedTasks`); a reply still uploading when its task's token expires, which Flower would
   store after the crash reply with the same effect, is not stored (`storing_open_replies_only`).
+  A run the server no longer runs (`flwr stop`) ends the site's unanswered tasks of it within
+  seconds, not after their training (`StoppedRunWatcher`).
 - `python -m fedbt.federated.flower_internals executor --task serverapp ...`, beside the SuperLink,
   which `fedbt server` starts with `--isolation process` and the SuperExec secret: the same loop and
   executor for the server's ServerApp tasks. Flower's own executor starts each as
