@@ -560,7 +560,9 @@ def end_tasks_of_run(state, run_id: int, task_ids: list[int]) -> None:
         state.finish_task(task_id, stopped, RUN_ENDED)
     state.get_messages_legacy(run_ids=[run_id], is_reply=False)
     state._store_error_replies({run_id}, Error(FAILED_CODE, RUN_ENDED))
-    print(f"fedbt: site: run {run_id}: {RUN_ENDED}; its task here was stopped", file=sys.stderr, flush=True)
+    # One write, so that Flower's log lines from the SuperNode's other threads cannot land inside it.
+    sys.stderr.write(f"fedbt: site: run {run_id}: {RUN_ENDED}; its task here was stopped\n")
+    sys.stderr.flush()
 
 
 class StoppedRunWatcher:
