@@ -27,7 +27,7 @@ from fedbt.deployment.local import LocalFederation
 from fedbt.deployment.nodes import free_port
 from fedbt.deployment.processes import DeploymentError
 from fedbt.deployment.runs import RunRequest, run_config_arg
-from fedbt.federated.flower_internals import RUN_REFUSED
+from fedbt.federated.flower_internals import RUN_ENDED, RUN_REFUSED
 
 pytestmark = pytest.mark.e2e
 
@@ -112,22 +112,24 @@ class TestOnOneFederation:
     ):
         stranger = CertLayout(tmp_path / "stranger")
         make_site_keys(stranger, "figshare")  # a key pair the server never registered
-        common = ["site", "--site", shared_federation.names["figshare"], "--data-root", str(shared_federation.data_root),
+        federation = shared_federation
+        common = ["site", "--site", federation.names["figshare"], "--data-root", str(federation.data_root),
                   "--state-dir", str(tmp_path / "stranger-state")]  # fmt: skip
         cases = {
-            # With the default --connect-timeout (300 s): the server's refusal of the key ends the site, not the timeout.
+            # With the default --connect-timeout (300 s): the server's refusal of the key ends the site, not
+            # the timeout.
             "not registered with the server": [
-                "--server", shared_federation.address, "--ca", str(shared_federation.certs / "ca.pem"),
+                "--server", federation.address, "--ca", str(federation.certs / "ca.pem"),
                 "--key", str(stranger.site_private_key("figshare")), "--runtime-port", str(free_port()),
             ],
             "not signed by the given CA": [
-                "--server", shared_federation.address, "--ca", str(shared_federation.certs / "server" / "server.pem"),
-                "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+                "--server", federation.address, "--ca", str(federation.certs / "server" / "server.pem"),
+                "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
                 "--connect-timeout", "3",
             ],
             "unreachable": [
-                "--server", f"127.0.0.1:{free_port()}", "--ca", str(shared_federation.certs / "ca.pem"),
-                "--key", str(shared_federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
+                "--server", f"127.0.0.1:{free_port()}", "--ca", str(federation.certs / "ca.pem"),
+                "--key", str(federation.certs / "sites" / "figshare.key"), "--runtime-port", str(free_port()),
                 "--connect-timeout", "3",
             ],
         }  # fmt: skip
@@ -195,8 +197,8 @@ class TestOnOneFederation:
         operator = FlowerControl(
             shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "operator"
         )
-        request = RunRequest(shared_federation.control_address, shared_federation.certs / "ca.pem", tmp_path / "results",
-                             overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
+        request = RunRequest(shared_federation.control_address, shared_federation.certs / "ca.pem",
+                             tmp_path / "results", overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
         run_id = operator.submit(another_app(tmp_path / "app"), run_config_arg(request))
         wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
         status, details = operator.run_status(run_id)
@@ -260,15 +262,22 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def command_lines() -> list[list[str]]:
-    """Every process's command line, as /proc shows it to every local account."""
-    lines = []
-    for path in Path("/proc").glob("[0-9]*/cmdline"):
+def process_table() -> dict[int, tuple[int, list[str]]]:
+    """Every process: its parent's pid and its command line, as /proc shows them to every local account."""
+    table = {}
+    for folder in Path("/proc").glob("[0-9]*"):
         try:
-            lines.append(path.read_bytes().decode(errors="replace").split("\0"))
+            stat = (folder / "stat").read_text()
+            command = (folder / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:  # the process ended meanwhile
-            pass
-    return lines
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces: state, ppid
+        table[int(folder.name)] = (parent, command)
+    return table
+
+
+def command_lines() -> list[list[str]]:
+    return [command for _, command in process_table().values()]
 
 
 def serverapp_processes(superlink: str) -> list[list[str]]:
@@ -375,3 +384,61 @@ def app_bundle(folder: Path, pyproject_changes: dict[str, str], *extra: Path) ->
 def another_app(folder: Path) -> Path:
     """fedbt's code under another app name: what a run carrying someone else's ClientApp looks like."""
     return app_bundle(folder, {'\nname = "fedbt"\n': '\nname = "not-fedbt"\n'})
+
+
+def task_processes(table: dict[int, tuple[int, list[str]]], site) -> set[int]:
+    """The pids of a site's ClientApp tasks: the children of its executor's forkserver, forked from it
+    and so under its command line."""
+
+    def forkserver(pid: int) -> bool:
+        return pid in table and any("forkserver" in arg for arg in table[pid][1])
+
+    def under_site(pid: int) -> bool:
+        while pid in table and pid != site.process.pid:
+            pid = table[pid][0]
+        return pid == site.process.pid
+
+    return {pid for pid, (parent, _) in table.items() if forkserver(pid) and forkserver(parent) and under_site(pid)}
+
+
+def sites_allowing_long_rounds(folder: Path, site_files: list[str], local_epochs: int) -> list[str]:
+    """The site files with a policy that lets a server ask for `local_epochs` passes a round."""
+    folder.mkdir()
+    for path in map(Path, site_files):
+        (folder / path.name).write_text(f"{path.read_text()}\npolicy:\n  max_local_epochs: {local_epochs}\n")
+    return [str(folder / Path(path).name) for path in site_files]
+
+
+def test_a_run_stopped_on_the_server_ends_the_training_at_every_site(tmp_path, demo_root, site_files):
+    # A round of 5000 epochs: minutes of training, stopped while every site is in it.
+    epochs = 5000
+    long_rounds = sites_allowing_long_rounds(tmp_path / "sites", site_files, epochs)
+    federation = LocalFederation(tmp_path, demo_root, long_rounds, connect_timeout=30)
+    try:
+        federation.start()
+        operator = FlowerControl(federation.control_address, federation.certs / "ca.pem", tmp_path / "operator")
+        overrides = [*TINY, "federated.rounds=1", f"federated.local_epochs={epochs}", "tracking.enabled=false"]
+        request = RunRequest(federation.control_address, federation.certs / "ca.pem", tmp_path / "results",
+                             overrides=overrides)  # fmt: skip
+        run_id = operator.submit(PROJECT_ROOT, run_config_arg(request))
+        logs = {name: federation.work / f"site-{name}.out" for name in federation.sites}
+        training = {name: set() for name in federation.sites}
+
+        def every_site_training() -> bool:
+            table = process_table()
+            for name, site in federation.sites.items():
+                training[name] = task_processes(table, site)
+            return all(training.values()) and all("training on" in log.read_text() for log in logs.values())
+
+        wait_for(every_site_training, RUN_TIMEOUT, "every site to train")
+        operator.stop(run_id)
+        tasks = set().union(*training.values())
+        wait_for(lambda: not tasks & set(process_table()), 120, "the sites' training tasks to end")
+        assert operator.run_status(run_id)[0] == "finished:stopped"
+        for name, log in logs.items():
+            text = log.read_text()
+            assert f"run {run_id}: {RUN_ENDED}" in text, name  # each site says why its task ended
+            assert "round 1: loss" not in text, name  # ended mid-training, not at its end
+            assert federation.sites[name].process.poll() is None, name  # the site itself serves on
+    finally:
+        federation.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import inspect
+import logging
+import signal
 import stat
 import sys
 from dataclasses import dataclass, replace
@@ -17,6 +19,7 @@ import flwr.common.args
 import flwr.superlink.main
 import flwr.supernode.runtime.run_clientapp
 import flwr.supernode.start_client_internal
+import httpx
 import pytest
 import tomli
 from flwr.app import Message, Metadata, RecordDict
@@ -24,9 +27,11 @@ from flwr.proto.task_pb2 import Task
 from flwr.supercore import heartbeat
 from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.retry import http_retry
 from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor import types as executor_types
 from flwr.superlink.cli.flwr_serverapp import _parse_args_run_flwr_serverapp
+from flwr.superlink.servicer.fleet import fleet_handlers
 from flwr.supernode.nodestate import in_memory_nodestate
 
 from fedbt.deployment.certs import CertLayout
@@ -389,6 +394,107 @@ def test_stock_supernode_stores_a_second_reply_to_a_message_already_answered_by_
     reply = with_its_id(Message(RecordDict(), reply_to=second))
     assert patched_store(state, reply, get_object_tree(reply), state.start_session(7)) == (False, [])
     assert len(replies_to(state, second)) == 1
+
+
+def test_stock_supernode_asks_about_a_run_only_when_a_message_of_a_run_it_does_not_know_arrives():
+    """SUPERNODE_PULL_MESSAGE, wrapped by StoppedRunWatcher: the loop's one question about a run is in
+    _pull_and_store_message, so while a ClientApp trains nothing there learns that its run was stopped."""
+    tree = ast.parse(inspect.getsource(flwr.supernode.start_client_internal))
+    asking = [
+        function.name
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        for call in ast.walk(function)
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "get_run"
+    ]
+    assert asking == ["_pull_and_store_message"]
+
+
+def refused_with(status_code: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "https://superlink.test/")
+    return httpx.HTTPStatusError("refused", request=request, response=httpx.Response(status_code, request=request))
+
+
+def test_stock_flower_raises_run_not_running_for_a_refused_run_and_interrupts_a_task_whose_token_is_refused(
+    monkeypatch,
+):
+    """RUN_NOT_RUNNING: how the Fleet connection's get_run reports a stopped run (the SuperLink answers 403);
+    and how a ClientApp ends once StoppedRunWatcher revoked its token: its Runtime client, on the 401 its
+    next heartbeat gets, sends its own process SIGINT (Flower's exit handlers then end the task)."""
+    signals = []
+    monkeypatch.setattr(http_retry, "os", SimpleNamespace(kill=lambda pid, sig: signals.append((pid, sig)),
+                                                         getpid=lambda: 1234))  # fmt: skip
+    monkeypatch.setattr(http_retry, "time", SimpleNamespace(sleep=lambda seconds: None))
+    should_giveup = http_retry.make_simple_http_retry_invoker().should_giveup
+    with pytest.raises(flower_internals.RUN_NOT_RUNNING.get()):
+        should_giveup(refused_with(403))
+    assert signals == []
+    should_giveup(refused_with(401))
+    assert signals == [(1234, signal.SIGINT)]
+
+
+def node_state_with_tasks(state, count: int) -> list[tuple[int, str]]:
+    """`count` running ClientApp tasks of run 7 in the state: (task id, token) each."""
+    tasks = []
+    for _ in range(count):
+        task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=7)
+        token = state.claim_task(task_id)
+        assert state.activate_task(task_id)
+        tasks.append((task_id, token))
+    return tasks
+
+
+def stopped_on_the_server(run_id: int):
+    raise flower_internals.RUN_NOT_RUNNING.get()
+
+
+def test_a_stopped_runs_unanswered_task_is_ended_and_its_message_answered_the_task_that_replied_is_left(capsys):
+    """StoppedRunWatcher (SUPERNODE_STATE's get_tasks, finish_task, get_messages_legacy, _store_error_replies;
+    TASK_STATUS, TASK_SUB_STATUS)."""
+    state, (first, second) = node_state_with_two_pulled_messages()
+    (replied_id, replied_token), (training_id, training_token) = node_state_with_tasks(state, 2)
+    replied = flower_internals.RepliedTasks()
+    replied.noting_replies(lambda request, state, task: SimpleNamespace(message_ids=["its reply"]))(
+        None, state, Task(task_id=replied_id, run_id=7)
+    )
+    assert store_reply(state, first)
+    watcher = flower_internals.StoppedRunWatcher(replied)
+
+    assert watcher.end_tasks_of_ended_runs(state, get_run=lambda run_id: "running") == []
+    assert replies_to(state, second) == [] and capsys.readouterr().err == ""
+
+    assert watcher.end_tasks_of_ended_runs(state, get_run=stopped_on_the_server) == [7]
+    [ended] = state.get_tasks(task_ids=[training_id])
+    assert (ended.status.status, ended.status.sub_status) == ("finished", "stopped")
+    assert state.get_task_by_token(training_token) is None  # its next heartbeat is refused: the process ends
+    [answer] = replies_to(state, second)  # the SuperNode's loop, awaiting it, moves on
+    assert answer.has_error() and answer.error.reason == flower_internals.RUN_ENDED
+    assert state.get_task_by_token(replied_token) is not None  # still storing its context
+    assert len(replies_to(state, first)) == 1
+    assert f"run 7: {flower_internals.RUN_ENDED}" in capsys.readouterr().err
+
+
+def test_a_stopped_runs_message_no_task_has_taken_yet_is_answered_too():
+    """end_tasks_of_run: a message still waiting for its task also frees the SuperNode's loop."""
+    objects = flower_internals.OBJECT_STORE_FACTORY.get()(flower_internals.IN_MEMORY_DATABASE.get())
+    state = flower_internals.SUPERNODE_STATE.get()(objects.store())
+    waiting = with_its_id(Message(RecordDict(), metadata=Metadata(
+        run_id=7, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+        created_at=0.0, ttl=1e12, message_type="train")))  # fmt: skip
+    state.store_message(waiting)
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=7)  # pending: no executor took it
+    flower_internals.end_tasks_of_run(state, 7, [task_id])
+    assert state.claim_task(task_id) is None  # no executor will start it
+    [answer] = replies_to(state, waiting)
+    assert answer.has_error()
+
+
+def test_the_tuned_superlink_leaves_the_sites_run_checks_out_of_its_log():
+    """not_a_run_check: stock Flower logs each Fleet GetRun at INFO, which a training site now calls every 5 s."""
+    logged = "[Fleet.GetRun] Requesting `Run` for run_id=%s"
+    assert f'log(INFO, "{logged}"' in inspect.getsource(fleet_handlers.get_run)
+    records = [logging.LogRecord("flwr", logging.INFO, "", 0, text, (7,), None) for text in (logged, "[Fleet.X] %s")]
+    assert [flower_internals.not_a_run_check(record) for record in records] == [False, True]
 
 
 def test_stock_superlink_keeps_message_arrays_in_its_database_file(tmp_path):

@@ -18,9 +18,10 @@ from fedbt.deployment.processes import DeploymentError
 
 # The prefix of every Fleet API route of Flower 1.41's SuperLink (flwr/superlink/routers/fleet/router.py).
 FLEET_PREFIX = "/v1/fleet/"
-# Fleet calls each site makes several times a second (polls, heartbeats, transfers): logged only
+# Fleet calls each site makes often (polls, heartbeats, transfers, run checks): logged only
 # when refused or failed (status 400 and above), like every other request is.
 ROUTINE_FLEET_CALLS = (
+    "get-run",  # every 5 s from each site with a task in training (flower_internals.StoppedRunWatcher)
     "pull-messages",
     "push-messages",
     "send-node-heartbeat",

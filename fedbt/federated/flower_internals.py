@@ -37,6 +37,8 @@ machine), the SuperNode checks for messages every 3 s and for its ClientApp's re
   which Flower would send in place of the run's next reply, shifting every later one
   (`RepliedTasks`); a reply still uploading when its task's token expires, which Flower would
   store after the crash reply with the same effect, is not stored (`storing_open_replies_only`).
+  A run the server no longer runs (`flwr stop`) ends the site's unanswered tasks of it within
+  seconds, not after their training (`StoppedRunWatcher`).
 - `python -m fedbt.federated.flower_internals executor --task serverapp ...`, beside the SuperLink,
   which `fedbt server` starts with `--isolation process` and the SuperExec secret: the same loop and
   executor for the server's ServerApp tasks. Flower's own executor starts each as
@@ -66,14 +68,17 @@ import multiprocessing.forkserver
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from flwr.app import Error
+
 from fedbt.fileio import atomic_write
-from fedbt.fl.protocol import RUN_REFUSED
+from fedbt.fl.protocol import FAILED_CODE, RUN_REFUSED
 
 # The flwr whose source the declarations below were read from: `fedbt site` refuses any other
 # version (its code guard is checked against this one), `fedbt server` runs Flower's defaults.
@@ -252,7 +257,7 @@ SENT_HEARTBEAT = declare(
     "flwr.supercore.heartbeat",
     "HEARTBEAT_DEFAULT_INTERVAL",
     Constant(int),
-    "replaced: the interval the SuperNode's heartbeat sender keeps",
+    "replaced: the interval the SuperNode's heartbeat sender keeps, and each ClientApp task's",
 )
 SHORTEST_HEARTBEAT = declare(
     "flwr.common.constant",
@@ -285,18 +290,64 @@ SUPERNODE_STATE = declare(
     InstanceState(
         ("msg_store", "lock_msg_store", "_lock_object_push_sessions"),
         make=_in_memory_node_state,
-        methods=("_on_task_tokens_expired", "store_message_and_object_tree"),
+        methods=(
+            "_on_task_tokens_expired",
+            "store_message_and_object_tree",
+            "get_tasks",
+            "finish_task",
+            "get_messages_legacy",
+            "_store_error_replies",
+        ),
     ),
     "its _on_task_tokens_expired wrapped: a task whose token expired after it replied gets no crash reply; "
     "its store_message_and_object_tree (Runtime.PushMessages' only store) wrapped: a reply to a message "
     "already answered, or no longer held, is not stored; for that, its msg_store (the messages and "
-    "replies it holds, by message id) read under both its locks, taken in Flower's order",
+    "replies it holds, by message id) read under both its locks, taken in Flower's order; "
+    "called by StoppedRunWatcher: get_tasks (the tasks not finished), finish_task (ends one, its token "
+    "revoked), get_messages_legacy (takes a run's messages no task has taken) and _store_error_replies "
+    "(answers a run's taken messages, which the SuperNode's loop awaits)",
 )
 SUPERNODE_MESSAGE_ENTRY = declare(
     "flwr.supernode.nodestate.in_memory_nodestate",
     "MessageEntry",
     Class(fields=("message",)),
     "read: the message each of msg_store's values holds (answers_an_open_message)",
+)
+SUPERNODE_PULL_MESSAGE = declare(
+    "flwr.supernode.start_client_internal",
+    "_pull_and_store_message",
+    Function(
+        (
+            "state",
+            "object_store",
+            "node_config",
+            "receive",
+            "get_run",
+            "get_fab",
+            "pull_object",
+            "confirm_message_received",
+            "trusted_entities",
+        )
+    ),
+    "wrapped: hands the SuperNode's state and its Fleet connection's get_run, by keyword, to StoppedRunWatcher",
+)
+RUN_NOT_RUNNING = declare(
+    "flwr.supercore.run",
+    "RunNotRunningException",
+    Class(),
+    "caught: what the Fleet connection's get_run raises for a run the SuperLink no longer runs",
+)
+TASK_STATUS = declare(
+    "flwr.common.constant",
+    "Status",
+    Class(),
+    "read: PENDING, STARTING and RUNNING, a SuperNode task not finished",
+)
+TASK_SUB_STATUS = declare(
+    "flwr.common.constant",
+    "SubStatus",
+    Class(),
+    "read: STOPPED, how StoppedRunWatcher finishes a task",
 )
 FLOWER_SUPERNODE = declare(
     "flwr.supernode.cli.flower_supernode",
@@ -425,6 +476,9 @@ class RepliedTasks:
     def __init__(self):
         self._ids: set[int] = set()
 
+    def has_replied(self, task_id: int) -> bool:
+        return task_id in self._ids
+
     def noting_replies(self, flower_push_messages: Callable) -> Callable:
         def push_messages(request, state, task):
             response = flower_push_messages(request, state, task)
@@ -475,7 +529,7 @@ def storing_open_replies_only(flower_store: Callable) -> Callable:
     return store_message_and_object_tree
 
 
-def reply_once_per_message() -> None:
+def reply_once_per_message() -> RepliedTasks:
     """Patch this process's SuperNode so that each message gets one reply: an expired task that has
     replied gets no crash reply (RepliedTasks), a reply landing after its crash reply is not stored."""
     replied = RepliedTasks()
@@ -483,6 +537,81 @@ def reply_once_per_message() -> None:
     state_class = SUPERNODE_STATE.get()
     state_class._on_task_tokens_expired = replied.crash_replies_for_unanswered(state_class._on_task_tokens_expired)
     state_class.store_message_and_object_tree = storing_open_replies_only(state_class.store_message_and_object_tree)
+    return replied
+
+
+# How often a SuperNode holding an unanswered task asks the SuperLink whether its run still runs
+# (one Fleet GetRun per such run): a stopped run's task ends within this and one task heartbeat.
+RUN_CHECK_SECONDS = 5.0
+RUN_ENDED = "the run is no longer running on the server"
+
+
+def end_tasks_of_run(state, run_id: int, task_ids: list[int]) -> None:
+    """Finish these tasks of a run the server no longer runs, and answer the run's open messages.
+
+    Finishing a task revokes its token: the ClientApp's next heartbeat is refused, and Flower's own
+    handling of that refusal interrupts the process (SIGINT), which ends as on Ctrl-C. The SuperNode's
+    loop waits for a reply to the message it pulled: the run's messages no task has taken yet are taken
+    here, and each taken, unanswered one gets an error reply, which the loop sends and the SuperLink
+    refuses, as it would have refused the real one.
+    """
+    stopped = TASK_SUB_STATUS.get().STOPPED
+    for task_id in task_ids:
+        state.finish_task(task_id, stopped, RUN_ENDED)
+    state.get_messages_legacy(run_ids=[run_id], is_reply=False)
+    state._store_error_replies({run_id}, Error(FAILED_CODE, RUN_ENDED))
+    # One write, so that Flower's log lines from the SuperNode's other threads cannot land inside it.
+    sys.stderr.write(f"fedbt: site: run {run_id}: {RUN_ENDED}; its task here was stopped\n")
+    sys.stderr.flush()
+
+
+class StoppedRunWatcher:
+    """Ends this SuperNode's tasks of runs the server no longer runs: `flwr stop`, an interrupted
+    `fedbt run`, or a run that failed or finished without this site's reply.
+
+    Flower's SuperNode asks about a run only when a message of a run it does not know arrives, and
+    while a ClientApp trains its loop only waits for the reply: the task would train on for minutes,
+    then its reply be refused. A thread asks instead, every `interval` seconds, about each run with
+    an unfinished task that has not replied; a task that has replied is only finishing (its context,
+    which the site's next message reads, is still to be stored) and is left alone.
+    """
+
+    def __init__(self, replied: RepliedTasks, interval: float = RUN_CHECK_SECONDS):
+        self._replied = replied
+        self._interval = interval
+        self._thread: threading.Thread | None = None
+
+    def watching(self, flower_pull_and_store: Callable) -> Callable:
+        def pull_and_store_message(*, state, get_run, **kwargs):
+            # The loop passes the same state and connection on every pull, for the SuperNode's lifetime.
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, args=(state, get_run), daemon=True)
+                self._thread.start()
+            return flower_pull_and_store(state=state, get_run=get_run, **kwargs)
+
+        return pull_and_store_message
+
+    def _watch(self, state, get_run: Callable) -> None:
+        while True:
+            time.sleep(self._interval)
+            try:
+                self.end_tasks_of_ended_runs(state, get_run)
+            except Exception as err:  # the server out of reach past the connection's retries: ask again later
+                print(f"fedbt: site: could not ask the server whether a run runs: {err}", file=sys.stderr, flush=True)
+
+    def end_tasks_of_ended_runs(self, state, get_run: Callable) -> list[int]:
+        """The runs whose tasks it ended: those with an unanswered task that the SuperLink no longer runs."""
+        status = TASK_STATUS.get()
+        unfinished = state.get_tasks(statuses=[status.PENDING, status.STARTING, status.RUNNING])
+        unanswered = [task for task in unfinished if not self._replied.has_replied(task.task_id)]
+        ended = []
+        for run_id in sorted({task.run_id for task in unanswered}):
+            try:
+                get_run(run_id)
+            except RUN_NOT_RUNNING.get():
+                end_tasks_of_run(state, run_id, [task.task_id for task in unanswered if task.run_id == run_id])
+                ended.append(run_id)
+        return ended
 
 
 def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
@@ -490,9 +619,16 @@ def run_supernode(poll_interval: float, flower_args: list[str]) -> None:
     SUPERNODE_PULL_OBJECTS.replace(functools.partial(SUPERNODE_PULL_OBJECTS.get(), initial_backoff=poll_interval))
     ANNOUNCED_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
     SENT_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
-    reply_once_per_message()
+    watcher = StoppedRunWatcher(reply_once_per_message())
+    SUPERNODE_PULL_MESSAGE.replace(watcher.watching(SUPERNODE_PULL_MESSAGE.get()))
     sys.argv = ["flower-supernode", *flower_args]
     FLOWER_SUPERNODE.get()()
+
+
+def not_a_run_check(record: logging.LogRecord) -> bool:
+    """Whether a SuperLink log line is other than the one it logs for each Fleet GetRun: a training
+    site asks every RUN_CHECK_SECONDS (StoppedRunWatcher), which would flood the server's log."""
+    return not str(record.msg).startswith("[Fleet.GetRun]")
 
 
 def run_superlink(flower_args: list[str]) -> None:
@@ -501,6 +637,7 @@ def run_superlink(flower_args: list[str]) -> None:
         return objects, LINK_STATE_FACTORY.get()(database, federation_manager, objects)
 
     SUPERLINK_FACTORIES.replace(state_on_disk_objects_in_memory)
+    logging.getLogger("flwr").addFilter(not_a_run_check)
     sys.argv = ["flower-superlink", *flower_args]
     FLOWER_SUPERLINK.get()()
 
@@ -551,6 +688,8 @@ def run_clientapp_task(spec) -> None:
     if not spec.insecure and spec.root_certificates_path:
         certificates = Path(spec.root_certificates_path).read_bytes()
     CLIENTAPP_LOADER.replace(installed_clientapp_loader)
+    # A task learns at its next heartbeat that the SuperNode ended it (StoppedRunWatcher): every 4 s, not 20.
+    SENT_HEARTBEAT.replace(SHORTEST_HEARTBEAT.get())
     # Ends in sys.exit with the task's exit code, which becomes this process's.
     RUN_CLIENTAPP.get()(
         runtime_api_address=spec.runtime_api_address,
