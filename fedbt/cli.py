@@ -24,7 +24,6 @@ from fedbt.config import (
 from fedbt.data.sites import SliceRule
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.fileio import write_json
-from fedbt.model.checkpoint import CheckpointError
 from fedbt.progress import set_verbose
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -674,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedbt: error: {describe_validation_error(err, err.title)}", file=sys.stderr)
         return 2
-    except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # a CheckpointError is a ValueError
         if debug or not raised_by_fedbt(err):
             raise
         print(f"fedbt: error: {err}", file=sys.stderr)

@@ -3,12 +3,15 @@ and Flower imported only by the few modules of the Flower adapters (the federate
 fedbt.fl, imports none).
 
 Reads the import statements of every module (no module is imported), so it runs in well
-under a second and a failure names the offending module and line.
+under a second and a failure names the offending module and line. One test imports the
+deployment's control modules, in a process of its own, to see what they pull in.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fedbt"
@@ -143,3 +146,20 @@ def test_the_checks_catch_a_cycle_an_upward_import_and_flower_in_the_core(tmp_pa
     )
     assert upward_imports(graph) == ["fedbt.data.b:2 imports fedbt.train.engine from a higher layer"]
     assert flower_outside_its_place(fake) == ["fedbt.data.a:2 imports flwr"]
+
+
+# What `fedbt server`, `fedbt site`, `fedbt run` and the SuperLink, SuperNode and executors they start
+# import before any training: they pass messages and manage processes, so they need neither torch
+# nor plotting. Importing torch there costs each of those processes seconds and most of a GiB.
+CONTROL_MODULES = ("fedbt.cli", "fedbt.deployment.nodes", "fedbt.deployment.runs", "fedbt.federated.flower_internals")
+HEAVY_LIBRARIES = ("torch", "torchvision", "matplotlib")
+
+
+def test_the_deployments_control_processes_import_no_torch_or_plotting():
+    script = (
+        f"import sys\nfor name in {CONTROL_MODULES!r}: __import__(name)\n"
+        f"print([name for name in {HEAVY_LIBRARIES!r} if name in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fedbt.cli import main
 from fedbt.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, load_config
+from fedbt.data import cache
 from fedbt.data.cache import ImageCache
 from fedbt.data.catalog import Catalog, build_catalog
 from fedbt.data.images import ImageLimits
@@ -192,6 +193,21 @@ def test_a_damaged_cache_entry_is_decoded_again(jpeg_site, tmp_path, how):
     assert again.problems == [] and read_names(again) == jpeg_site.good
     assert np.array_equal(np.load(entry), expected)  # healed on disk, not just in memory
     assert torch.equal(again.pixels, first.pixels)
+
+
+def test_a_pool_of_decoding_workers_caches_the_same_pixels_as_this_process(jpeg_site, tmp_path, monkeypatch):
+    # A site this small is decoded in this process; a real site's thousands of images by a pool.
+    in_process = jpeg_site.build(tmp_path / "in-process")
+    monkeypatch.setattr(cache, "POOL_FROM_IMAGES", 1)
+    monkeypatch.setattr(cache, "default_workers", lambda: 2)
+    pools, start_pool = [], cache.ProcessPoolExecutor
+    monkeypatch.setattr(
+        cache, "ProcessPoolExecutor", lambda *args, **kwargs: pools.append(args) or start_pool(*args, **kwargs)
+    )
+    pooled = jpeg_site.build(tmp_path / "pooled")
+    assert pools == [(2,)]
+    assert pooled.problems == in_process.problems and read_names(pooled) == jpeg_site.good
+    assert torch.equal(pooled.pixels, in_process.pixels)
 
 
 def test_a_site_root_may_not_climb_out_of_the_data_root(tmp_path, capsys):

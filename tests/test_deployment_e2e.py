@@ -191,6 +191,17 @@ class TestOnOneFederation:
         nodes = operator.call_json("supernode", "ls", CONNECTION)["nodes"]
         assert len(nodes) == len(shared_federation.sites) and "intruder" not in json.dumps(nodes)
 
+    def test_below_the_minimum_of_sites_the_run_fails_with_a_clear_message(self, shared_federation, tmp_path):
+        # Four sites asked of a federation of three: as if one had gone, without stopping any.
+        args = run_args(
+            shared_federation, tmp_path / "results", "--rounds", "1", "--sites", "4", "--round-timeout", "10"
+        )
+        done = fedbt(args)
+        assert done.returncode == 2
+        message = last_line(done.stderr)
+        assert message.startswith("fedbt: error: run") and "failed" in message
+        assert "only 3 of the required 4 sites" in message
+
     def test_a_run_of_another_app_is_refused_at_every_site_and_fails_with_that_reason(
         self, shared_federation, tmp_path
     ):
@@ -200,13 +211,28 @@ class TestOnOneFederation:
         request = RunRequest(shared_federation.control_address, shared_federation.certs / "ca.pem",
                              tmp_path / "results", overrides=[*TINY, "tracking.enabled=false"])  # fmt: skip
         run_id = operator.submit(another_app(tmp_path / "app"), run_config_arg(request))
-        wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
-        status, details = operator.run_status(run_id)
+        status, details = wait_for_the_run_to_end(operator, run_id)
         assert status == "finished:failed" and RUN_REFUSED in details, (status, details)
         # Each site says why in its own log; the server learnt only that the site refused.
         assert "fedbt/not-fedbt" not in details
         logs = [(shared_federation.work / f"site-{name}.out").read_text() for name in shared_federation.sites]
         assert any(f"{RUN_REFUSED}: the run's app 'fedbt/not-fedbt 0.1.0'" in log for log in logs)
+
+    def test_the_server_and_the_sites_load_torch_only_in_their_training_and_aggregating_processes(
+        self, shared_federation
+    ):
+        # Last in the class, after its runs. The processes `fedbt server` and `fedbt site` start themselves (SuperLink,
+        # SuperNode, executors, nginx) pass messages: a site's tasks and the server's ServerApp, a level below
+        # them, are the ones that train and aggregate.
+        table = process_table()
+        starters = [
+            shared_federation.server.process.pid,
+            *(site.process.pid for site in shared_federation.sites.values()),
+        ]
+        control = set(starters) | {pid for pid, (parent, _) in table.items() if parent in starters}
+        assert len(control) >= 3 * len(starters), control  # each started two or more: they are all here
+        with_torch = {pid: table[pid][1][:4] for pid in control if loads_torch(pid)}
+        assert with_torch == {}
 
 
 def assert_tracked_on_the_server(store: str) -> None:
@@ -254,12 +280,19 @@ def test_a_removed_site_is_refused_from_then_on_and_the_others_keep_working(fede
     ]
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(every)
+
+
+def wait_for_the_run_to_end(operator: FlowerControl, run_id: int, timeout: float = RUN_TIMEOUT) -> tuple[str, str]:
+    """The run's (status, details) once it has ended. Each look is a `flwr ls` process, about a second
+    of a core: a look every 0.2 s would take a core from the run being waited on."""
+    wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), timeout, "the run to end", every=2.0)
+    return operator.run_status(run_id)
 
 
 def process_table() -> dict[int, tuple[int, list[str]]]:
@@ -274,6 +307,13 @@ def process_table() -> dict[int, tuple[int, list[str]]]:
         parent = int(stat.rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces: state, ppid
         table[int(folder.name)] = (parent, command)
     return table
+
+
+def loads_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it ended meanwhile
+        return False
 
 
 def command_lines() -> list[list[str]]:
@@ -307,15 +347,6 @@ def test_a_killed_site_leaves_a_run_that_finishes_and_it_rejoins_once_restarted(
     history = json.loads((out / "federated" / "metrics.json").read_text())["history"]
     assert set(history[0]["train"]) == {"figshare", "sartaj"}  # round 1 went on without it
     assert set(history[-1]["train"]) == {"figshare", "sartaj", "br35h"}  # back by the last round
-
-
-def test_below_the_minimum_of_sites_the_run_fails_with_a_clear_message(federation, tmp_path):
-    federation.kill_site("sartaj")
-    federation.kill_site("br35h")
-    done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--round-timeout", "10"))
-    assert done.returncode == 2
-    message = last_line(done.stderr)
-    assert message.startswith("fedbt: error: run") and "failed" in message and "of the required 3 sites" in message
 
 
 def a_site_received_train_messages(federation: LocalFederation, count: int) -> bool:

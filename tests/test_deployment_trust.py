@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from site_probe_apps import ANSWERS_FILE, OVERREACHES, REPLIES_FILE
-from test_deployment_e2e import RUN_TIMEOUT, TINY, app_bundle, fedbt, last_line, run_args, wait_for
+from test_deployment_e2e import RUN_TIMEOUT, TINY, app_bundle, fedbt, last_line, run_args, wait_for_the_run_to_end
 
 from fedbt.config import ExperimentConfig, from_dict
 from fedbt.data.labels import Task, get_task
@@ -74,8 +74,7 @@ def run_probe(
     request = RunRequest(federation.control_address, federation.certs / "ca.pem", work / "results",
                          overrides=[*TINY, "tracking.enabled=false", *overrides])  # fmt: skip
     run_id = operator.submit(bundle, run_config_arg(request))
-    wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), timeout, "the run to end")
-    return run_id, *operator.run_status(run_id)
+    return run_id, *wait_for_the_run_to_end(operator, run_id, timeout)
 
 
 def site_logs(federation: LocalFederation) -> str:

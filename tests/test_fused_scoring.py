@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 
 from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig, ModelConfig, TrackingConfig, TrainConfig
+from fedbt.fl.protocol import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
 from fedbt.fl.server import run_federated
-from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, SiteContext, answer
+from fedbt.fl.site import SiteContext, answer
 from fedbt.fl.transport import InMemoryTransport
 
 ROUNDS = 3

@@ -35,7 +35,7 @@ from local_accounts import (
     python_for_every_account,
     remove_accounts,
 )
-from test_deployment_e2e import RUN_TIMEOUT, TINY, app_bundle, fedbt, wait_for
+from test_deployment_e2e import RUN_TIMEOUT, TINY, app_bundle, fedbt, wait_for, wait_for_the_run_to_end
 
 from fedbt.deployment.control import FlowerControl
 from fedbt.deployment.local import LocalFederation
@@ -110,8 +110,8 @@ def test_under_flower_defaults_a_site_runs_its_installed_clientapp_not_the_serve
     request = RunRequest(federation.control_address, federation.certs / "ca.pem", tmp_path / "results",
                          overrides=ONE_SITE_RUN)  # fmt: skip
     run_id = operator.submit(bundle_with_its_own_clientapp(tmp_path / "app", marker), run_config_arg(request))
-    wait_for(lambda: operator.run_status(run_id)[0].startswith("finished"), RUN_TIMEOUT, "the run to end")
-    assert operator.run_status(run_id)[0] == "finished:completed", operator.run_status(run_id)
+    status, details = wait_for_the_run_to_end(operator, run_id)
+    assert status == "finished:completed", (status, details)
     assert not marker.exists()
 
 

@@ -95,6 +95,13 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+# Fewer images than this are decoded in this process. Where the start method is forkserver (a
+# deployed site's tasks are forkserver children), each worker of a pool is a fresh interpreter
+# that imports torch and fedbt before its first image: seconds, more than a few hundred small
+# decodes take.
+POOL_FROM_IMAGES = 512
+
+
 def fill_cache(
     records: list[Record], cache: ImageCache, workers: int | None = None, progress: bool = True
 ) -> dict[str, str]:
@@ -107,7 +114,7 @@ def fill_cache(
         return {}
     jobs = [(r, cache) for r in todo.values()]
     workers = workers or default_workers()
-    parallel = workers > 1 and len(jobs) >= 16
+    parallel = workers > 1 and len(jobs) >= POOL_FROM_IMAGES
     errors: dict[str, str] = {}
     bar = tqdm(total=len(jobs), desc=f"decoding to {cache.size}px cache", unit="img", disable=not progress)
     # One torch thread per worker: the workers are the parallelism, and a forked worker's first

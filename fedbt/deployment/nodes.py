@@ -32,7 +32,7 @@ from fedbt.federated.flower_internals import (
     installed_flower_version,
 )
 from fedbt.fileio import atomic_write, make_private_folders
-from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
+from fedbt.fl.protocol import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
 
 SERVER_READY = "server ready"
 SITE_READY = "connected to the server"

@@ -12,9 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedbt.config import PROJECT_ROOT, ExperimentConfig, from_dict, load_config
 from fedbt.data.synthetic import ensure_demo_data
 from fedbt.federated.packing import packed, reply_of, request_message, unpacked_reply
-from fedbt.fl.protocol import Reply, Request
+from fedbt.fl.protocol import NODE_DATA_ROOT, Reply, Request
 from fedbt.fl.server import run_federated
-from fedbt.fl.site import NODE_DATA_ROOT
 
 # run_simulation.py names the fully resolved experiment file here for its ServerApp.
 EXPERIMENT_ENV = "FEDBT_EXPERIMENT"

@@ -9,10 +9,12 @@ also the wire format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the names alone: the SuperNode and the server's control processes import them without torch
+    import torch
 
-TensorGroup = dict[str, torch.Tensor]
+TensorGroup = dict[str, "torch.Tensor"]
 Scalar = int | float | str | bool
 
 TRAIN, EVALUATE = "train", "evaluate"
@@ -47,6 +49,11 @@ PERSONALISE_KEY = "personalise"
 ACCEPTED_ROUND_KEY = "accepted-round"
 # Client-level DP clipped at the sites: the norm each site clips its update to.
 CLIPPING_NORM_KEY = "fedbt-clipping-norm"
+
+# A hospital node's config names its own site file, data root and decode cache (`fedbt site`);
+# a simulated site's names its partition instead.
+NODE_SITE, NODE_DATA_ROOT, NODE_CACHE_DIR = "site", "data-root", "cache-dir"
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 
 # Reply keys: the examples a site trained on (what FedAvg weighs it by), its name, and its
 # validation metrics as JSON (they hold nested dicts).

@@ -44,6 +44,11 @@ from fedbt.fl.protocol import (
     FAILED_CODE,
     FAILED_REASON,
     MODEL,
+    NODE_CACHE_DIR,
+    NODE_DATA_ROOT,
+    NODE_SITE,
+    NUM_PARTITIONS,
+    PARTITION_ID,
     PERSONALISE_KEY,
     PERSONALISED_AGGREGATES,
     PERSONALISED_KEY,
@@ -78,10 +83,6 @@ from fedbt.progress import log
 from fedbt.train.personalise import SiteData, personalise_site
 from fedbt.train.setup import new_model
 
-# A hospital node's config names its own site file, data root and decode cache (`fedbt site`);
-# a simulated site's names its partition instead.
-NODE_SITE, NODE_DATA_ROOT, NODE_CACHE_DIR = "site", "data-root", "cache-dir"
-PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 # A hospital's own state of each run, in its cache folder (see FileStore).
 SITE_STATE_FOLDER = "site-state"
 
