@@ -432,18 +432,19 @@ def task_processes(table: dict[int, tuple[int, list[str]]], site) -> set[int]:
     return {pid for pid, (parent, _) in table.items() if forkserver(pid) and forkserver(parent) and under_site(pid)}
 
 
-def sites_allowing_long_rounds(folder: Path, site_files: list[str], local_epochs: int) -> list[str]:
-    """The site files with a policy that lets a server ask for `local_epochs` passes a round."""
+def sites_with_policy(folder: Path, site_files: list[str], **policy: int) -> list[str]:
+    """The site files, each with this policy (the project's have none: they take the defaults)."""
     folder.mkdir()
+    rules = "".join(f"  {key}: {value}\n" for key, value in policy.items())
     for path in map(Path, site_files):
-        (folder / path.name).write_text(f"{path.read_text()}\npolicy:\n  max_local_epochs: {local_epochs}\n")
+        (folder / path.name).write_text(f"{path.read_text()}\npolicy:\n{rules}")
     return [str(folder / Path(path).name) for path in site_files]
 
 
 def test_a_run_stopped_on_the_server_ends_the_training_at_every_site(tmp_path, demo_root, site_files):
     # A round of 5000 epochs: minutes of training, stopped while every site is in it.
     epochs = 5000
-    long_rounds = sites_allowing_long_rounds(tmp_path / "sites", site_files, epochs)
+    long_rounds = sites_with_policy(tmp_path / "sites", site_files, max_local_epochs=epochs)
     federation = LocalFederation(tmp_path, demo_root, long_rounds, connect_timeout=30)
     try:
         federation.start()

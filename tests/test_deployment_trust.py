@@ -17,7 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from site_probe_apps import ANSWERS_FILE, OVERREACHES, REPLIES_FILE
-from test_deployment_e2e import RUN_TIMEOUT, TINY, app_bundle, fedbt, last_line, run_args, wait_for_the_run_to_end
+from test_deployment_e2e import (
+    RUN_TIMEOUT,
+    TINY,
+    app_bundle,
+    fedbt,
+    last_line,
+    run_args,
+    sites_with_policy,
+    wait_for_the_run_to_end,
+)
 
 from fedbt.config import ExperimentConfig, from_dict
 from fedbt.data.labels import Task, get_task
@@ -45,6 +54,9 @@ SPLITS = ("train", "val", "test")
 # aggregates count as ties (0.79 against 0.53), and binned AUCs would compare little but ties.
 # Five local epochs at lr 0.01 spread them over 28 bins and more.
 LEARNING = ("federated.rounds=2", "federated.local_epochs=5", "train.lr=0.01")
+# The sites' largest image side here, above the runs' 32 px: a request over it (the small CNN's weights
+# grow with the image's area) stays a few MB.
+IMAGE_LIMIT = 48
 # Training replies, validation and test scorings on 2 cores that other jobs share; a guard, not a bound.
 FULL_RUN_TIMEOUT = 900
 
@@ -58,7 +70,9 @@ def site_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, site_data, site_files):
-    federation = LocalFederation(tmp_path_factory.mktemp("trust"), site_data, site_files, connect_timeout=30)
+    work = tmp_path_factory.mktemp("trust")
+    limited = sites_with_policy(work / "sites", site_files, max_image_size=IMAGE_LIMIT)
+    federation = LocalFederation(work, site_data, limited, connect_timeout=30)
     try:
         yield federation.start()
     finally:
@@ -99,13 +113,15 @@ def test_a_server_asking_for_another_data_root_or_a_second_test_scoring_is_refus
 
 
 def test_an_image_size_above_the_sites_limit_fails_the_run_and_the_reason_stays_at_the_sites(federation, tmp_path):
-    done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--set", "data.image_size=512"))
+    above = f"data.image_size={2 * IMAGE_LIMIT}"
+    done = fedbt(run_args(federation, tmp_path / "results", "--rounds", "1", "--set", above))
     assert done.returncode == 2
     message = last_line(done.stderr)
     # Every site refused: the run stops at once and says so, without the reason (it stays at the sites).
     assert message.startswith("fedbt: error: run") and "refused by 3 of 3 sites" in message
     assert "limit" not in done.stdout + done.stderr
-    assert site_logs(federation).count("data.image_size=512 is above this site's limit of 256") == len(federation.sites)
+    refusal = f"{above} is above this site's limit of {IMAGE_LIMIT}"
+    assert site_logs(federation).count(refusal) == len(federation.sites)
 
 
 @dataclass

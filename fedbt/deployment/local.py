@@ -13,7 +13,7 @@ from pathlib import Path
 from fedbt.data.sites import load_site
 from fedbt.deployment.certs import make_deployment_certs
 from fedbt.deployment.nodes import LOOPBACK, SERVER_READY, SITE_READY, STARTUP_TIMEOUT, free_port
-from fedbt.deployment.processes import ManagedProcess, flower_env
+from fedbt.deployment.processes import ManagedProcess, flower_env, stop_all
 from fedbt.deployment.runs import RunOutcome, RunRequest, submit_and_follow
 
 
@@ -90,12 +90,9 @@ class LocalFederation:
             self.server = None
 
     def close(self) -> None:
-        for site in self.sites.values():
-            site.stop()
+        stop_all([*self.sites.values(), *([self.server] if self.server else [])])
         self.sites.clear()
-        if self.server:
-            self.server.stop()
-            self.server = None
+        self.server = None
 
 
 def rounds_overhead(metrics: dict) -> list[float]:

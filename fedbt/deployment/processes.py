@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -133,6 +135,14 @@ class ManagedProcess:
         self._reader.join(timeout=2)
         if self._log:
             self._log.close()
+
+
+def stop_all(processes: Iterable[ManagedProcess], grace: float = 5.0) -> None:
+    """Stop them side by side: each shutdown takes a few seconds of its own, and none waits for another's."""
+    processes = list(processes)
+    if processes:
+        with ThreadPoolExecutor(len(processes)) as pool:
+            list(pool.map(lambda process: process.stop(grace), processes))  # re-raises a failed stop
 
 
 def stop_process(process: subprocess.Popen, grace: float, group: bool) -> None:
