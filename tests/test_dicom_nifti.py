@@ -453,8 +453,9 @@ def test_every_message_a_dicom_or_nifti_site_sends_holds_no_identifier(tmp_path)
     """Two rounds of the server's round against the sites' own handlers, as their nodes run them;
     every reply is kept as it leaves the site."""
     from fedbt.config import FederatedConfig, TrackingConfig, TrainConfig
+    from fedbt.fl.protocol import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE
     from fedbt.fl.server import run_federated
-    from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, SiteContext, answer
+    from fedbt.fl.site import SiteContext, answer
     from fedbt.fl.transport import InMemoryTransport
 
     archives = [dicom_archive(tmp_path / "dicom", patients=8), nifti_archive(tmp_path / "nifti", subjects=8)]

@@ -9,9 +9,19 @@ import torch
 
 from fedbt.config import ExperimentConfig, FederatedConfig, ModelConfig, TrainConfig
 from fedbt.fl import server
-from fedbt.fl.protocol import FAILED_CODE, FAILED_REASON, MODEL, REFUSED_CODE, REFUSED_REASON, Reply, Request
+from fedbt.fl.protocol import (
+    FAILED_CODE,
+    FAILED_REASON,
+    MODEL,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    REFUSED_CODE,
+    REFUSED_REASON,
+    Reply,
+    Request,
+)
 from fedbt.fl.replies import in_site_order
-from fedbt.fl.site import NUM_PARTITIONS, PARTITION_ID, SiteContext, answer
+from fedbt.fl.site import SiteContext, answer
 from fedbt.fl.strategies import FedAdam
 from fedbt.fl.task import LocalState, round_steps
 from fedbt.fl.transport import FakeClock, InMemoryTransport, RunRefusedError, SitesMissingError

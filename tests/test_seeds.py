@@ -24,8 +24,9 @@ from fedbt.federated import seeds, simulation
 from fedbt.federated.seeds import seed_config
 from fedbt.federated.simulation import _fingerprint, _reusable, same_settings, with_absolute_paths
 from fedbt.fileio import read_json, write_json, write_text
+from fedbt.fl.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedbt.fl.server import run_federated
-from fedbt.fl.site import NUM_PARTITIONS, PARTITION_ID, SiteContext, answer
+from fedbt.fl.site import SiteContext, answer
 from fedbt.fl.transport import InMemoryTransport
 from fedbt.reports.seeds import (
     WITH_HELD_OUT,

@@ -19,8 +19,17 @@ from fedbt.eval.aggregates import SCORE_BINS
 from fedbt.eval.calibration import CONFIDENCE_BINS
 from fedbt.fl import server
 from fedbt.fl.ledger import PrivacyLedger, TestQuota, format_ledger
-from fedbt.fl.protocol import PERSONALISED_AGGREGATES, PERSONALISED_KEY, SPLIT_KEY, Reply, Request
-from fedbt.fl.site import NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_SITE, SITE_STATE_FOLDER, SiteContext, answer
+from fedbt.fl.protocol import (
+    NODE_CACHE_DIR,
+    NODE_DATA_ROOT,
+    NODE_SITE,
+    PERSONALISED_AGGREGATES,
+    PERSONALISED_KEY,
+    SPLIT_KEY,
+    Reply,
+    Request,
+)
+from fedbt.fl.site import SITE_STATE_FOLDER, SiteContext, answer
 from fedbt.fl.transport import InMemoryTransport, RunRefusedError
 from fedbt.model.checkpoint import load_checkpoint
 from fedbt.train import personalise

@@ -28,6 +28,9 @@ from fedbt.fl.protocol import (
     EXPERIMENT_KEY,
     FAILED_REASON,
     MODEL,
+    NODE_CACHE_DIR,
+    NODE_DATA_ROOT,
+    NODE_SITE,
     REFUSED_REASON,
     ROUND_KEY,
     TEMPERATURE_KEY,
@@ -37,9 +40,6 @@ from fedbt.fl.protocol import (
     Request,
 )
 from fedbt.fl.site import (
-    NODE_CACHE_DIR,
-    NODE_DATA_ROOT,
-    NODE_SITE,
     SITE_STATE_FOLDER,
     SiteContext,
     answer,

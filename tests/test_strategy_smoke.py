@@ -20,8 +20,9 @@ from fedbt.config import (
 from fedbt.data.catalog import build_catalog
 from fedbt.data.partition import make_partitions
 from fedbt.data.synthetic import generate_demo_data
+from fedbt.fl.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedbt.fl.server import federated_dir, run_federated
-from fedbt.fl.site import NUM_PARTITIONS, PARTITION_ID, SiteContext, answer
+from fedbt.fl.site import SiteContext, answer
 from fedbt.fl.task import LocalState, evaluate_partition
 from fedbt.fl.transport import InMemoryTransport
 from fedbt.model.checkpoint import load_checkpoint
