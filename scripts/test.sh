@@ -41,4 +41,7 @@ fi
 "$VENV/bin/python" -c "import fedbt, torch, torchvision, flwr" # fails loudly if the install did not work
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # --fast is conftest.py's option; the slowest tests are listed so that the fast tier stays fast.
-exec "$VENV/bin/python" -m pytest -q --durations=15 "$@"
+# Two workers, each running whole files (so a file's shared federation starts once): most e2e
+# tests wait on the processes they started, and the other worker uses that time. `-n 0` after
+# this script's name runs everything in one process.
+exec "$VENV/bin/python" -m pytest -q --durations=15 -n 2 --dist loadfile "$@"
