@@ -40,6 +40,10 @@ fi
 "$VENV/bin/pip" install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 "$VENV/bin/python" -c "import fedbt, torch, torchvision, flwr" # fails loudly if the install did not work
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# Many processes train at once here (two workers, a federation's sites, Ray's clients) on few
+# cores. OpenMP's idle threads spin by default and, so oversubscribed, take the cores from the
+# threads with work: passive waiting sleeps instead (docs/design.md#tests has the measurement).
+export OMP_WAIT_POLICY=PASSIVE
 # --fast is conftest.py's option; the slowest tests are listed so that the fast tier stays fast.
 # Two workers, each running whole files (so a file's shared federation starts once): most e2e
 # tests wait on the processes they started, and the other worker uses that time. `-n 0` after
