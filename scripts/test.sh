@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command, the same for a newcomer, a developer and CI (.ci/run calls it):
 #   bash scripts/test.sh            the whole suite
-#   bash scripts/test.sh --fast     the fast tier: one process, generated data (docs/design.md#tests)
+#   bash scripts/test.sh --fast     the fast tier: generated data; no Ray, Flower, browser or nginx (docs/design.md#tests)
 # Any other argument goes to pytest. pytest exits 5 when it collected no test: that is a failure here too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
