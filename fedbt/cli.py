@@ -208,6 +208,18 @@ def cmd_personalise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedbt.federated.seeds import report_seed_study
+
+    study = Path(args.run)
+    if not study.is_dir():
+        raise ValueError(f"--run {study}: no such folder")
+    out = Path(args.out) if args.out else study
+    report_seed_study(study, out)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedbt.bench import run_and_print
 
@@ -585,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a setting of the run's, e.g. --set personalise.epochs=2 (repeatable)",
     )
     personalise.set_defaults(func=cmd_personalise)
+    report = sub.add_parser(
+        "report",
+        help="a seed study's report over the seeds it has finished so far, while it runs; trains nothing",
+    )
+    report.add_argument("--run", required=True, help="the seed study's folder (run_simulation.py --seeds N --out)")
+    report.add_argument("--out", help="where report.md, report.html and seeds.json go (default: the study's folder)")
+    report.set_defaults(func=cmd_report)
+
     bench = sub.add_parser("bench", help="training, evaluation and inference speed on this machine")
     add_config_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed reference steps and latency repeats")

@@ -236,13 +236,44 @@ def test_two_seeds_train_twice_on_one_split_and_report_mean_sd_and_gap(demo_args
     assert "Selection rule" in report and "seed-1/report.html" in report
 
 
-def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path, monkeypatch):
-    study, out = tmp_path / "study", tmp_path / "completed"
+def running_study(study: Path, federated: dict[int, float], fedexp: dict[int, float]) -> None:
+    """A seed study's folder mid-way: seed 1 still training (no comparison.json); the others finished
+    with these pooled accuracies (central 0.93), and FedExP's run beside them finished where given."""
     for seed in (0, 1, 2):
         folder = study / f"seed-{seed}"
-        write_json(folder / "experiment.json", {"data": {"data_root": str(tmp_path)}, "train": {"seed": seed}})
-        if seed != 1:  # seed 1 is still training: no comparison.json yet
-            write_json(folder / "comparison.json", {"results": {}})
+        write_json(folder / "experiment.json", {"data": {"data_root": str(study)}, "train": {"seed": seed}})
+        write_json(folder / "federated-fedexp" / "experiment.json", {})
+        if seed in federated:
+            results = {"federated": {"test": scores(federated[seed], None)}, "central": {"test": scores(0.93, None)}}
+            write_json(folder / "comparison.json", {"results": results})
+        if seed in fedexp:
+            write_json(folder / "federated-fedexp" / "federated" / "metrics.json", {"test": scores(fedexp[seed], None)})
+
+
+def test_a_running_seed_studys_report_covers_its_finished_seeds_and_strategies_and_trains_nothing(tmp_path, capsys):
+    study, out = tmp_path / "study", tmp_path / "report"
+    running_study(study, federated={0: 0.90, 2: 0.88}, fedexp={0: 0.91, 2: 0.92})
+    before = sorted(study.rglob("*"))
+    assert main(["report", "--run", str(study), "--out", str(out)]) == 0
+    assert sorted(study.rglob("*")) == before  # read only: no seed trained, no file of the study touched
+    written = json.loads((out / "seeds.json").read_text())
+    assert written["seeds"] == [0, 2]
+    assert written["summary"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.03, -0.05])
+    assert written["other_strategies"]["fedexp"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.02, -0.01])
+    assert "Global strategies against central" in (out / "report.md").read_text()
+    assert capsys.readouterr().out.endswith(f"report: {out / 'report.html'}\n")
+
+
+def test_a_seed_report_needs_two_finished_seeds(tmp_path, capsys):
+    running_study(tmp_path / "study", federated={0: 0.90}, fedexp={})
+    assert main(["report", "--run", str(tmp_path / "study")]) == 2
+    needs = "a seed report needs 2 finished seeds (seed-<k>/comparison.json); 1 so far"
+    assert capsys.readouterr().err == f"fedbt: error: {tmp_path / 'study'}: {needs}\n"
+
+
+def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path, monkeypatch):
+    study, out = tmp_path / "study", tmp_path / "completed"
+    running_study(study, federated={0: 0.90, 2: 0.90}, fedexp={0: 0.91})
     completed = []
 
     def complete_run(run, target, overrides):
@@ -254,8 +285,10 @@ def test_a_running_seed_study_is_completed_over_its_finished_seeds_only(tmp_path
     result = seeds.complete_seed_study(study, out)
     assert completed == [("seed-0", out / "seed-0"), ("seed-2", out / "seed-2")]
     assert result["seeds"] == [0, 2]
-    summary = json.loads((out / "seeds.json").read_text())["summary"]
-    assert summary["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.04, -0.05])
+    written = json.loads((out / "seeds.json").read_text())
+    assert written["summary"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.04, -0.05])
+    # FedExP beside it, finished at seed 0 only so far, is paired with that seed's central model.
+    assert written["other_strategies"]["fedexp"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.02])
 
 
 def test_only_settings_that_change_results_decide_whether_an_earlier_seed_is_reused(tmp_path):

@@ -122,6 +122,40 @@ def finished_seeds(study: Path) -> dict[int, Path]:
     return {seed: folders[seed] for seed in sorted(folders) if (folders[seed] / "comparison.json").is_file()}
 
 
+def other_strategies(seed_folder: Path) -> dict[str, dict]:
+    """A seed's finished federated runs under the study's further strategies (--also-strategy), by strategy:
+    the metrics.json that run_flower_simulation writes when a run ends."""
+    runs = {
+        run.name.removeprefix("federated-"): run / "federated" / "metrics.json"
+        for run in seed_folder.glob("federated-*")
+    }
+    return {strategy: read_json(runs[strategy]) for strategy in sorted(runs) if runs[strategy].is_file()}
+
+
+def study_config(seeds: dict[int, Path], out: Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The study's settings, from its first finished seed, writing to out."""
+    cfg = load_config([seeds[min(seeds)] / "experiment.json"], overrides)
+    cfg.output_dir = str(out)
+    return cfg
+
+
+def report_seed_study(study: Path, out: Path) -> dict:
+    """The seed report over a seed study's finished seeds as they stand, while the study may still be
+    running: read from each seed's comparison.json and its further strategies' runs; nothing is trained."""
+    seeds = finished_seeds(study)
+    if len(seeds) < 2:
+        finished = f"{len(seeds)} so far"
+        raise ValueError(f"{study}: a seed report needs 2 finished seeds (seed-<k>/comparison.json); {finished}")
+    runs = {}
+    for seed, folder in seeds.items():
+        runs[seed] = read_json(folder / "comparison.json")["results"]
+        if strategies := other_strategies(folder):
+            runs[seed]["strategies"] = strategies
+    cfg = study_config(seeds, out)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root))
+
+
 def complete_seed_study(study: Path, out: Path, overrides: list[str] | None = None) -> dict:
     """Personalised models and paired tests for every finished seed of a seed study (fedbt.federated.
     simulation.complete_run, into out/seed-<seed>/), then the seed report over those seeds in out."""
@@ -133,7 +167,8 @@ def complete_seed_study(study: Path, out: Path, overrides: list[str] | None = No
     for number, (seed, folder) in enumerate(seeds.items(), 1):
         log(f"[seeds] completing seed {seed} ({number} of {len(seeds)} finished)")
         runs[seed] = complete_run(folder, out / folder.name, overrides)
-    cfg = load_config([seeds[min(seeds)] / "experiment.json"], overrides)
-    cfg.output_dir = str(out)
+        if strategies := other_strategies(folder):
+            runs[seed]["strategies"] = strategies
+    cfg = study_config(seeds, out, overrides)
     summary = write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root)) if len(runs) > 1 else {}
     return {"seeds": list(runs), "summary": summary, "wall_seconds_total": time.perf_counter() - started}
