@@ -12,7 +12,7 @@ from fedbt.config import ExperimentConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.federated.simulation import paired_tests
 from fedbt.model.checkpoint import save_checkpoint
-from fedbt.reports.comparison import personalised_rows
+from fedbt.reports.comparison import personalised_note, personalised_rows
 from fedbt.reports.plots import learning_curves
 from fedbt.train.setup import new_model
 
@@ -56,6 +56,15 @@ def test_the_personalised_model_has_its_own_row_per_site_beside_local_only_and_g
         "personalised": {"br35h": {"chosen": "head", "candidates": candidates, "test": {"set_accuracy": 0.97}}},
     }
     assert personalised_rows(results) == [["br35h", "96.0%", "93.0%", "97.0%", "head", "global 90.0%, head 95.0%"]]
+
+
+def test_the_personalised_note_names_only_the_candidates_the_run_tried():
+    adapted = "its adaptations on the site's training split"
+    older = personalised_note(["batchnorm", "head", "all"])
+    assert f"whichever of the global model or {adapted} (batchnorm, head, all) scores" in older
+    assert "own local-only" not in older
+    current = personalised_note(["batchnorm", "local"])
+    assert f"whichever of the global model, {adapted} (batchnorm) or the site's own local-only model scores" in current
 
 
 @pytest.mark.e2e

@@ -149,13 +149,24 @@ def held_out_effect(models: dict[str, dict]) -> str:
     return f" Counting them, pooled 4-class accuracy would read: {'; '.join(moved)}." if moved else ""
 
 
-PERSONALISED_NOTE = (
-    "Each site's own test split, three models: its local-only model, the federation's global model, and the "
-    "model the site would use: the global model, an adaptation of it on the site's training split, or the site's "
-    "own local-only model, whichever scores highest on the site's validation split (the global model unless one "
-    "beats it strictly). A personalised model serves "
-    "its own site alone: its scores are never pooled into the global model's row above."
-)
+def personalised_note(candidates: list[str]) -> str:
+    """What the personalised column holds, naming the candidates this run's sites tried
+    (personalise.candidates): a study made at an older default tried fewer."""
+    adaptations = [name for name in candidates if name != "local"]
+    tried = ["the global model"]
+    if adaptations:
+        tried.append(f"its adaptations on the site's training split ({', '.join(adaptations)})")
+    if "local" in candidates:
+        tried.append("the site's own local-only model")
+    choices = tried[0] if len(tried) == 1 else f"{', '.join(tried[:-1])} or {tried[-1]}"
+    return (
+        "Each site's own test split, three models: its local-only model, the federation's global model, and the "
+        f"model the site would use: whichever of {choices} scores highest on the site's validation split (the "
+        "global model unless one beats it strictly). A personalised model serves its own site alone: its scores "
+        "are never pooled into the global model's row above."
+    )
+
+
 PERSONALISED_HEADER = ["site (own test split)", "local-only", "global", "personalised", "kept", "validation: tried"]
 
 
@@ -208,9 +219,9 @@ def paired_blocks(paired: dict) -> list[Block]:
     return [("h2", "Federated against central, image by image"), ("table", table), ("p", PAIRED_NOTE)]
 
 
-def personalised_blocks(results: dict) -> list[Block]:
+def personalised_blocks(results: dict, candidates: list[str]) -> list[Block]:
     table = (PERSONALISED_HEADER, personalised_rows(results))
-    return [("h2", "Each site's own model"), ("table", table), ("p", PERSONALISED_NOTE)]
+    return [("h2", "Each site's own model"), ("table", table), ("p", personalised_note(candidates))]
 
 
 def _number_files(out: Path) -> list[tuple[str, str]]:
@@ -249,7 +260,7 @@ def write_report(
         *([("p", FEDBN_NOTE)] if cfg.federated.fedbn else []),
         ("p", _split_control(results)),
         *(paired_blocks(results["paired"]) if "paired" in results else []),
-        *(personalised_blocks(results) if "personalised" in results else []),
+        *(personalised_blocks(results, cfg.personalise.candidates) if "personalised" in results else []),
         ("h2", "Calibration"),
         ("table", (CALIBRATION_HEADER, calibration_rows(results))),
         ("p", CALIBRATION_NOTE),

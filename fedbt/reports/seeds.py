@@ -15,10 +15,10 @@ from fedbt.fileio import write_json
 from fedbt.reports.comparison import (
     GENERATED_DATA_NOTE,
     PAIRED_NOTE,
-    PERSONALISED_NOTE,
     SELECTION_RULE,
     SITE_NOTE,
     headline_scores,
+    personalised_note,
     setup_text,
     site_names,
 )
@@ -312,7 +312,11 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
         ("table", (PER_SEED_HEADER, per_seed)),
         ("p", PAIRED_NOTE),
         *(
-            [("h2", "Is each site better off in the federation?"), ("table", gain_table), ("p", PERSONALISED_NOTE)]
+            [
+                ("h2", "Is each site better off in the federation?"),
+                ("table", gain_table),
+                ("p", personalised_note(cfg.personalise.candidates)),
+            ]
             if gains
             else []
         ),
