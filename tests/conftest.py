@@ -25,7 +25,8 @@ pytest_plugins = ["pytester"]  # test_tiers.py runs sessions of its own with thi
 
 
 # Test tiers (docs/design.md#tests). The fast tier, `pytest --fast`, is what a developer runs
-# between edits: generated data, one process, no long training. It leaves out these marks:
+# between edits: generated data, no process of Ray, Flower, a browser or nginx, no long training.
+# It leaves out these marks:
 NOT_IN_FAST_TIER = ("e2e", "real_data", "slow")
 # Fixtures that start processes (a whole simulation starts Ray): every test using one is e2e.
 PROCESS_FIXTURES = {"finished_run"}

@@ -12,7 +12,7 @@ from fedbt.config import ExperimentConfig, TrainConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.federated.simulation import paired_tests
 from fedbt.model.checkpoint import save_checkpoint
-from fedbt.reports.comparison import personalised_note, personalised_rows
+from fedbt.reports.comparison import personalised_note, personalised_rows, tried_candidates
 from fedbt.reports.plots import learning_curves
 from fedbt.train.setup import new_model
 
@@ -59,6 +59,10 @@ def test_the_personalised_model_has_its_own_row_per_site_beside_local_only_and_g
 
 
 def test_the_personalised_note_names_only_the_candidates_the_run_tried():
+    # A small CNN has no BatchNorm to re-estimate, and a deployment's site has no local-only model.
+    cnn_site = {"candidates": {"global": {}, "head": {}, "all": {}}}
+    resnet_site = {"candidates": {"global": {}, "batchnorm": {}, "head": {}, "all": {}}}
+    assert tried_candidates([cnn_site, resnet_site]) == ["head", "all", "batchnorm"]
     adapted = "its adaptations on the site's training split"
     older = personalised_note(["batchnorm", "head", "all"])
     assert f"whichever of the global model or {adapted} (batchnorm, head, all) scores" in older

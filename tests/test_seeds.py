@@ -5,6 +5,7 @@ strategy beside), and a 2-seed simulation on generated data."""
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -246,22 +247,36 @@ def running_study(study: Path, federated: dict[int, float], fedexp: dict[int, fl
         if seed in federated:
             results = {"federated": {"test": scores(federated[seed], None)}, "central": {"test": scores(0.93, None)}}
             write_json(folder / "comparison.json", {"results": results})
+            write_text(folder / "report.html", "the seed's own report")
         if seed in fedexp:
             write_json(folder / "federated-fedexp" / "federated" / "metrics.json", {"test": scores(fedexp[seed], None)})
+
+
+def linked_pages(report: Path) -> list[Path]:
+    """The seed pages report.md links to, resolved from its folder."""
+    return [report.parent / link for link in re.findall(r"\]\(([^)]*seed-\d+/report\.html)\)", report.read_text())]
 
 
 def test_a_running_seed_studys_report_covers_its_finished_seeds_and_strategies_and_trains_nothing(tmp_path, capsys):
     study, out = tmp_path / "study", tmp_path / "report"
     running_study(study, federated={0: 0.90, 2: 0.88}, fedexp={0: 0.91, 2: 0.92})
-    before = sorted(study.rglob("*"))
+    before = {path: path.read_bytes() for path in study.rglob("*") if path.is_file()}
     assert main(["report", "--run", str(study), "--out", str(out)]) == 0
-    assert sorted(study.rglob("*")) == before  # read only: no seed trained, no file of the study touched
+    # Read only: no seed trained, no file of the study written.
+    assert {path: path.read_bytes() for path in study.rglob("*") if path.is_file()} == before
     written = json.loads((out / "seeds.json").read_text())
     assert written["seeds"] == [0, 2]
     assert written["summary"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.03, -0.05])
     assert written["other_strategies"]["fedexp"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.02, -0.01])
     assert "Global strategies against central" in (out / "report.md").read_text()
     assert capsys.readouterr().out.endswith(f"report: {out / 'report.html'}\n")
+    # Its links reach the seeds' own pages, in the study's folder.
+    pages = linked_pages(out / "report.md")
+    assert len(pages) == 2 and all(page.is_file() for page in pages)
+    # Without --out, the report goes into the study's folder, beside its seeds.
+    assert main(["report", "--run", str(study)]) == 0
+    assert json.loads((study / "seeds.json").read_text())["seeds"] == [0, 2]
+    assert [page.resolve() for page in linked_pages(study / "report.md")] == [page.resolve() for page in pages]
 
 
 def test_a_seed_report_needs_two_finished_seeds(tmp_path, capsys):

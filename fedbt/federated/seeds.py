@@ -122,14 +122,18 @@ def finished_seeds(study: Path) -> dict[int, Path]:
     return {seed: folders[seed] for seed in sorted(folders) if (folders[seed] / "comparison.json").is_file()}
 
 
-def other_strategies(seed_folder: Path) -> dict[str, dict]:
-    """A seed's finished federated runs under the study's further strategies (--also-strategy), by strategy:
-    the metrics.json that run_flower_simulation writes when a run ends."""
+def with_other_strategies(results: dict, seed_folder: Path) -> dict:
+    """A seed's results with its finished federated runs under the study's further strategies
+    (--also-strategy) beside them, as run_seed_study holds them: the metrics.json that
+    run_flower_simulation writes when a run ends. Rerunning the study replaces a run left by other
+    settings; until then it is read as it is."""
     runs = {
         run.name.removeprefix("federated-"): run / "federated" / "metrics.json"
         for run in seed_folder.glob("federated-*")
     }
-    return {strategy: read_json(runs[strategy]) for strategy in sorted(runs) if runs[strategy].is_file()}
+    if strategies := {strategy: read_json(runs[strategy]) for strategy in sorted(runs) if runs[strategy].is_file()}:
+        results["strategies"] = strategies
+    return results
 
 
 def study_config(seeds: dict[int, Path], out: Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -146,14 +150,13 @@ def report_seed_study(study: Path, out: Path) -> dict:
     if len(seeds) < 2:
         finished = f"{len(seeds)} so far"
         raise ValueError(f"{study}: a seed report needs 2 finished seeds (seed-<k>/comparison.json); {finished}")
-    runs = {}
-    for seed, folder in seeds.items():
-        runs[seed] = read_json(folder / "comparison.json")["results"]
-        if strategies := other_strategies(folder):
-            runs[seed]["strategies"] = strategies
+    runs = {
+        seed: with_other_strategies(read_json(folder / "comparison.json")["results"], folder)
+        for seed, folder in seeds.items()
+    }
     cfg = study_config(seeds, out)
     out.mkdir(parents=True, exist_ok=True)
-    return write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root))
+    return write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root), seed_pages=study)
 
 
 def complete_seed_study(study: Path, out: Path, overrides: list[str] | None = None) -> dict:
@@ -166,9 +169,7 @@ def complete_seed_study(study: Path, out: Path, overrides: list[str] | None = No
     runs = {}
     for number, (seed, folder) in enumerate(seeds.items(), 1):
         log(f"[seeds] completing seed {seed} ({number} of {len(seeds)} finished)")
-        runs[seed] = complete_run(folder, out / folder.name, overrides)
-        if strategies := other_strategies(folder):
-            runs[seed]["strategies"] = strategies
+        runs[seed] = with_other_strategies(complete_run(folder, out / folder.name, overrides), folder)
     cfg = study_config(seeds, out, overrides)
     summary = write_seed_report(runs, cfg, out, is_generated_data(cfg.data.data_root)) if len(runs) > 1 else {}
     return {"seeds": list(runs), "summary": summary, "wall_seconds_total": time.perf_counter() - started}

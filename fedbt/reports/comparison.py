@@ -149,9 +149,15 @@ def held_out_effect(models: dict[str, dict]) -> str:
     return f" Counting them, pooled 4-class accuracy would read: {'; '.join(moved)}." if moved else ""
 
 
+def tried_candidates(personalised_sites: Iterable[dict]) -> list[str]:
+    """What the sites tried besides the global model, in the order tried: a site skips what its model or
+    run cannot offer (no BatchNorm in the small CNN, no local-only model in a deployment)."""
+    tried = {name: None for site in personalised_sites for name in site.get("candidates", {}) if name != "global"}
+    return list(tried)
+
+
 def personalised_note(candidates: list[str]) -> str:
-    """What the personalised column holds, naming the candidates this run's sites tried
-    (personalise.candidates): a study made at an older default tried fewer."""
+    """What the personalised column holds, naming the candidates the sites tried (tried_candidates)."""
     adaptations = [name for name in candidates if name != "local"]
     tried = ["the global model"]
     if adaptations:
@@ -219,9 +225,10 @@ def paired_blocks(paired: dict) -> list[Block]:
     return [("h2", "Federated against central, image by image"), ("table", table), ("p", PAIRED_NOTE)]
 
 
-def personalised_blocks(results: dict, candidates: list[str]) -> list[Block]:
+def personalised_blocks(results: dict) -> list[Block]:
     table = (PERSONALISED_HEADER, personalised_rows(results))
-    return [("h2", "Each site's own model"), ("table", table), ("p", personalised_note(candidates))]
+    note = personalised_note(tried_candidates(results["personalised"].values()))
+    return [("h2", "Each site's own model"), ("table", table), ("p", note)]
 
 
 def _number_files(out: Path) -> list[tuple[str, str]]:
@@ -260,7 +267,7 @@ def write_report(
         *([("p", FEDBN_NOTE)] if cfg.federated.fedbn else []),
         ("p", _split_control(results)),
         *(paired_blocks(results["paired"]) if "paired" in results else []),
-        *(personalised_blocks(results, cfg.personalise.candidates) if "personalised" in results else []),
+        *(personalised_blocks(results) if "personalised" in results else []),
         ("h2", "Calibration"),
         ("table", (CALIBRATION_HEADER, calibration_rows(results))),
         ("p", CALIBRATION_NOTE),

@@ -5,6 +5,7 @@ against central, as seeds.json, a report and tables."""
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from fedbt.reports.comparison import (
     personalised_note,
     setup_text,
     site_names,
+    tried_candidates,
 )
 from fedbt.reports.render import Block, format_table, pct, write_pages
 
@@ -264,10 +266,22 @@ def _seeds_text(seeds: list[int], cfg: ExperimentConfig, with_local: bool) -> st
     )
 
 
-def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, generated_data: bool = False) -> dict:
-    """seeds.json, report.md and report.html in out (beside the seeds' own folders); prints the tables.
-    runs: each seed's simulation results (its comparison.json's), local-only and personalised models
-    where the seed has them. Returns the summary."""
+def seed_page(seed: int, out: Path, seed_pages: Path | None) -> str:
+    """The link from out's report to a seed's own report page."""
+    page = f"seed-{seed}/report.html"
+    return page if seed_pages is None else Path(os.path.relpath(seed_pages / page, out)).as_posix()
+
+
+def write_seed_report(
+    runs: dict[int, dict],
+    cfg: ExperimentConfig,
+    out: Path,
+    generated_data: bool = False,
+    seed_pages: Path | None = None,
+) -> dict:
+    """seeds.json, report.md and report.html in out; prints the tables. runs: each seed's simulation
+    results (its comparison.json's), local-only and personalised models where the seed has them.
+    seed_pages: the folder holding the seed-<k>/ reports the page links to (default: out). Returns the summary."""
     tests = {seed: {m: run[m]["test"] for m in COMPARED} for seed, run in runs.items()}
     local_tests = {
         seed: {site: r["test"] for site, r in run["local"].items()} for seed, run in runs.items() if "local" in run
@@ -315,13 +329,13 @@ def write_seed_report(runs: dict[int, dict], cfg: ExperimentConfig, out: Path, g
             [
                 ("h2", "Is each site better off in the federation?"),
                 ("table", gain_table),
-                ("p", personalised_note(cfg.personalise.candidates)),
+                ("p", personalised_note(tried_candidates(s for run in personalised.values() for s in run.values()))),
             ]
             if gains
             else []
         ),
         ("h2", "Each seed's runs"),
-        ("links", [(f"seed {seed}", f"seed-{seed}/report.html") for seed in seeds] + [("numbers", "seeds.json")]),
+        ("links", [(f"seed {seed}", seed_page(seed, out, seed_pages)) for seed in seeds] + [("numbers", "seeds.json")]),
     ]
     write_pages(blocks, out, "fedbt seed study")
     print(_seeds_text(seeds, cfg, bool(local_tests)))
