@@ -130,6 +130,24 @@ def test_a_second_strategy_is_paired_with_the_same_seeds_central_model_with_and_
     assert row[:3] == ["fedexp", "90.5% ± 0.7", "-2.5"] and row[4:6] == ["92.5% ± 0.7", "-3.0"]
 
 
+def test_a_second_strategy_is_paired_with_the_same_seeds_run_of_the_studys_own_strategy():
+    def test(pooled: float, with_held_out: float) -> dict:
+        return {"pooled": {"accuracy": pooled}, "pooled_with_held_out": {"accuracy": with_held_out}, "sites": {}}
+
+    own_and_other = [((0.90, 0.93), (0.91, 0.93)), ((0.92, 0.94), (0.95, 0.96)), ((0.91, 0.95), (0.90, 0.94))]
+    runs = {
+        seed: {"federated": {"test": test(*own)}, "strategies": {"fedexp": {"test": test(*other)}}}
+        for seed, (own, other) in enumerate(own_and_other)
+    }
+    minus_own = seed_summary(strategy_tests(runs, "fedexp", baseline="federated"))
+    assert minus_own["pooled 4-class acc"]["gap"]["values"] == pytest.approx([0.01, 0.03, -0.01])
+    assert minus_own[WITH_HELD_OUT]["gap"]["values"] == pytest.approx([0.0, 0.02, -0.01])
+    own, further = strategy_rows({"fedavg": {}, "fedexp": {}}, {"fedexp": minus_own})
+    assert own[-2:] == ["", ""]
+    # mean +1.0 points; t(0.975, 2) = 4.303 times the sd 2.0 over sqrt(3): +1.0 +- 4.97
+    assert further[-2] == "+1.0 [-4.0, +6.0]" and further[-1].startswith("+0.3 [")
+
+
 def test_a_personalised_model_is_judged_against_its_own_seeds_local_model():
     tests = {seed: {"federated": scores(0.9, 0.80)} for seed in (0, 1)}
 
@@ -268,6 +286,8 @@ def test_a_running_seed_studys_report_covers_its_finished_seeds_and_strategies_a
     assert written["seeds"] == [0, 2]
     assert written["summary"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.03, -0.05])
     assert written["other_strategies"]["fedexp"]["pooled 4-class acc"]["gap"]["values"] == pytest.approx([-0.02, -0.01])
+    minus_fedavg = written["other_strategies_minus_own"]["fedexp"]["pooled 4-class acc"]["gap"]["values"]
+    assert minus_fedavg == pytest.approx([0.01, 0.04])
     assert "Global strategies against central" in (out / "report.md").read_text()
     assert capsys.readouterr().out.endswith(f"report: {out / 'report.html'}\n")
     # Its links reach the seeds' own pages, in the study's folder.

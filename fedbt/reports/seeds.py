@@ -36,7 +36,8 @@ GAP_NOTE = (
 WITH_HELD_OUT = "pooled 4-class acc, with held out"
 STRATEGY_NOTE = (
     "Each global strategy trained once per seed on the same split and budget; its gap is to the same seed's "
-    "central model, paired by seed as above. The first row is the study's own strategy."
+    "central model, paired by seed as above. The first row is the study's own strategy; the last two columns "
+    "give each further strategy minus it, paired by seed, with the 95% t-interval."
 )
 # Below this the seeds' gaps are taken as equal: far under one image's share of any test split.
 NO_SPREAD = 1e-9
@@ -88,10 +89,11 @@ def seed_summary(tests: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return summary
 
 
-def strategy_tests(runs: dict[int, dict], strategy: str) -> dict[int, dict[str, dict]]:
-    """A further global strategy's test metrics in the federated model's place, beside the same seed's central."""
+def strategy_tests(runs: dict[int, dict], strategy: str, baseline: str = "central") -> dict[int, dict[str, dict]]:
+    """A further global strategy's test metrics in the federated model's place, and the same seed's baseline
+    (central, or the study's own strategy: "federated") in central's, so that seed_summary pairs them by seed."""
     return {
-        seed: {"federated": run["strategies"][strategy]["test"], "central": run["central"]["test"]}
+        seed: {"federated": run["strategies"][strategy]["test"], "central": run[baseline]["test"]}
         for seed, run in runs.items()
         if strategy in run.get("strategies", {})
     }
@@ -164,17 +166,25 @@ STRATEGY_HEADER = [
     "with held out mean ± sd",
     "gap (points)",
     "gap 95% interval",
+    "pooled: minus the study's strategy",
+    "with held out: minus the study's strategy",
 ]
 
 
-def strategy_rows(summaries: dict[str, dict]) -> list[list[str]]:
-    """One row per global strategy: pooled accuracy without and with the held-out images, each with its gap."""
+def strategy_rows(summaries: dict[str, dict], minus_own: dict[str, dict] | None = None) -> list[list[str]]:
+    """One row per global strategy: pooled accuracy without and with the held-out images, each with its gap
+    to central; then, for a further strategy, its difference to the study's own (minus_own: seed_summary's
+    of strategy_tests(..., baseline="federated"))."""
+    minus_own = minus_own or {}
     rows = []
     for strategy, summary in summaries.items():
         row = [strategy]
         for score in STRATEGY_SCORES:
             s = summary.get(score)
             row += [mean_sd(s["federated"]), points(s["gap"]["mean"]), interval_text(s["gap"])] if s else ["-"] * 3
+        for score in STRATEGY_SCORES:
+            d = minus_own.get(strategy, {}).get(score)
+            row.append(f"{points(d['gap']['mean'])} {interval_text(d['gap'])}" if d else "")
         rows.append(row)
     return rows
 
@@ -290,7 +300,8 @@ def write_seed_report(
     summary = seed_summary(tests)
     others = sorted({strategy for run in runs.values() for strategy in run.get("strategies", {})})
     other_summaries = {strategy: seed_summary(strategy_tests(runs, strategy)) for strategy in others}
-    strategies = strategy_rows({cfg.federated.strategy: summary, **other_summaries})
+    minus_own = {strategy: seed_summary(strategy_tests(runs, strategy, baseline="federated")) for strategy in others}
+    strategies = strategy_rows({cfg.federated.strategy: summary, **other_summaries}, minus_own)
     gains = site_gains(tests, local_tests, personalised)
     seeds = list(runs)
     per_seed = seed_rows(runs)
@@ -304,6 +315,7 @@ def write_seed_report(
             "selection_rule": SELECTION_RULE,
             "summary": summary,
             "other_strategies": other_summaries,
+            "other_strategies_minus_own": minus_own,
             "site_gains": gains,
             "paired": {seed: run.get("paired") for seed, run in runs.items()},
             "calibration": {seed: {m: run[m].get("calibration") for m in COMPARED} for seed, run in runs.items()},
