@@ -31,6 +31,8 @@ from fedbt.fl.site import SiteContext, answer
 from fedbt.fl.transport import InMemoryTransport
 from fedbt.reports.seeds import (
     WITH_HELD_OUT,
+    gain_rows,
+    ranked_alike,
     seed_rows,
     seed_summary,
     site_gains,
@@ -163,6 +165,33 @@ def test_a_personalised_model_is_judged_against_its_own_seeds_local_model():
     assert gains["sartaj"]["personalised"]["values"] == [0.85, 0.85]
     assert gains["sartaj"]["personalised_seeds_worse_off"] == 1  # seed 1: 0.85 below its local 0.86
     assert gains["sartaj"]["personalised_kept"] == ["all", "global"]
+
+
+def test_validation_and_test_are_checked_for_ordering_a_sites_candidates_alike():
+    def candidates(*val_and_test: tuple[float, float]) -> dict:
+        names = ("global", "batchnorm", "head")
+        return {
+            "candidates": {
+                n: {"val": {"set_accuracy": v}, "test_set_accuracy": t} for n, (v, t) in zip(names, val_and_test)
+            }
+        }
+
+    # seed 0: global < batchnorm < head on validation, head < batchnorm < global on test: 0 of 3 pairs alike;
+    # seed 1: validation ties global and batchnorm (not told apart); the other two pairs are ordered alike.
+    seed_0 = candidates((0.90, 0.95), (0.92, 0.93), (0.94, 0.91))
+    seed_1 = candidates((0.90, 0.90), (0.90, 0.92), (0.95, 0.96))
+    assert ranked_alike([seed_0, seed_1]) == [2, 5]
+    gains = site_gains(
+        {seed: {"federated": scores(0.9, 0.80)} for seed in (0, 1)},
+        {seed: {"sartaj": {"sites": {"sartaj": {"set_accuracy": 0.85}}}} for seed in (0, 1)},
+        {
+            seed: {"sartaj": {**site, "chosen": "head", "test": {"set_accuracy": 0.9}}}
+            for seed, site in enumerate([seed_0, seed_1])
+        },
+    )
+    assert gains["sartaj"]["candidates_ranked_alike"] == [2, 5]
+    _, (row,) = gain_rows(gains)
+    assert row[-1] == "2 of 5"
 
 
 def test_each_seed_row_gives_its_mcnemar_test_and_calibration():

@@ -5,8 +5,10 @@ against central, as seeds.json, a report and tables."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 from scipy import stats
@@ -38,6 +40,11 @@ STRATEGY_NOTE = (
     "Each global strategy trained once per seed on the same split and budget; its gap is to the same seed's "
     "central model, paired by seed as above. The first row is the study's own strategy; the last two columns "
     "give each further strategy minus it, paired by seed, with the 95% t-interval."
+)
+RANKED_ALIKE_NOTE = (
+    "Candidate pairs ordered alike: over the seeds, the pairs of a site's candidates (the global model among "
+    "them) whose validation scores differ and whose test scores differ, and how many of them validation orders "
+    "as test does. Chance gives about half: the fewer, the less the site's validation split can choose for it."
 )
 # Below this the seeds' gaps are taken as equal: far under one image's share of any test split.
 NO_SPREAD = 1e-9
@@ -99,6 +106,19 @@ def strategy_tests(runs: dict[int, dict], strategy: str, baseline: str = "centra
     }
 
 
+def ranked_alike(personalised_sites: Iterable[dict]) -> list[int]:
+    """[alike, told apart]: over personalised results, the candidate pairs that validation and test both tell
+    apart, and how many of them the two order alike (a check on choosing by the validation split)."""
+    alike = told_apart = 0
+    for site in personalised_sites:
+        scores = [(c["val"]["set_accuracy"], c["test_set_accuracy"]) for c in site.get("candidates", {}).values()]
+        for (val_a, test_a), (val_b, test_b) in itertools.combinations(scores, 2):
+            if val_a != val_b and test_a != test_b:
+                told_apart += 1
+                alike += (val_a > val_b) == (test_a > test_b)
+    return [alike, told_apart]
+
+
 def site_gains(
     tests: dict[int, dict[str, dict]],
     local_tests: dict[int, dict[str, dict]],
@@ -127,6 +147,7 @@ def site_gains(
             gains[site]["personalised"] = spread(scores)
             gains[site]["personalised_seeds_worse_off"] = sum(p < a for (a, _), p in zip(own, scores))
             gains[site]["personalised_kept"] = [p["chosen"] for _, p in own]
+            gains[site]["candidates_ranked_alike"] = ranked_alike(p for _, p in own)
     return gains
 
 
@@ -206,6 +227,7 @@ def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         "seeds global < local (same seed)",
         "seeds personalised < local",
         "personalised kept",
+        "candidate pairs ordered alike by validation and test",
     ]
     rows = []
     for site, g in gains.items():
@@ -220,6 +242,7 @@ def gain_rows(gains: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
                 worse_off(g["seeds_worse_off"], seeds),
                 worse_off(g["personalised_seeds_worse_off"], len(mine["values"])) if mine else "",
                 ", ".join(g.get("personalised_kept", [])),
+                worse_off(*g["candidates_ranked_alike"]) if mine else "",
             ]
         )
     return header, rows
@@ -342,6 +365,7 @@ def write_seed_report(
                 ("h2", "Is each site better off in the federation?"),
                 ("table", gain_table),
                 ("p", personalised_note(tried_candidates(s for run in personalised.values() for s in run.values()))),
+                *([("p", RANKED_ALIKE_NOTE)] if personalised else []),
             ]
             if gains
             else []
