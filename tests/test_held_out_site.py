@@ -12,6 +12,7 @@ from fedbt.cli import main
 from fedbt.config import DataConfig, ExperimentConfig, FederatedConfig
 from fedbt.data.catalog import build_catalog
 from fedbt.data.synthetic import save_jpeg
+from fedbt.eval.evaluate import set_correct
 from fedbt.federated.simulation import held_out_site_config
 from fedbt.fl.task import client_partition, load_catalog
 
@@ -80,3 +81,15 @@ def test_leaving_br35h_out_federates_two_sites_and_scores_both_models_on_br35h(d
     run = json.loads((out / "held-out-br35h" / "comparison.json").read_text())["results"]
     assert set(run["federated"]["test"]["sites"]) == {"figshare", "sartaj"} == set(run["central"]["test"]["sites"])
     assert result["test"]["federated"]["n"] == result["test"]["central"]["n"] > 0
+    # The paired test counts the same images the set accuracies do.
+    paired, n = result["paired"], result["test"]["federated"]["n"]
+    difference = result["test"]["federated"]["set_accuracy"] - result["test"]["central"]["set_accuracy"]
+    assert paired["n"] == n and paired["a_right_b_wrong"] - paired["a_wrong_b_right"] == round(difference * n)
+
+
+def test_an_image_is_right_when_its_prediction_is_a_class_its_label_allows():
+    # glioma, meningioma, no_tumor, pituitary: a fine glioma label, and a Br35H 'yes' (any tumour type)
+    masks = np.array([[1, 0, 0, 0], [1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0]], dtype=bool)
+    predicted = [1, 3, 2, 2]  # wrong type; any tumour; no tumour for a 'yes'; right
+    probs = np.eye(4)[predicted]
+    assert set_correct(probs, masks).tolist() == [False, True, False, True]

@@ -114,6 +114,11 @@ def fine_correct(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return probs[fine].argmax(axis=1) == masks[fine].argmax(axis=1)
 
 
+def set_correct(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Whether each image's prediction is a class its label allows (what set accuracy counts)."""
+    return masks[np.arange(len(masks)), probs.argmax(axis=1)]
+
+
 def sample_grid(
     model: LoadedModel, pixels: torch.Tensor, probs: np.ndarray, masks: np.ndarray, count: int
 ) -> list[GridItem]:

@@ -24,7 +24,7 @@ from fedbt.data.sites import load_sites
 from fedbt.data.synthetic import is_generated_data
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.clinical import mcnemar
-from fedbt.eval.evaluate import fine_correct
+from fedbt.eval.evaluate import fine_correct, set_correct
 from fedbt.eval.inference import evaluate, predict_log_probabilities
 from fedbt.federated.server_app import EXPERIMENT_ENV
 from fedbt.fileio import atomic_write, read_json, to_json, write_json, write_text
@@ -403,7 +403,20 @@ def run_held_out_site(cfg: ExperimentConfig, site: str, reuse: bool = True) -> d
         "site": site,
         "trained_on": trained_on,
         "test": {name: score_checkpoint(run / name / "final.pt", held_out, cfg) for name in ("federated", "central")},
+        "paired": held_out_paired_test(run, held_out, cfg),
     }
+
+
+def held_out_paired_test(run: Path, held_out: MRIDataset, cfg: ExperimentConfig) -> dict:
+    """McNemar's test of the federated against the central model on the held-out site's test images,
+    each right when its prediction is a class the label allows; only the counts are kept."""
+    device = select_device(cfg.train.device)
+    loader = make_loader(held_out, cfg.train.batch_size, False, device)
+    correct = {}
+    for name in ("federated", "central"):
+        model, _ = loaded_model(run / name / "final.pt", device)
+        correct[name] = set_correct(*predict_log_probabilities(model, loader, device))
+    return {"a": "federated", "b": "central", **mcnemar(correct["federated"], correct["central"])}
 
 
 def run_held_out_study(cfg: ExperimentConfig, sites: list[str], reuse: bool = True) -> dict:

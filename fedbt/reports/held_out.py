@@ -8,13 +8,14 @@ from pathlib import Path
 from fedbt.config import ExperimentConfig, to_dict
 from fedbt.fileio import write_json
 from fedbt.reports.comparison import GENERATED_DATA_NOTE, SELECTION_RULE, SITE_NOTE, setup_text
-from fedbt.reports.render import Block, format_table, pct, write_pages
+from fedbt.reports.render import Block, format_table, mcnemar_text, pct, write_pages
 
 HELD_OUT_NOTE = (
     "Each row federates the other sites (and trains central on the same sites' pooled images, at the same "
     "budget), then scores both final models on the held-out site's test split, whose images neither model "
     "trained on. Set accuracy: the prediction is a class the label allows (a Br35H 'yes' counts any tumour "
-    "type); 4-class accuracy counts the fine-labelled images only."
+    "type); 4-class accuracy counts the fine-labelled images only. McNemar's exact test pairs the two models "
+    "image by image on set accuracy: only the images where one is right and the other wrong count."
 )
 
 
@@ -26,6 +27,7 @@ def held_out_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
         "federated set acc",
         "central set acc",
         "gap (points)",
+        "McNemar p (fed right only / central right only)",
         "federated 4-class acc",
         "central 4-class acc",
     ]
@@ -41,6 +43,7 @@ def held_out_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
                 pct(fed["set_accuracy"]),
                 pct(central["set_accuracy"]),
                 f"{gap:+.1f}",
+                mcnemar_text(r.get("paired")),
                 pct(fed.get("accuracy")),
                 pct(central.get("accuracy")),
             ]

@@ -28,6 +28,13 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def mcnemar_text(paired: dict | None) -> str:
+    """A McNemar test (fedbt.eval.clinical.mcnemar's) as 'p (A right only / B right only)'."""
+    if paired is None:
+        return "not run"
+    return f"{paired['p_value']:.2g} ({paired['a_right_b_wrong']} / {paired['a_wrong_b_right']})"
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731

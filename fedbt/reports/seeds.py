@@ -26,7 +26,7 @@ from fedbt.reports.comparison import (
     site_names,
     tried_candidates,
 )
-from fedbt.reports.render import Block, format_table, pct, write_pages
+from fedbt.reports.render import Block, format_table, mcnemar_text, pct, write_pages
 
 COMPARED = ("federated", "central")
 GAP_NOTE = (
@@ -264,11 +264,6 @@ def seed_rows(runs: dict[int, dict]) -> list[list[str]]:
 
     def accuracies(test: str, run: dict) -> str:
         return " / ".join(pct(run[m]["test"].get(test, {}).get("accuracy")) for m in COMPARED)
-
-    def mcnemar_text(paired: dict | None) -> str:
-        if paired is None:
-            return "not run"
-        return f"{paired['p_value']:.2g} ({paired['a_right_b_wrong']} / {paired['a_wrong_b_right']})"
 
     def ece(run: dict, model: str) -> str:
         c = run[model].get("calibration")
