@@ -46,7 +46,11 @@ def predict_probabilities(
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, temperature: float = 1.0) -> dict:
     """Metrics of the model's probabilities at the temperature on a loader (fedbt.eval.metrics.classification_metrics),
     with the calibration error at temperature 1 beside the one at the temperature."""
-    log_probs, masks = predict_log_probabilities(model, loader, device)
+    return metrics_of(*predict_log_probabilities(model, loader, device), task, temperature)
+
+
+def metrics_of(log_probs: np.ndarray, masks: np.ndarray, task: Task, temperature: float = 1.0) -> dict:
+    """evaluate()'s metrics from predictions already made (predict_log_probabilities')."""
     untempered = np.exp(log_probs)
     return classification_metrics(tempered_probabilities(log_probs, temperature), masks, task, untempered)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedbt.config import RUNTIME, ExperimentConfig, keys_in_scope, load_config, to_dict
@@ -25,7 +26,7 @@ from fedbt.data.synthetic import is_generated_data
 from fedbt.data.transforms import augmentation_for
 from fedbt.eval.clinical import mcnemar
 from fedbt.eval.evaluate import fine_correct, set_correct
-from fedbt.eval.inference import evaluate, predict_log_probabilities
+from fedbt.eval.inference import metrics_of, predict_log_probabilities
 from fedbt.federated.server_app import EXPERIMENT_ENV
 from fedbt.fileio import atomic_write, read_json, to_json, write_json, write_text
 from fedbt.model.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of
@@ -295,11 +296,14 @@ def paired_tests(cfg: ExperimentConfig, catalog: Catalog, run: Path, out: Path) 
     return summary
 
 
-def score_checkpoint(checkpoint: Path, dataset: MRIDataset, cfg: ExperimentConfig) -> dict:
+def score_checkpoint(checkpoint: Path, dataset: MRIDataset, cfg: ExperimentConfig) -> tuple[dict, np.ndarray]:
+    """A final model's metrics on the dataset at its temperature, and whether each image's prediction is a
+    class its label allows (the temperature changes no prediction), from one pass over the images."""
     device = select_device(cfg.train.device)
     model, temperature = loaded_model(checkpoint, device)
     loader = make_loader(dataset, cfg.train.batch_size, False, device)
-    return evaluate(model, loader, device, get_task(cfg.data.task), temperature)
+    log_probs, masks = predict_log_probabilities(model, loader, device)
+    return metrics_of(log_probs, masks, get_task(cfg.data.task), temperature), set_correct(log_probs, masks)
 
 
 def run_experiment(
@@ -399,24 +403,15 @@ def run_held_out_site(cfg: ExperimentConfig, site: str, reuse: bool = True) -> d
     # The held-out site's test split, leakage control included, as when it federates.
     held_out = build_catalog(cfg.data).dataset(site=site, split="test")
     run = Path(trained.output_dir)
+    scored = {name: score_checkpoint(run / name / "final.pt", held_out, cfg) for name in ("federated", "central")}
+    (federated, federated_correct), (central, central_correct) = scored.values()
     return {
         "site": site,
         "trained_on": trained_on,
-        "test": {name: score_checkpoint(run / name / "final.pt", held_out, cfg) for name in ("federated", "central")},
-        "paired": held_out_paired_test(run, held_out, cfg),
+        "test": {"federated": federated, "central": central},
+        # McNemar's test on set accuracy, image by image; only the counts are kept.
+        "paired": {"a": "federated", "b": "central", **mcnemar(federated_correct, central_correct)},
     }
-
-
-def held_out_paired_test(run: Path, held_out: MRIDataset, cfg: ExperimentConfig) -> dict:
-    """McNemar's test of the federated against the central model on the held-out site's test images,
-    each right when its prediction is a class the label allows; only the counts are kept."""
-    device = select_device(cfg.train.device)
-    loader = make_loader(held_out, cfg.train.batch_size, False, device)
-    correct = {}
-    for name in ("federated", "central"):
-        model, _ = loaded_model(run / name / "final.pt", device)
-        correct[name] = set_correct(*predict_log_probabilities(model, loader, device))
-    return {"a": "federated", "b": "central", **mcnemar(correct["federated"], correct["central"])}
 
 
 def run_held_out_study(cfg: ExperimentConfig, sites: list[str], reuse: bool = True) -> dict:
